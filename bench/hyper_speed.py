@@ -1,0 +1,76 @@
+"""HyperResNet vs the plain ResNet of the same shape: wall-time ratio of training steps.
+
+(a) natural step: forward, backward, SGD step;
+(b) adversarial step: 10-step l_inf PGD, then the update (psat_core.train.train_step).
+Targets (issue #2): (b) <= 1.05 and (a) <= 1.10.
+
+    python bench/hyper_speed.py [--batch 128] [--repeats 3] [--archs resnet18:64 resnet50:128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from psat_core.attacks import AttackConfig
+from psat_core.models import create_model
+from psat_core.train import make_optimizer, train_step, training_inputs
+
+
+def time_steps(model, x, y, inputs, repeats: int, amp: bool) -> float:
+    optimizer = make_optimizer(model.parameters(), lr=0.01)
+    train_step(model, x, y, optimizer, inputs, amp)  # warm-up
+    times = []
+    for _ in range(repeats):
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        train_step(model, x, y, optimizer, inputs, amp)
+        if x.is_cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--archs", nargs="+", default=["resnet18:64", "resnet50:128"])
+    parser.add_argument("--pgd-steps", type=int, default=10)
+    args = parser.parse_args()
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    amp = device.type == "cuda"
+    torch.manual_seed(0)
+    x = torch.rand(args.batch, 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (args.batch,), device=device)
+    pgd = AttackConfig("linf", eps=8 / 255, steps=args.pgd_steps, step_size=2 / 255)
+    steps = {
+        "natural": training_inputs("nat", {}),
+        "adversarial": training_inputs("at", {"linf": pgd}),
+    }
+    print(f"device {device}, batch {args.batch}, threads {torch.get_num_threads()}, amp {amp}")
+    print(f"{'arch':<10} {'z':>4} {'step':<12} {'plain s':>9} {'hyper s':>9} {'ratio':>7}")
+    for spec in args.archs:
+        arch, dim = spec.split(":")
+        plain = create_model(arch, num_classes=10).to(device)
+        hyper = create_model(f"hyper_{arch}", num_classes=10, embedding_dim=int(dim)).to(device)
+        if device.type == "cuda":
+            plain = plain.to(memory_format=torch.channels_last)
+            hyper = hyper.to(memory_format=torch.channels_last)
+        for name, inputs in steps.items():
+            t_plain = time_steps(plain, x, y, inputs, args.repeats, amp)
+            t_hyper = time_steps(hyper, x, y, inputs, args.repeats, amp)
+            print(
+                f"{arch:<10} {dim:>4} {name:<12} {t_plain:>9.3f} {t_hyper:>9.3f} "
+                f"{t_hyper / t_plain:>7.3f}",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

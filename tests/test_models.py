@@ -1,0 +1,177 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from psat_core.accounting import parameter_report
+from psat_core.hypernet import HyperNetwork
+from psat_core.models import (
+    GeneratedConv2d,
+    HyperResNet,
+    count_parameters,
+    create_model,
+    list_models,
+)
+
+ARCHS = ["resnet10", "resnet18", "resnet34", "resnet50"]
+
+# Table 2: "# of Paras" of the aggregated PSAT model (three members).
+TABLE2 = [
+    ("resnet50", 10, 32, 0.800e6),
+    ("resnet50", 10, 64, 1.765e6),
+    ("resnet50", 10, 128, 4.874e6),
+    ("resnet50", 10, 256, 15.812e6),
+    ("resnet18", 200, 32, 0.634e6),
+    ("resnet18", 200, 64, 1.318e6),
+    ("resnet18", 200, 128, 3.866e6),
+    ("resnet18", 200, 256, 13.679e6),
+]
+
+
+@pytest.mark.parametrize(("arch", "classes", "dim", "paper"), TABLE2)
+def test_aggregated_parameters_match_table2(arch, classes, dim, paper):
+    report = parameter_report(arch, classes, dim)
+    assert abs(report.aggregated - paper) / paper < 1e-3
+
+
+def test_saving_matches_table1_within_a_tenth_of_a_point():
+    # Table 1: ResNet-50/CIFAR-10 with z-128 saves 79.30%, ResNet-18/TinyImageNet z-64 88.31%.
+    assert parameter_report("resnet50", 10, 128).saving == pytest.approx(0.7930, abs=1e-3)
+    assert parameter_report("resnet18", 200, 64).saving == pytest.approx(0.8831, abs=1e-3)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_generated_weights_have_the_plain_conv_shapes(arch):
+    plain = create_model(arch, num_classes=7, in_channels=1)
+    hyper = create_model(f"hyper_{arch}", num_classes=7, in_channels=1, embedding_dim=8)
+    plain_convs = [m for n, m in plain.named_modules() if isinstance(m, nn.Conv2d) and n != "stem"]
+    weights = hyper.generate()
+    assert len(weights) == len(plain_convs) == len(hyper.generated)
+    for weight, conv in zip(weights, plain_convs, strict=True):
+        assert weight.shape == conv.weight.shape
+    x = torch.rand(2, 1, 32, 32)
+    assert hyper(x).shape == plain(x).shape == (2, 7)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_only_generator_embeddings_stem_bn_and_fc_are_trainable_and_all_get_gradients(arch):
+    model = create_model(f"hyper_{arch}", num_classes=10, embedding_dim=8)
+    expected = {"generator", "embeddings", "stem", "bn", "fc"}
+    for name, param in model.named_parameters():
+        top = name.split(".")[0]
+        assert top in expected or isinstance(_owner(model, name), nn.BatchNorm2d), name
+    assert not any(isinstance(m, nn.Conv2d) for n, m in model.named_modules() if n != "stem")
+    F.cross_entropy(model(torch.rand(4, 3, 32, 32)), torch.arange(4)).backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and param.grad.abs().sum() > 0, name
+        assert torch.isfinite(param.grad).all(), name
+
+
+def _owner(model, param_name):
+    return model.get_submodule(param_name.rsplit(".", 1)[0])
+
+
+def test_one_by_one_units_equal_the_reduced_three_by_three_units():
+    z = torch.randn(6, 16)
+    for reduction, reduce in [
+        ("sum", lambda u: u.sum((3, 4), keepdim=True)),
+        ("avg", lambda u: u.mean((3, 4), keepdim=True)),
+        ("max", lambda u: u.amax((3, 4), keepdim=True)),
+    ]:
+        gen = HyperNetwork(16, reduction)
+        torch.nn.init.normal_(gen.b_in)
+        torch.nn.init.normal_(gen.b_out)
+        assert torch.allclose(gen.units_1x1(z), reduce(gen.units_3x3(z)), atol=1e-4)
+
+
+def test_eval_weights_are_cached_until_an_optimizer_step():
+    model = create_model("hyper_resnet10", num_classes=10, embedding_dim=8).eval()
+    x = torch.rand(3, 3, 32, 32)
+    first = model._eval_weights()
+    out = model(x)
+    assert model._eval_weights() is first  # no regeneration per batch
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    model.train()
+    F.cross_entropy(model(x), torch.tensor([0, 1, 2])).backward()
+    optimizer.step()
+    model.eval()
+    assert model._eval_weights() is not first
+    assert not torch.allclose(model(x), out)
+    fresh = [w.detach() for w in model.generate()]
+    for cached, new in zip(model._eval_weights(), fresh, strict=True):
+        assert torch.equal(cached, new)
+
+
+def test_load_state_dict_invalidates_the_eval_cache():
+    a = create_model("hyper_resnet10", num_classes=10, embedding_dim=8).eval()
+    b = create_model("hyper_resnet10", num_classes=10, embedding_dim=8).eval()
+    x = torch.rand(2, 3, 32, 32)
+    a(x)
+    a.load_state_dict(b.state_dict())
+    assert torch.allclose(a(x), b(x), atol=1e-5)
+
+
+def test_pinned_weights_are_used_in_both_modes():
+    model = create_model("hyper_resnet10", num_classes=10, embedding_dim=8)
+    x = torch.rand(2, 3, 32, 32)
+    zeros = [torch.zeros_like(w) for w in model.generate()]
+    model.eval()
+    with model.pinned(zeros):
+        pinned = model(x)
+    assert not torch.allclose(pinned, model(x))
+    with model.pinned(model.generate()):
+        assert torch.allclose(model(x), model.eval()(x), atol=1e-5)
+
+
+def test_hyper_resnet18_overfits_one_batch():
+    torch.manual_seed(0)
+    model = create_model("hyper_resnet18", num_classes=10, embedding_dim=16)
+    x, y = torch.rand(16, 3, 32, 32), torch.arange(16) % 10
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        loss = F.cross_entropy(model(x), y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_registry_lists_plain_and_hyper_variants():
+    names = list_models()
+    for arch in ARCHS:
+        assert arch in names and f"hyper_{arch}" in names
+    assert isinstance(create_model("hyper_resnet10", embedding_dim=4), HyperResNet)
+
+
+def test_generated_conv_outside_its_model_is_an_error():
+    with pytest.raises(RuntimeError, match="HyperResNet"):
+        GeneratedConv2d(64, 64, 3)(torch.rand(1, 64, 4, 4))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"name": "resnet99"}, "unknown model 'resnet99'; available: .*resnet18"),
+        ({"name": "hyper_resnet18", "embedding_dim": 0}, "embedding_dim must be a positive"),
+        ({"name": "hyper_resnet18", "embedding_dim": -3}, "got -3"),
+        ({"name": "hyper_resnet18"}, "needs embedding_dim"),
+        ({"name": "resnet18", "embedding_dim": 8}, "plain ResNet"),
+        (
+            {"name": "hyper_resnet18", "embedding_dim": 8, "widths": (64, 96, 256, 512)},
+            "divisible by 64, got 64->96",
+        ),
+        ({"name": "hyper_resnet18", "embedding_dim": 8, "reduction": "median"}, "reduction"),
+    ],
+)
+def test_bad_input_is_one_clear_error(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        create_model(**kwargs)
+
+
+def test_count_parameters_ignores_buffers():
+    model = create_model("resnet10", num_classes=10)
+    buffers = sum(b.numel() for b in model.buffers())
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+    assert buffers > 0
