@@ -1,11 +1,52 @@
-"""The `psat` command line."""
+"""The `psat` command line: thin wrappers over the orchestrator's jobs.
+
+User errors (bad config, missing data, unreachable cluster) end with one line on stderr and a
+non-zero exit code; details go to the log.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+from collections.abc import Callable
 
+import yaml
+
+from orchestrator.config import ConfigError, load_config
 from psat_core.accounting import parameter_report
+from psat_core.data import DatasetNotFoundError
+
+log = logging.getLogger("psat")
+USER_ERRORS = (ConfigError, DatasetNotFoundError, FileNotFoundError, ValueError, ConnectionError)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    """`--set training.epochs=2` pairs -> a nested dict (values parsed as YAML scalars)."""
+    merged: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects section.field=value, got {pair!r}")
+        node = merged
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return merged
+
+
+def _job_config(args: argparse.Namespace):
+    return load_config(args.config, _overrides(args.set))
+
+
+def _train(args: argparse.Namespace) -> int:
+    from orchestrator.training import train_members
+
+    results = train_members(_job_config(args))
+    for norm, result in results.items():
+        print(f"{norm}: checkpoint {result['checkpoint']}")
+    return 0
 
 
 def _params(args: argparse.Namespace) -> int:
@@ -16,9 +57,25 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_job(commands, name: str, run: Callable, help: str) -> argparse.ArgumentParser:
+    parser = commands.add_parser(name, help=help, description=help)
+    parser.add_argument("--config", required=True, help="job YAML file (see jobs/configs/)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="override one config field, e.g. --set training.epochs=2 (repeatable)",
+    )
+    parser.set_defaults(run=run)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="psat", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="psat", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_job(commands, "train", _train, "train the l_inf, l_2 and l_1 members concurrently on Ray")
 
     params = commands.add_parser(
         "params", help="parameters of one member, the PSAT ensemble and the plain ResNet"
@@ -34,11 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     try:
         return args.run(args)
-    except ValueError as err:
+    except USER_ERRORS as err:
+        log.debug("psat %s failed", args.command, exc_info=True)
         print(f"psat {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def job_main(command: str) -> int:
+    """Entry point of `python -m jobs.<name> --config ...` (what `ray job submit` runs)."""
+    return main([command, *sys.argv[1:]])
 
 
 if __name__ == "__main__":

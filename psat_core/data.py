@@ -60,13 +60,41 @@ DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
         DatasetInfo(
-            "cifar10", 10, 3, 32, (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616), True
+            name="cifar10",
+            num_classes=10,
+            in_channels=3,
+            image_size=32,
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.2470, 0.2435, 0.2616),
+            augment=True,
         ),
-        DatasetInfo("svhn", 10, 3, 32, (0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970), False),
         DatasetInfo(
-            "tinyimagenet", 200, 3, 64, (0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821), True
+            name="svhn",
+            num_classes=10,
+            in_channels=3,
+            image_size=32,
+            mean=(0.4377, 0.4438, 0.4728),
+            std=(0.1980, 0.2010, 0.1970),
+            augment=False,
         ),
-        DatasetInfo("digits", 10, 1, 8, (0.3054,), (0.3760,), False),
+        DatasetInfo(
+            name="tinyimagenet",
+            num_classes=200,
+            in_channels=3,
+            image_size=64,
+            mean=(0.4802, 0.4481, 0.3975),
+            std=(0.2770, 0.2691, 0.2821),
+            augment=True,
+        ),
+        DatasetInfo(
+            name="digits",
+            num_classes=10,
+            in_channels=1,
+            image_size=8,
+            mean=(0.3054,),
+            std=(0.3760,),
+            augment=False,
+        ),
     )
 }
 
@@ -173,7 +201,8 @@ def random_crop_flip(
         padding_mode: ``"constant"`` (zeros, default) or ``"reflect"`` (needs padding < H, W).
 
     Returns:
-        A new tensor of ``x``'s shape, dtype and device, with values from ``x`` or padding zeros.
+        A new tensor of ``x``'s shape, dtype and device; values come from ``x`` (or zeros of
+        constant padding).
     """
     if x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"expected a float N x C x H x W batch, got {x.dtype} {tuple(x.shape)}")
@@ -289,12 +318,16 @@ def _load_tinyimagenet(root: Path, split: str, download: bool) -> ImageArrays:
     if split == "train":
         ds = ImageFolder(str(split_path))
         if ds.classes != wnids:
-            raise ValueError(f"class folders of {split_path} do not match the wnids of {wnids_file}")
+            raise ValueError(
+                f"class folders of {split_path} do not match the wnids of {wnids_file}"
+            )
         samples = ds.samples
     else:
         label = {wnid: i for i, wnid in enumerate(wnids)}
         lines = (line.split("\t") for line in split_path.read_text().splitlines() if line.strip())
-        samples = [(str(folder / "val" / "images" / fields[0]), label[fields[1]]) for fields in lines]
+        samples = [
+            (str(folder / "val" / "images" / fields[0]), label[fields[1]]) for fields in lines
+        ]
     images = np.stack([_read_rgb(path) for path, _ in samples]).transpose(0, 3, 1, 2)
     labels = torch.tensor([target for _, target in samples], dtype=torch.int64)
     return ImageArrays(torch.from_numpy(np.ascontiguousarray(images)), labels)
@@ -312,6 +345,7 @@ DIGITS_SPLIT_SEED = 0
 def _load_digits(root: Path, split: str, download: bool) -> ImageArrays:
     """scikit-learn's 1797 8 x 8 digits (values 0..16, rescaled to 0..255), split 80/20,
     stratified by label with a fixed seed, so train and test are disjoint and always the same."""
+    # Imported here: scikit-learn is slow to import and only digits needs it.
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 

@@ -61,8 +61,9 @@ class HyperNetwork(nn.Module):
     def units_1x1(self, z: Tensor) -> Tensor:
         """The 3x3 unit of z reduced over its kernel. z: (n, d) -> (n, 64_in, 64_out, 1, 1).
 
-        For a linear reduction R (sum/avg over the 9 taps), R(h W_out + B_out) = h R(W_out) + R(B_out),
-        and h = z W_in + B_in is linear too, so the whole map collapses into one (d, 64*64) matrix:
+        For a linear reduction R (sum/avg over the 9 taps), R(h W_out + B_out) equals
+        h R(W_out) + R(B_out), and h = z W_in + B_in is linear too, so the whole map collapses
+        into one (d, 64*64) matrix:
         the cost per unit drops from 64*d*(d+576) to 64*64*d multiply-adds.
         """
         if self.reduction == "max":

@@ -57,7 +57,7 @@ def test_generated_weights_have_the_plain_conv_shapes(arch):
 def test_only_generator_embeddings_stem_bn_and_fc_are_trainable_and_all_get_gradients(arch):
     model = create_model(f"hyper_{arch}", num_classes=10, embedding_dim=8)
     expected = {"generator", "embeddings", "stem", "bn", "fc"}
-    for name, param in model.named_parameters():
+    for name, _ in model.named_parameters():
         top = name.split(".")[0]
         assert top in expected or isinstance(_owner(model, name), nn.BatchNorm2d), name
     assert not any(isinstance(m, nn.Conv2d) for n, m in model.named_modules() if n != "stem")

@@ -1,0 +1,209 @@
+"""The job configuration: one YAML file -> one validated `JobConfig`.
+
+Sections: data, model, attacks, training, resources, storage, tracking, registry, sweep.
+An invalid file raises `ConfigError` naming the field, the value and what is allowed, before any
+Ray or MLflow work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from psat_core.attacks import NORMS, AttackConfig, attack_defaults
+from psat_core.data import DATASETS, dataset_info
+from psat_core.models import ARCHS
+from psat_core.train import SCHEDULES
+
+Norm = Literal["linf", "l2", "l1"]
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names file, field and value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    dataset: str = "digits"
+    data_dir: str = "~/.psat/data"
+    download: bool = False
+    train_size: int | None = Field(None, gt=0, description="train on a fixed-seed subset")
+    val_size: int = Field(256, gt=0, description="held-out slice of the train split")
+    eval_size: int | None = Field(None, gt=0, description="test-split subset for evaluation")
+    seed: int = 0
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        if value not in DATASETS:
+            raise ValueError(f"unknown dataset {value!r}; allowed: {', '.join(DATASETS)}")
+        return value
+
+
+class ModelConfig(Section):
+    arch: str = "resnet18"
+    embedding_dim: int = Field(64, gt=0)
+    reduction: Literal["sum", "avg", "max"] = "sum"
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        if value not in ARCHS:
+            raise ValueError(f"unknown arch {value!r}; allowed: {', '.join(ARCHS)}")
+        return value
+
+
+class AttackOverride(Section):
+    eps: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, gt=0)
+    step_size: float | None = Field(None, gt=0)
+    restarts: int | None = Field(None, gt=0)
+    random_start: bool | None = None
+
+
+class AttacksConfig(Section):
+    """Per-norm overrides of `psat_core.attacks.attack_defaults` for training and evaluation."""
+
+    train: dict[Norm, AttackOverride] = {}
+    eval: dict[Norm, AttackOverride] = {}
+
+
+class TrainingConfig(Section):
+    members: list[Norm] = Field(list(NORMS), min_length=1)
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: str = "cosine"
+    amp: bool = True
+    seed: int = 0
+
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        if value not in SCHEDULES:
+            raise ValueError(f"unknown schedule {value!r}; allowed: {', '.join(SCHEDULES)}")
+        return value
+
+    @field_validator("members")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"members must be distinct norms, got {value}")
+        return value
+
+
+class ResourcesConfig(Section):
+    workers_per_member: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    torch_threads: int = Field(1, gt=0, description="torch threads per worker")
+    max_failures: int = Field(2, ge=0)
+    address: str | None = Field(None, description="Ray address; None: connect or start locally")
+
+
+class StorageConfig(Section):
+    path: str = "./psat_runs"
+
+    def resolved(self) -> str:
+        """Local paths become absolute (Ray workers run elsewhere); URIs stay as given."""
+        if "://" in self.path:
+            return self.path
+        return str(Path(self.path).expanduser().resolve())
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
+    experiment: str = "psat"
+
+    def resolved_uri(self) -> str:
+        uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+class RegistryConfig(Section):
+    model_name: str = "psat-ensemble"
+    strategy: Literal["lowest_entropy", "average"] = "lowest_entropy"
+    force_champion: bool = False
+
+
+class JobConfig(Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    attacks: AttacksConfig = AttacksConfig()
+    training: TrainingConfig = TrainingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
+    sweep: dict[str, Any] = {}
+
+    def attack_configs(self, phase: Literal["train", "eval"]) -> dict[str, AttackConfig]:
+        """Dataset defaults with this file's overrides applied, for every norm."""
+        overrides = getattr(self.attacks, phase)
+        return attack_defaults(
+            self.data.dataset,
+            phase,
+            {norm: o.model_dump(exclude_none=True) for norm, o in overrides.items()},
+        )
+
+    @property
+    def dataset(self):
+        return dataset_info(self.data.dataset)
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        value = e.get("input")
+        shown = "missing" if e["type"] == "missing" else f"value {value!r}"
+        lines.append(f"field '{field}': {shown}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>", overrides: dict | None = None) -> JobConfig:
+    """Validate a mapping (e.g. parsed YAML) into a JobConfig; `overrides` are deep-merged first."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    if overrides:
+        data = deep_merge(data, overrides)
+    try:
+        config = JobConfig.model_validate(data)
+        for phase in ("train", "eval"):
+            config.attack_configs(phase)  # the merged attack settings must be valid too
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format(err)}") from None
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return config
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> JobConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(data, str(path), overrides)
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,104 @@
+"""The training job: materialize data, fit the members concurrently, track them in MLflow.
+
+    validate config -> connect Ray -> Parquet shards -> MLflow parent + member runs
+    -> one `fit_member` task per norm (concurrent) -> follow progress -> record checkpoints
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+
+import ray
+
+from orchestrator.config import JobConfig
+from orchestrator.members import ProgressBoard, fit_member
+from orchestrator.shards import join, materialize
+from orchestrator.tracking import CHECKPOINT_TAG, NORM_TAG, Tracker
+
+log = logging.getLogger(__name__)
+PROGRESS_KEYS = ("loss", "clean", "linf", "l2", "l1", "trade_off")
+
+
+def connect_ray(job: JobConfig, cpus_needed: float) -> None:
+    """Join the configured cluster (or $RAY_ADDRESS, set inside Ray Jobs), else start one here.
+
+    A local Ray gets at least `cpus_needed` logical CPUs so that the members run concurrently
+    even where there are fewer cores; each worker keeps its torch threads to the configured
+    `resources.torch_threads`.
+    """
+    if ray.is_initialized():
+        return
+    address = job.resources.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), include_dashboard=False)
+
+
+def data_uri(job: JobConfig) -> str:
+    return join(job.storage.resolved(), job.name, "data")
+
+
+def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, dict]:
+    """Train every member of `job` concurrently; return per norm its final metrics and checkpoint.
+
+    Relaunching with the same `job.name` resumes unfinished members from their latest checkpoint
+    and keeps logging into the same MLflow runs.
+    """
+    res = job.resources
+    members = job.training.members
+    connect_ray(job, len(members) * res.workers_per_member * res.cpus_per_worker)
+    manifest = materialize(job, data_uri(job), res.workers_per_member)
+    tracker = Tracker(job)
+    parent = tracker.job_run("train")
+    params = tracker.params()
+    runs = {
+        norm: tracker.child_run(parent, f"{job.name}-{norm}", "member", params, **{NORM_TAG: norm})
+        for norm in members
+    }
+    board = ProgressBoard.remote()
+    pending = {fit_member.remote(job.model_dump(), norm, manifest, board): norm for norm in members}
+    echo(f"training {', '.join(members)} concurrently; MLflow {tracker.uri}")
+    results: dict[str, dict] = {}
+    seen = 0
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), timeout=2.0)
+            events = ray.get(board.since.remote(seen))
+            seen += len(events)
+            for event in events:
+                _on_event(tracker, runs, event, job.training.epochs, echo)
+            for ref in done:
+                norm = pending.pop(ref)
+                results[norm] = ray.get(ref)
+        for event in ray.get(board.since.remote(seen)):
+            _on_event(tracker, runs, event, job.training.epochs, echo)
+    except BaseException:
+        for run_id in (parent, *runs.values()):
+            tracker.client.set_terminated(run_id, "FAILED")
+        raise
+    for norm, result in results.items():
+        tracker.client.set_tag(runs[norm], CHECKPOINT_TAG, result["checkpoint"])
+        tracker.client.set_terminated(runs[norm], "FINISHED")
+        tracker.client.set_tag(parent, f"{CHECKPOINT_TAG}.{norm}", result["checkpoint"])
+        result["run_id"] = runs[norm]
+    tracker.client.set_terminated(parent, "FINISHED")
+    echo(f"members finished; MLflow parent run {parent}")
+    return results
+
+
+def _on_event(tracker: Tracker, runs: dict, event: dict, epochs: int, echo) -> None:
+    norm = event["norm"]
+    if event["kind"] == "start":
+        tracker.client.log_metric(runs[norm], "start_epoch", event["epoch"], step=event["epoch"])
+        where = "from scratch" if event["epoch"] == 0 else f"resuming at epoch {event['epoch']}"
+        echo(f"[{norm}] started {where} (pid {event['pid']})")
+        return
+    epoch = event["epoch"]
+    metrics = {k: v for k, v in event.items() if k not in ("epoch", "time")}
+    tracker.log_metrics(runs[norm], metrics, step=epoch)
+    shown = "  ".join(f"{k} {event[k]:.3f}" for k in PROGRESS_KEYS if k in event)
+    echo(f"[{norm}] epoch {epoch + 1}/{epochs}  {shown}")
