@@ -25,6 +25,7 @@ from psat_core.attacks import make_attacks
 from psat_core.checkpoint import MemberSpec, load_state, save_member
 from psat_core.data import ImageArrays, random_crop_flip
 from psat_core.metrics import evaluate_robustness
+from psat_core.models import count_parameters
 from psat_core.train import (
     make_optimizer,
     make_scheduler,
@@ -131,13 +132,16 @@ def member_loop(loop_config: dict[str, Any]) -> None:
             "lr": scheduler.get_last_lr()[0],
             "epoch_start": started,
             "epoch_end": time.time(),
+            "params": count_parameters(net),
         }
         with tempfile.TemporaryDirectory() as directory:
             report_checkpoint = None
             if rank == 0:
                 x_val = val.to_float().to(device)
                 metrics |= evaluate_robustness(net, x_val, val.labels.to(device), eval_attacks)
-                metrics["robust"] = metrics[norm]  # the member's own-norm accuracy (sweep objective)
+                metrics["robust"] = metrics[
+                    norm
+                ]  # the member's own-norm accuracy (sweep objective)
                 state = {
                     "model": net.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -191,4 +195,3 @@ def fit_member(job_dict: dict, norm: str, manifest: dict, board) -> dict:
         "metrics": dict(result.metrics or {}),
         "path": result.path,
     }
-

@@ -69,7 +69,7 @@ def read_manifest(data_uri: str) -> dict | None:
 
 
 def materialize(config: JobConfig, data_uri: str, num_shards: int) -> dict:
-    """Write the job's shards unless a complete, matching set is already there; return the manifest."""
+    """Write the shards unless a complete, matching set is there already; return the manifest."""
     key = {
         "dataset": config.data.dataset,
         "train_size": config.data.train_size,
@@ -102,7 +102,9 @@ def materialize(config: JobConfig, data_uri: str, num_shards: int) -> dict:
         write_arrays(ImageArrays(train.images[idx], train.labels[idx]), uri)
         shards.append(uri)
         shard_sizes.append(len(idx))
-    write_arrays(ImageArrays(train.images[val_idx], train.labels[val_idx]), join(data_uri, "val.parquet"))
+    write_arrays(
+        ImageArrays(train.images[val_idx], train.labels[val_idx]), join(data_uri, "val.parquet")
+    )
     write_arrays(test, join(data_uri, "eval.parquet"))
     manifest = {
         "key": key,

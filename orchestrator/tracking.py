@@ -15,7 +15,12 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ConfigError, JobConfig
 
-JOB_TAG, ROLE_TAG, NORM_TAG, CHECKPOINT_TAG = "psat.job", "psat.role", "psat.norm", "psat.checkpoint"
+JOB_TAG, ROLE_TAG, NORM_TAG, CHECKPOINT_TAG = (
+    "psat.job",
+    "psat.role",
+    "psat.norm",
+    "psat.checkpoint",
+)
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -65,14 +70,18 @@ class Tracker:
                 if existing.data.params.get(k) != v
             }
             if changed:
-                first = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changed.items())[:3])
+                first = ", ".join(
+                    f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changed.items())[:3]
+                )
                 raise ConfigError(
                     f"job {self.job.name!r} already ran with a different config ({first}); "
                     "resume with the same config or choose a new name"
                 )
             self.client.update_run(existing.info.run_id, status="RUNNING")
             return existing.info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=f"{self.job.name}-{role}", tags=tags)
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"{self.job.name}-{role}", tags=tags
+        )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -105,4 +114,3 @@ class Tracker:
             if isinstance(v, int | float)
         ]
         self.client.log_batch(run_id, metrics=items)
-

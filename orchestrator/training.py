@@ -1,7 +1,7 @@
 """The training job: materialize data, fit the members concurrently, track them in MLflow.
 
-    validate config -> connect Ray -> Parquet shards -> MLflow parent + member runs
-    -> one `fit_member` task per norm (concurrent) -> follow progress -> record checkpoints
+validate config -> connect Ray -> Parquet shards -> MLflow parent + member runs
+-> one `fit_member` task per norm (concurrent) -> follow progress -> record checkpoints
 """
 
 from __future__ import annotations
@@ -35,7 +35,13 @@ def connect_ray(job: JobConfig, cpus_needed: float) -> None:
     if address:
         ray.init(address=address)
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), include_dashboard=False)
+        # progress comes through the ProgressBoard; worker logs stay in Ray's log files
+        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), log_to_driver=False)
+
+
+def board_name(job: JobConfig) -> str:
+    """The named actor holding a running job's progress events (members post, driver reads)."""
+    return f"psat-progress-{job.name}"
 
 
 def data_uri(job: JobConfig) -> str:
@@ -59,7 +65,7 @@ def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[s
         norm: tracker.child_run(parent, f"{job.name}-{norm}", "member", params, **{NORM_TAG: norm})
         for norm in members
     }
-    board = ProgressBoard.remote()
+    board = ProgressBoard.options(name=board_name(job)).remote()
     pending = {fit_member.remote(job.model_dump(), norm, manifest, board): norm for norm in members}
     echo(f"training {', '.join(members)} concurrently; MLflow {tracker.uri}")
     results: dict[str, dict] = {}
@@ -80,6 +86,8 @@ def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[s
         for run_id in (parent, *runs.values()):
             tracker.client.set_terminated(run_id, "FAILED")
         raise
+    finally:
+        ray.kill(board)
     for norm, result in results.items():
         tracker.client.set_tag(runs[norm], CHECKPOINT_TAG, result["checkpoint"])
         tracker.client.set_terminated(runs[norm], "FINISHED")

@@ -207,8 +207,11 @@ class L2Ball(ThreatModel):
     def step(
         self, delta: Tensor, grad: Tensor, step_size: float, x: Tensor | None = None
     ) -> Tensor:
-        norms = grad.flatten(1).norm(dim=1).clamp_min(1e-12)
-        return delta + grad * _per_sample(step_size / norms, grad)
+        g = grad.flatten(1)
+        # divide by the largest entry first: an exact unit direction even for tiny gradients
+        g = g / g.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+        g = g / g.norm(dim=1, keepdim=True).clamp_min(1.0)  # norm >= 1 unless grad == 0
+        return delta + step_size * g.view_as(delta)
 
     def project(self, delta: Tensor, x: Tensor) -> Tensor:
         norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)

@@ -56,7 +56,9 @@ class MemberSpec:
         known = set(cls.__dataclass_fields__)
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"unknown member spec fields {sorted(unknown)}; allowed {sorted(known)}")
+            raise ValueError(
+                f"unknown member spec fields {sorted(unknown)}; allowed {sorted(known)}"
+            )
         data = dict(data, mean=tuple(data["mean"]), std=tuple(data["std"]))
         return cls(**data)
 

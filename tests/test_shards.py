@@ -16,7 +16,9 @@ def test_parquet_round_trip_is_exact(tmp_path):
 
 
 def test_materialize_writes_disjoint_shards_once(tmp_path):
-    job = parse_config({"name": "t", "data": {"dataset": "digits", "val_size": 100, "eval_size": 50}})
+    job = parse_config(
+        {"name": "t", "data": {"dataset": "digits", "val_size": 100, "eval_size": 50}}
+    )
     uri = join(str(tmp_path), "data")
     manifest = materialize(job, uri, num_shards=2)
     assert manifest["sizes"] == {"train": 1437 - 100, "val": 100, "eval": 50}

@@ -1,0 +1,495 @@
+"""The aggregation job: evaluate the PSAT ensemble, log it to MLflow, register it.
+
+    member checkpoints (the training run's tags, or given) -> load and check them
+    -> one Ray task (a GPU one when resources.use_gpu): every member alone and the ensemble
+       under both strategies, clean and under every eval attack (Tables 3 and 4)
+    -> one MLflow run, role "aggregate": metrics, report.md, plots, the pyfunc model
+    -> a new registry version; alias `candidate`, and `champion` when its trade-off is better
+
+Metric names: ``<row>.<column>`` with rows ``lowest_entropy``, ``average`` and
+``member.<norm>``, columns ``clean, linf, l2, l1, max, avg, trade_off`` (fractions);
+``choice.<strategy>.<input>.<member>``: the fraction of images that member answered, on clean
+inputs and under each attack; ``parameters.*``; ``trade_off``: the registered strategy's.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import ray
+import torch
+from matplotlib.figure import Figure
+from mlflow.exceptions import MlflowException
+
+from orchestrator.config import JobConfig
+from orchestrator.registry import (
+    EXAMPLE_SIZE,
+    Registration,
+    build_ensemble,
+    register_ensemble,
+)
+from orchestrator.shards import materialize, read_arrays
+from orchestrator.tracking import CHECKPOINT_TAG, JOB_TAG, ROLE_TAG, Tracker
+from orchestrator.training import connect_ray, data_uri
+from psat_core.attacks import make_attacks
+from psat_core.checkpoint import MemberSpec, read_spec
+from psat_core.ensemble import STRATEGIES
+from psat_core.metrics import TABLE1_KEYS, evaluate_per_sample, summarize
+from psat_core.models import count_parameters, create_model
+
+log = logging.getLogger(__name__)
+
+TRAIN_RUN_TAG = "psat.train_run"
+VERSION_TAG = "psat.registered_version"
+COLUMNS = (*TABLE1_KEYS, "trade_off")
+HEADERS = {
+    "clean": "Clean",
+    "linf": "ℓ∞",
+    "l2": "ℓ2",
+    "l1": "ℓ1",
+    "max": "Max",
+    "avg": "Avg",
+    "trade_off": "Trade-off",
+}
+STRATEGY_NAMES = {"lowest_entropy": "Lowest entropy", "average": "Average"}
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """What one aggregation measured and registered.
+
+    ``rows``: ``lowest_entropy``, ``average`` and ``member.<norm>`` -> column -> accuracy;
+    ``choice``: strategy -> input (``clean`` or an attack) -> member -> fraction answered.
+    """
+
+    run_id: str
+    members: dict[str, str]
+    rows: dict[str, dict[str, float]]
+    choice: dict[str, dict[str, dict[str, float]]]
+    parameters: dict[str, float]
+    samples: int
+    registration: Registration
+    report: str
+
+    @property
+    def trade_off(self) -> float:
+        return self.registration.trade_off
+
+
+# --------------------------------------------------------------------------- members
+
+
+def member_checkpoints(
+    job: JobConfig, tracker: Tracker, train_run: str | None = None
+) -> dict[str, str]:
+    """``{norm: checkpoint location}`` from the job's training run (or run ``train_run``).
+
+    Raises:
+        ValueError: no such run, or a member of ``job.training.members`` without a final
+            checkpoint in it (the training job tags one per member when it finishes).
+    """
+    if train_run is not None:
+        try:
+            run = tracker.client.get_run(train_run)
+        except MlflowException as err:
+            raise ValueError(f"training run {train_run!r} not found in {tracker.uri}") from err
+    else:
+        run = tracker.find(**{JOB_TAG: job.name, ROLE_TAG: "train"})
+        if run is None:
+            raise ValueError(
+                f"no training run of job {job.name!r} in experiment "
+                f"{job.tracking.experiment!r} at {tracker.uri}; run `psat train` first or "
+                "give the member checkpoints"
+            )
+    tags = run.data.tags
+    missing = [n for n in job.training.members if f"{CHECKPOINT_TAG}.{n}" not in tags]
+    if missing:
+        raise ValueError(
+            f"training run {run.info.run_id} has no final checkpoint for member(s) "
+            f"{', '.join(missing)} (status {run.info.status}); has it finished?"
+        )
+    storage = job.storage.resolved()
+    return {n: _location(tags[f"{CHECKPOINT_TAG}.{n}"], storage) for n in job.training.members}
+
+
+def _location(path: str, storage: str) -> str:
+    """A checkpoint path as a URI or an absolute local path (Ray tasks run elsewhere).
+
+    Ray reports checkpoint paths without the storage's scheme (``bucket/...`` for ``s3://``).
+    """
+    if "://" in path:
+        return path
+    if "://" in storage and not Path(path).exists():
+        return f"{storage.split('://', 1)[0]}://{path}"
+    return str(Path(path).expanduser().resolve())
+
+
+@contextmanager
+def staged(members: Mapping[str, str]) -> Iterator[dict[str, Path]]:
+    """Local directories of the member checkpoints: local paths as they are, URIs (``s3://``,
+    ``gs://``, ...) copied into a temporary directory that lives as long as the block."""
+    with tempfile.TemporaryDirectory(prefix="psat-members-") as tmp:
+        local = {}
+        for name, location in members.items():
+            if "://" not in location or location.startswith("file://"):
+                local[name] = Path(location.removeprefix("file://"))
+                continue
+            fs, path = pafs.FileSystem.from_uri(location)
+            if fs.get_file_info(path).type != pafs.FileType.Directory:
+                raise FileNotFoundError(f"member {name!r}: no checkpoint directory at {location}")
+            local[name] = Path(tmp) / name
+            pafs.copy_files(path, str(local[name]), source_filesystem=fs)
+        yield local
+
+
+def check_members(job: JobConfig, dirs: Mapping[str, Path]) -> dict[str, MemberSpec]:
+    """Each member's spec, after checking it fits ``job`` and loads into its architecture.
+
+    Raises:
+        ValueError: a member trained on another dataset, of another architecture or
+            embedding dimension than ``job.model``, or a checkpoint whose tensors do not fit
+            its architecture (see :func:`psat_core.checkpoint.load_member`).
+        FileNotFoundError: a directory that is not a member checkpoint.
+    """
+    specs = {name: read_spec(d) for name, d in dirs.items()}
+    for name, spec in specs.items():
+        expected = {
+            "dataset": job.data.dataset,
+            "arch": job.model.arch,
+            "embedding_dim": job.model.embedding_dim,
+        }
+        for field, value in expected.items():
+            if getattr(spec, field) != value:
+                raise ValueError(
+                    f"member {name!r} ({dirs[name]}) has {field}={getattr(spec, field)!r}, "
+                    f"but job {job.name!r} has {value!r}"
+                )
+    build_ensemble(dirs)  # loads every member: a wrong architecture fails here
+    return specs
+
+
+def parameter_counts(specs: Mapping[str, MemberSpec]) -> dict[str, float]:
+    """Each member's trainable parameters, their sum (the PSAT model F_H) and the saving
+    against the plain ResNet of the same shape (Tables 1 and 2)."""
+    counts = {f"member.{name}": count_parameters(spec.build()) for name, spec in specs.items()}
+    spec = next(iter(specs.values()))
+    plain = create_model(spec.arch, num_classes=spec.num_classes, in_channels=spec.in_channels)
+    aggregated = sum(counts.values())
+    counts |= {"aggregated": aggregated, "plain": count_parameters(plain)}
+    counts["saving"] = 1.0 - aggregated / counts["plain"]
+    return counts
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def evaluate_checkpoints(job_dict: dict, members: dict[str, str], eval_uri: str) -> dict:
+    """Tables 3 and 4 on the eval split: every member alone, then the ensemble per strategy.
+
+    Runs where it is called (the Ray task :data:`evaluate_task` wraps it). Each model is
+    attacked with the same seed (``data.seed``). Returns plain data: ``rows``, ``choice``
+    (see :class:`AggregateResult`), ``samples`` and ``device``.
+    """
+    job = JobConfig.model_validate(job_dict)
+    torch.set_num_threads(job.resources.torch_threads)
+    use_cuda = job.resources.use_gpu and torch.cuda.is_available()
+    device = torch.device("cuda" if use_cuda else "cpu")
+    with staged(members) as dirs:
+        ensemble = build_ensemble(dirs).to(device)
+    data = read_arrays(eval_uri)
+    images, labels = data.to_float(), data.labels
+    attacks = make_attacks(job.attack_configs("eval"))
+    rows: dict[str, dict[str, float]] = {}
+    for name, member in zip(ensemble.names, ensemble.members, strict=True):
+        torch.manual_seed(job.data.seed)
+        rows[f"member.{name}"] = summarize(evaluate_per_sample(member, images, labels, attacks))
+    choice: dict[str, dict[str, dict[str, float]]] = {}
+    for strategy in STRATEGIES:
+        ensemble.strategy = strategy
+        torch.manual_seed(job.data.seed)
+        result = evaluate_per_sample(
+            ensemble, images, labels, attacks, probe=lambda x: ensemble.forward_with_choice(x)[1]
+        )
+        rows[strategy] = summarize(result)
+        choice[strategy] = {
+            key: {
+                name: (answered == i).float().mean().item() for i, name in enumerate(ensemble.names)
+            }
+            for key, answered in result.probes.items()
+        }
+    return {"rows": rows, "choice": choice, "samples": len(labels), "device": str(device)}
+
+
+evaluate_task = ray.remote(evaluate_checkpoints)
+
+
+# --------------------------------------------------------------------------- report and plots
+
+
+def _percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def _accuracy_row(label: str, row: Mapping[str, float]) -> list[str]:
+    return [label, *(_percent(row[c]) for c in COLUMNS)]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def markdown_report(
+    job: JobConfig,
+    members: Mapping[str, str],
+    evaluation: dict,
+    parameters: Mapping[str, float],
+    registration: Registration | None = None,
+) -> str:
+    """The human-readable summary: Tables 3 and 4, member choice, parameters, registry."""
+    rows, choice = evaluation["rows"], evaluation["choice"]
+    names = list(members)
+    header = ["Model", *(HEADERS[c] for c in COLUMNS)]
+    attack_lines = [
+        f"- {HEADERS[n]}: ε={cfg.eps:g}, {cfg.steps} steps of {cfg.step_size:g}, "
+        f"{cfg.restarts} restart(s)"
+        for n, cfg in job.attack_configs("eval").items()
+    ]
+    strategy = job.registry.strategy
+    lines = [
+        f"# PSAT aggregation of job `{job.name}`",
+        "",
+        f"{evaluation['samples']} evaluation images of {job.data.dataset} "
+        f"(device {evaluation['device']}). Attacks (PGD; robust points only, as in AutoAttack):",
+        *attack_lines,
+        "",
+        "Members:",
+        *(f"- `{n}`: {members[n]}" for n in names),
+        "",
+        "## Members and the PSAT ensemble (Table 3)",
+        "",
+        *_table(
+            header,
+            [_accuracy_row(f"H_{n}", rows[f"member.{n}"]) for n in names]
+            + [_accuracy_row(f"PSAT ({STRATEGY_NAMES[strategy]})", rows[strategy])],
+        ),
+        "",
+        "## Inference strategy (Table 4)",
+        "",
+        *_table(
+            ["Strategy", *(HEADERS[c] for c in COLUMNS)],
+            [_accuracy_row(STRATEGY_NAMES[s], rows[s]) for s in STRATEGIES],
+        ),
+        "",
+        "## Which member answers",
+        "",
+        "Fraction of the images each member answered (under an attack: on its adversarial "
+        "examples for the points it attacked, the clean image otherwise).",
+    ]
+    for s in STRATEGIES:
+        inputs = list(choice[s])
+        lines += [
+            "",
+            f"### {STRATEGY_NAMES[s]}",
+            "",
+            *_table(
+                ["Input", *names],
+                [[HEADERS[k], *(_percent(choice[s][k][n]) for n in names)] for k in inputs],
+            ),
+        ]
+    spec_arch = job.model.arch
+    lines += [
+        "",
+        "## Parameters",
+        "",
+        *_table(
+            ["Model", "Parameters"],
+            [[f"H_{n}", f"{int(parameters[f'member.{n}']):,}"] for n in names]
+            + [
+                [f"PSAT ({len(names)} members)", f"{int(parameters['aggregated']):,}"],
+                [f"plain {spec_arch}", f"{int(parameters['plain']):,}"],
+                ["saving", _percent(parameters["saving"])],
+            ],
+        ),
+    ]
+    if registration is not None:
+        lines += ["", "## Registry", "", *(f"- {line}" for line in registration.lines())]
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_figure(rows: Mapping[str, Mapping[str, float]], names: list[str]) -> Figure:
+    """Grouped bars: per column, each member alone and the ensemble under both strategies."""
+    series = [(f"H_{n}", rows[f"member.{n}"]) for n in names]
+    series += [(f"PSAT {STRATEGY_NAMES[s].lower()}", rows[s]) for s in STRATEGIES]
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for i, (label, row) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(COLUMNS))]
+        ax.bar(xs, [100 * row[c] for c in COLUMNS], width, label=label)
+    ax.set_xticks(range(len(COLUMNS)), [HEADERS[c] for c in COLUMNS])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title("Accuracy per attack: members vs the PSAT ensemble")
+    ax.legend(ncols=len(series), loc="upper center", fontsize="small")
+    return fig
+
+
+def choice_figure(
+    choice: Mapping[str, Mapping[str, Mapping[str, float]]], names: list[str]
+) -> Figure:
+    """Per strategy, stacked bars: how often each member answers, clean and under each attack."""
+    fig = Figure(figsize=(5 * len(choice), 4), layout="constrained")
+    axes = fig.subplots(1, len(choice), squeeze=False)[0]
+    for ax, (strategy, per_input) in zip(axes, choice.items(), strict=True):
+        inputs = list(per_input)
+        bottom = [0.0] * len(inputs)
+        for name in names:
+            heights = [100 * per_input[k][name] for k in inputs]
+            ax.bar(range(len(inputs)), heights, bottom=bottom, label=f"H_{name}")
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        ax.set_xticks(range(len(inputs)), [HEADERS[k] for k in inputs])
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("images answered (%)")
+        ax.set_title(f"Which member answers ({STRATEGY_NAMES[strategy].lower()})")
+        ax.legend(fontsize="small")
+    return fig
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def flat_metrics(evaluation: dict, parameters: Mapping[str, float], strategy: str) -> dict:
+    metrics = {
+        f"{row}.{column}": value
+        for row, values in evaluation["rows"].items()
+        for column, value in values.items()
+    }
+    metrics |= {
+        f"choice.{s}.{key}.{name}": value
+        for s, per_input in evaluation["choice"].items()
+        for key, per_member in per_input.items()
+        for name, value in per_member.items()
+    }
+    metrics |= {f"parameters.{k}": v for k, v in parameters.items()}
+    metrics["trade_off"] = evaluation["rows"][strategy]["trade_off"]
+    metrics["eval_samples"] = evaluation["samples"]
+    return metrics
+
+
+def aggregate(
+    job: JobConfig,
+    members: dict[str, str] | None = None,
+    echo: Callable[[str], None] = print,
+    *,
+    train_run: str | None = None,
+    force_champion: bool | None = None,
+) -> AggregateResult:
+    """Evaluate, log and register the PSAT ensemble of ``job``.
+
+    Args:
+        job: the job; its ``tracking``, ``registry``, ``resources`` and eval attacks apply.
+        members: ``{norm: checkpoint directory or URI}``, in ensemble order; default: the
+            final checkpoints of the job's training run (or of run ``train_run``).
+        echo: progress and the summary, line by line.
+        train_run: the MLflow run id of the training job to take the members from.
+        force_champion: move ``champion`` to the new version whatever its trade-off
+            (default ``job.registry.force_champion``).
+
+    Raises:
+        ValueError: an unknown training run, a member without a checkpoint, a checkpoint of
+            the wrong architecture, members that do not fit the job. Nothing is logged or
+            registered then.
+    """
+    tracker = Tracker(job)
+    if members is None:
+        members = member_checkpoints(job, tracker, train_run)
+    members = {name: _location(str(location), "") for name, location in members.items()}
+    force = job.registry.force_champion if force_champion is None else force_champion
+    strategy = job.registry.strategy
+    with staged(members) as dirs:
+        specs = check_members(job, dirs)
+        parameters = parameter_counts(specs)
+        connect_ray(job, job.resources.cpus_per_worker)
+        manifest = materialize(job, data_uri(job), job.resources.workers_per_member)
+        task = evaluate_task.options(
+            num_cpus=job.resources.cpus_per_worker, num_gpus=1 if job.resources.use_gpu else 0
+        )
+        where = "a GPU" if job.resources.use_gpu else "CPU"
+        echo(f"evaluating {', '.join(members)} and the ensemble on {where} (Ray task)")
+        evaluation = ray.get(task.remote(job.model_dump(), members, manifest["eval"]))
+        tags = {JOB_TAG: job.name, ROLE_TAG: "aggregate"}
+        if train_run is not None:
+            tags[TRAIN_RUN_TAG] = train_run
+        run_id = tracker.client.create_run(
+            tracker.experiment_id, run_name=f"{job.name}-aggregate", tags=tags
+        ).info.run_id
+        try:
+            tracker.log_params(
+                run_id, tracker.params() | {f"member.{n}": loc for n, loc in members.items()}
+            )
+            tracker.log_metrics(run_id, flat_metrics(evaluation, parameters, strategy), step=0)
+            names = list(members)
+            for fig, file in (
+                (accuracy_figure(evaluation["rows"], names), "accuracy.png"),
+                (choice_figure(evaluation["choice"], names), "member_choice.png"),
+            ):
+                tracker.client.log_figure(run_id, fig, f"plots/{file}")
+            report = markdown_report(job, members, evaluation, parameters)
+            tracker.client.log_text(run_id, report, "report.md")
+            example = read_arrays(manifest["eval"]).to_float()[:EXAMPLE_SIZE].numpy()
+            registration = register_ensemble(
+                dirs,
+                model_name=job.registry.model_name,
+                run_id=run_id,
+                trade_off=evaluation["rows"][strategy]["trade_off"],
+                strategy=strategy,
+                force_champion=force,
+                input_example=example,
+                tags={JOB_TAG: job.name},
+                tracking_uri=tracker.uri,
+            )
+            report = markdown_report(job, members, evaluation, parameters, registration)
+            tracker.client.log_text(run_id, report, "report.md")
+            tracker.client.set_tag(run_id, VERSION_TAG, str(registration.version))
+        except BaseException:
+            tracker.client.set_terminated(run_id, "FAILED")
+            raise
+        tracker.client.set_terminated(run_id, "FINISHED")
+    result = AggregateResult(
+        run_id=run_id,
+        members=members,
+        rows=evaluation["rows"],
+        choice=evaluation["choice"],
+        parameters=parameters,
+        samples=evaluation["samples"],
+        registration=registration,
+        report=report,
+    )
+    for line in summary_lines(result, strategy):
+        echo(line)
+    return result
+
+
+def summary_lines(result: AggregateResult, strategy: str) -> list[str]:
+    header = f"{'':<24}" + "".join(f"{HEADERS[c]:>11}" for c in COLUMNS)
+    lines = [header]
+    labels = [(f"H_{n}", f"member.{n}") for n in result.members]
+    labels += [(f"PSAT {STRATEGY_NAMES[s].lower()}", s) for s in STRATEGIES]
+    for label, key in labels:
+        row = result.rows[key]
+        lines.append(f"{label:<24}" + "".join(f"{_percent(row[c]):>11}" for c in COLUMNS))
+    p = result.parameters
+    lines.append(
+        f"parameters: PSAT {int(p['aggregated']):,} vs plain {int(p['plain']):,} "
+        f"(saving {_percent(p['saving'])})"
+    )
+    lines += result.registration.lines()
+    lines.append(f"MLflow run {result.run_id} ({strategy} is the registered strategy)")
+    return lines

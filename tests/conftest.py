@@ -1,0 +1,42 @@
+import pytest
+
+TINY = {
+    "data": {"dataset": "digits", "train_size": 128, "val_size": 32, "eval_size": 32},
+    "model": {"arch": "resnet10", "embedding_dim": 4},
+    "training": {"epochs": 2, "batch_size": 64, "lr": 0.05, "amp": False},
+    "attacks": {
+        "train": {n: {"steps": 1} for n in ("linf", "l2", "l1")},
+        "eval": {n: {"steps": 2, "restarts": 1} for n in ("linf", "l2", "l1")},
+    },
+    "resources": {"workers_per_member": 1, "cpus_per_worker": 1, "torch_threads": 1},
+}
+
+
+@pytest.fixture
+def tiny_job(tmp_path):
+    """A tiny job config dict (digits, 128 images, 2 epochs) storing everything under tmp_path."""
+
+    def make(name: str, **sections):
+        from orchestrator.config import deep_merge
+
+        base = deep_merge(
+            TINY,
+            {
+                "name": name,
+                "storage": {"path": str(tmp_path / "runs")},
+                "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test"},
+            },
+        )
+        return deep_merge(base, sections)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """A real local Ray for the session, with enough logical CPUs for three members at once."""
+    import ray
+
+    ray.init(num_cpus=6, log_to_driver=False, include_dashboard=False)
+    yield ray
+    ray.shutdown()

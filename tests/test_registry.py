@@ -1,0 +1,401 @@
+"""orchestrator.registry against real MLflow: an SQLite store and a `mlflow server` process.
+
+Members are tiny random hypernetwork ResNets written with `save_member` (the training job's
+checkpoint format); every process these tests start listens on 127.0.0.1 and is stopped by its
+own process group id.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from orchestrator.registry import (
+    CANDIDATE,
+    CHAMPION,
+    TRADE_OFF_TAG,
+    build_ensemble,
+    load_ensemble,
+    predict_frame,
+    pull,
+    register_ensemble,
+    resolve,
+    tracking,
+)
+from psat_core.checkpoint import MemberSpec, save_member
+from psat_core.data import dataset_info, load_dataset
+from psat_core.ensemble import PSATEnsemble
+
+NORMS = ("linf", "l2", "l1")
+BIN = Path(sys.executable).parent
+
+
+def write_member(directory: Path, norm: str, seed: int, embedding_dim: int = 4) -> Path:
+    info = dataset_info("digits")
+    spec = MemberSpec("resnet10", 10, 1, info.mean, info.std, "digits", norm, embedding_dim=4)
+    torch.manual_seed(seed)
+    model = dataclasses.replace(spec, embedding_dim=embedding_dim).build()
+    save_member(directory, spec, {"model": model.state_dict(), "epoch": 0})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("members")
+    # the same base name for every member, as Ray's checkpoint folders have
+    return {n: write_member(root / n / "checkpoint_000002", n, i) for i, n in enumerate(NORMS)}
+
+
+@pytest.fixture(scope="module")
+def images() -> torch.Tensor:
+    return load_dataset("digits", "test", "unused").to_float()[:6]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except (urllib.error.URLError, ConnectionError, TimeoutError):
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} not up after {timeout} s:\n{log.read_text()}")
+
+
+def start(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A process in its own session, so that stop() ends it and its workers by group id."""
+    env = {**os.environ, **(env or {}), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    with open(log, "wb") as out:
+        return subprocess.Popen(
+            args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """A real `mlflow server` (SQLite backend, proxied artifacts); yields its HTTP URI."""
+    root = tmp_path_factory.mktemp("server")
+    port = free_port()
+    proc = start(
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{root / 'mlflow.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "2",
+        ],
+        root / "server.log",
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health", proc, root / "server.log")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def store(request, tmp_path, monkeypatch):
+    """A tracking URI (SQLite file or the server), the default for this test and its children."""
+    monkeypatch.chdir(tmp_path)
+    if request.param == "sqlite":
+        uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    else:
+        uri = request.getfixturevalue("server")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    mlflow.set_tracking_uri(None)
+
+
+def new_run(uri: str, tmp_path: Path) -> str:
+    client = MlflowClient(uri)
+    name = f"registry-{tmp_path.name}"
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        location = None if uri.startswith("http") else (tmp_path / "artifacts").as_uri()
+        experiment_id = client.create_experiment(name, artifact_location=location)
+    else:
+        experiment_id = experiment.experiment_id
+    return client.create_run(experiment_id, tags={"psat.role": "aggregate"}).info.run_id
+
+
+def model_name(request) -> str:
+    return "psat-" + "".join(c if c.isalnum() else "-" for c in request.node.name)
+
+
+def register(uri, tmp_path, members, name, trade_off, force=False):
+    return register_ensemble(
+        members,
+        model_name=name,
+        run_id=new_run(uri, tmp_path),
+        trade_off=trade_off,
+        force_champion=force,
+        tracking_uri=uri,
+    )
+
+
+def aliases(uri: str, name: str) -> dict[str, int]:
+    return {a: int(v) for a, v in MlflowClient(uri).get_registered_model(name).aliases.items()}
+
+
+@pytest.mark.slow
+def test_versions_and_aliases(store, tmp_path, members, request):
+    name = model_name(request)
+    client = MlflowClient(store)
+    first = register(store, tmp_path, members, name, 0.30)
+    assert (first.version, first.champion, first.previous_champion) == (1, True, None)
+    assert aliases(store, name) == {CANDIDATE: 1, CHAMPION: 1}
+    source = client.get_model_version(name, "1").source
+
+    worse = register(store, tmp_path, members, name, 0.20)
+    assert (worse.version, worse.champion, worse.previous_champion) == (2, False, 1)
+    assert aliases(store, name) == {CANDIDATE: 2, CHAMPION: 1}
+
+    better = register(store, tmp_path, members, name, 0.40)
+    assert (better.version, better.champion) == (3, True)
+    assert aliases(store, name) == {CANDIDATE: 3, CHAMPION: 3}
+
+    forced = register(store, tmp_path, members, name, 0.10, force=True)
+    assert (forced.version, forced.champion, forced.previous_champion) == (4, True, 3)
+    assert aliases(store, name) == {CANDIDATE: 4, CHAMPION: 4}
+
+    versions = client.search_model_versions(f"name = '{name}'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3, 4]  # nothing overwritten
+    assert client.get_model_version(name, "1").source == source
+    assert float(client.get_model_version(name, "2").tags[TRADE_OFF_TAG]) == 0.20
+    assert int(resolve(f"models:/{name}@{CHAMPION}").version) == 4
+
+
+FRESH = textwrap.dedent(
+    """
+    import sys, mlflow, numpy as np, torch
+    from orchestrator.registry import load_ensemble, predict_frame
+    torch.set_num_threads(int(sys.argv[3]))
+    x = np.load(sys.argv[2])
+    pyfunc = mlflow.pyfunc.load_model(sys.argv[1]).predict(x)
+    assert "ray" not in sys.modules, "loading a registered ensemble imported ray"
+    ensemble = load_ensemble(sys.argv[1])
+    direct = predict_frame(ensemble, torch.from_numpy(x))
+    pyfunc.to_pickle(sys.argv[4] + "/pyfunc.pkl")
+    direct.to_pickle(sys.argv[4] + "/direct.pkl")
+    """
+)
+
+
+@pytest.mark.slow
+def test_fresh_process_predicts_bit_for_bit(store, tmp_path, members, images, request):
+    name = model_name(request)
+    register(store, tmp_path, members, name, 0.5)
+    expected = predict_frame(build_ensemble(members), images)
+    assert expected["member"].isin(NORMS).all() and expected["probability"].between(0, 1).all()
+    np.save(tmp_path / "x.npy", images.numpy())
+    uri = f"models:/{name}@{CHAMPION}"
+    args = [uri, str(tmp_path / "x.npy"), str(torch.get_num_threads()), str(tmp_path)]
+    subprocess.run([sys.executable, "-c", FRESH, *args], check=True, timeout=300)
+    for file in ("pyfunc.pkl", "direct.pkl"):
+        pd.testing.assert_frame_equal(pd.read_pickle(tmp_path / file), expected, check_exact=True)
+
+
+@pytest.mark.slow
+def test_pull_downloads_verifies_and_describes(store, tmp_path, members, request):
+    name = model_name(request)
+    register(store, tmp_path, members, name, 0.25)
+    lines: list[str] = []
+    pulled = pull(f"models:/{name}@{CHAMPION}", dst=tmp_path / "pulled", echo=lines.append)
+    assert (pulled.name, pulled.version, pulled.aliases) == (name, 1, (CANDIDATE, CHAMPION))
+    assert isinstance(pulled.ensemble, PSATEnsemble) and pulled.ensemble.names == NORMS
+    assert pulled.trade_off == 0.25 and pulled.strategy == "lowest_entropy"
+    assert pulled.parameters == 3 * pulled.member_parameters["linf"] < pulled.plain_parameters
+    assert (tmp_path / "pulled" / "MLmodel").is_file()
+    text = "\n".join(lines)
+    assert f"{name} version 1" in text and "hyper_resnet10 (embedding 4)" in text
+    assert "input 1x8x8" in text and "verified" in text
+
+    # a damaged member is refused on load
+    state = next((tmp_path / "pulled" / "artifacts").glob("member_l2")) / "state.pt"
+    data = bytearray(state.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    state.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="does not match the digest"):
+        mlflow.pyfunc.load_model(str(tmp_path / "pulled"))
+
+
+def test_unknown_model_alias_or_version_is_one_clear_error(tmp_path, members, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    register(uri, tmp_path, members, "psat-known", 0.5)
+    for bad, message in [
+        (
+            "models:/psat-known@nope",
+            r"no alias 'nope' \(aliases: candidate -> v1, champion -> v1\)",
+        ),
+        ("models:/psat-unknown@champion", "no registered model 'psat-unknown'"),
+        ("models:/psat-known/7", "has no version 7"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            pull(bad, dst=tmp_path / "x", tracking_uri=uri)
+        with pytest.raises(ValueError, match=message):
+            load_ensemble(bad, tracking_uri=uri)
+    with pytest.raises(ValueError, match="expected models:/<name>@<alias>"):
+        pull("psat-known@champion", dst=tmp_path / "x", tracking_uri=uri)
+    with pytest.raises(ValueError, match="cannot load a psat ensemble from 'psat-known@champion'"):
+        load_ensemble("psat-known@champion", tracking_uri=uri)  # any pyfunc URI, e.g. a path
+    assert not (tmp_path / "x").exists()
+
+
+def test_wrong_architecture_registers_nothing(tmp_path, members, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # member.json says embedding_dim 4, the tensors are those of embedding_dim 8
+    bad = dict(members, l1=write_member(tmp_path / "bad", "l1", 0, embedding_dim=8))
+    run_id = new_run(uri, tmp_path)
+    with pytest.raises(ValueError, match="does not match architecture hyper_resnet10"):
+        register_ensemble(
+            bad, model_name="psat-bad", run_id=run_id, trade_off=0.9, tracking_uri=uri
+        )
+    client = MlflowClient(uri)
+    assert client.search_registered_models() == []
+    assert client.list_artifacts(run_id) == []
+
+
+def test_predict_rejects_pixels_outside_unit_range(tmp_path, members, images, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    register(uri, tmp_path, members, "psat-range", 0.5)
+    with tracking(uri):
+        model = mlflow.pyfunc.load_model("models:/psat-range@champion")
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        model.predict((images * 255).numpy())
+    with pytest.raises(Exception, match="does not match expected shape"):
+        model.predict(images[:, :, :4].numpy())
+
+
+@pytest.mark.slow
+def test_served_model_answers_like_predict(server, tmp_path, members, images, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    register(server, tmp_path, members, "psat-served", 0.5)
+    ensemble = build_ensemble(members)
+    port = free_port()
+    proc = start(
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/psat-served@champion",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        tmp_path / "serve.log",
+        env={"MLFLOW_TRACKING_URI": server},
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, tmp_path / "serve.log")
+        for strategy in ("lowest_entropy", "average"):
+            body = {"inputs": images.tolist(), "params": {"strategy": strategy}}
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                served = pd.DataFrame(json.load(response)["predictions"])
+            expected = predict_frame(ensemble, images, strategy)
+            pd.testing.assert_frame_equal(served, expected, check_exact=True)
+    finally:
+        stop(proc)
+
+
+AGGREGATE = textwrap.dedent(
+    """
+    import sys
+    from orchestrator.aggregate import aggregate
+    from orchestrator.config import parse_config
+    name, storage, uri, model, *dirs = sys.argv[1:]
+    job = parse_config({
+        "name": name,
+        "data": {"dataset": "digits", "eval_size": 8, "val_size": 16},
+        "model": {"arch": "resnet10", "embedding_dim": 4},
+        "attacks": {"eval": {n: {"steps": 1} for n in ("linf", "l2", "l1")}},
+        "resources": {"cpus_per_worker": 1},
+        "storage": {"path": storage},
+        "tracking": {"uri": uri, "experiment": "concurrent"},
+        "registry": {"model_name": model},
+    })
+    result = aggregate(job, dict(zip(("linf", "l2", "l1"), dirs)))
+    print("VERSION", result.registration.version, result.run_id)
+    """
+)
+
+
+@pytest.mark.slow
+def test_concurrent_aggregations_register_distinct_versions(server, tmp_path, members):
+    dirs = [str(members[n]) for n in NORMS]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", AGGREGATE, f"job-{i}", str(tmp_path), server, "psat-conc"]
+            + dirs,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=tmp_path,
+        )
+        for i in range(2)
+    ]
+    outputs = [proc.communicate(timeout=400)[0] for proc in procs]
+    for proc, output in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, output
+    lines = [line.split() for out in outputs for line in out.splitlines()]
+    assert sorted(int(words[1]) for words in lines if words[:1] == ["VERSION"]) == [1, 2]
+    client = MlflowClient(server)
+    versions = client.search_model_versions("name = 'psat-conc'")
+    assert sorted(int(v.version) for v in versions) == [1, 2]
+    assert len({v.run_id for v in versions}) == 2
+    assert aliases(server, "psat-conc")[CANDIDATE] in (1, 2)
+    assert aliases(server, "psat-conc")[CHAMPION] in (1, 2)

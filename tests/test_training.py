@@ -1,0 +1,134 @@
+"""The training job on a real local Ray and a real MLflow SQLite store (tiny data, few steps)."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import parse_config
+from orchestrator.training import board_name, train_members
+
+pytestmark = pytest.mark.slow
+
+
+def _member_runs(job):
+    client = MlflowClient(job.tracking.uri)
+    experiment = client.get_experiment_by_name(job.tracking.experiment)
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`psat.job` = '{job.name}' and tags.`psat.role` = 'member'",
+    )
+    return client, {r.data.tags["psat.norm"]: r for r in runs}
+
+
+def test_members_train_concurrently_and_are_tracked(local_ray, tiny_job):
+    job = parse_config(tiny_job("concurrent"))
+    results = train_members(job, echo=lambda line: None)
+    assert set(results) == {"linf", "l2", "l1"}
+    client, runs = _member_runs(job)
+    intervals = {}
+    for norm, run in runs.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["psat.checkpoint"] == results[norm]["checkpoint"]
+        assert Path(results[norm]["checkpoint"], "state.pt").is_file()
+        assert run.data.params["model.embedding_dim"] == "4"
+        history = client.get_metric_history(run.info.run_id, "loss")
+        assert sorted(m.step for m in history) == [0, 1]
+        assert 0 <= run.data.metrics["clean"] <= 1 and "linf" in run.data.metrics
+        starts = client.get_metric_history(run.info.run_id, "epoch_start")
+        ends = client.get_metric_history(run.info.run_id, "epoch_end")
+        intervals[norm] = (min(m.value for m in starts), max(m.value for m in ends))
+    # every pair of members was training at the same time
+    latest_start = max(start for start, _ in intervals.values())
+    earliest_end = min(end for _, end in intervals.values())
+    assert latest_start < earliest_end, intervals
+
+    # relaunching the finished job resumes: no epoch is trained again, same runs
+    again = train_members(job, echo=lambda line: None)
+    assert {n: r["checkpoint"] for n, r in again.items()} == {
+        n: r["checkpoint"] for n, r in results.items()
+    }
+    _, runs_again = _member_runs(job)
+    assert {n: r.info.run_id for n, r in runs_again.items()} == {
+        n: r.info.run_id for n, r in runs.items()
+    }
+    history = client.get_metric_history(runs["linf"].info.run_id, "loss")
+    assert len(history) == 2
+
+
+def _kill_after_epoch(ray, job, norm: str, epoch: int, seen: dict) -> None:
+    """Wait for `norm`'s report of `epoch`, then SIGKILL its training worker process."""
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            board = ray.get_actor(board_name(job))
+            events = ray.get(board.since.remote(0))
+        except ValueError:
+            events = []
+        pids = [e["pid"] for e in events if e["norm"] == norm and e["kind"] == "start"]
+        if any(e["norm"] == norm and e["kind"] == "epoch" and e["epoch"] >= epoch for e in events):
+            seen["pid"] = pids[-1]
+            os.kill(pids[-1], signal.SIGKILL)
+            return
+        time.sleep(0.2)
+
+
+def test_killed_worker_restarts_from_its_checkpoint(local_ray, tiny_job):
+    job = parse_config(tiny_job("killed", training={"epochs": 4}, resources={"max_failures": 2}))
+    lines, seen = [], {}
+    killer = threading.Thread(target=_kill_after_epoch, args=(local_ray, job, "linf", 1, seen))
+    killer.start()
+    results = train_members(job, echo=lines.append)
+    killer.join()
+    assert "pid" in seen
+    starts = [line for line in lines if line.startswith("[linf] started")]
+    assert len(starts) == 2, lines
+    assert "resuming at epoch" in starts[1]  # from a checkpoint, not from scratch
+    assert results["linf"]["metrics"]["epoch"] == 3  # and it finished every epoch
+    client, runs = _member_runs(job)
+    steps = {m.step for m in client.get_metric_history(runs["linf"].info.run_id, "loss")}
+    assert steps == {0, 1, 2, 3}
+
+
+def test_interrupted_job_relaunched_with_the_same_name_resumes(local_ray, tiny_job):
+    job = parse_config(
+        tiny_job("interrupted", training={"epochs": 3}, resources={"max_failures": 0})
+    )
+    seen = {}
+    killer = threading.Thread(target=_kill_after_epoch, args=(local_ray, job, "l2", 0, seen))
+    killer.start()
+    with pytest.raises(Exception, match="(?i)fail|died|error"):
+        train_members(job, echo=lambda line: None)
+    killer.join()
+    client, runs = _member_runs(job)
+    assert runs["l2"].info.status == "FAILED"
+    lines = []
+    results = train_members(job, echo=lines.append)
+    assert any(line.startswith("[l2] started resuming at epoch") for line in lines), lines
+    assert results["l2"]["metrics"]["epoch"] == 2
+    _, runs_after = _member_runs(job)
+    assert runs_after["l2"].info.run_id == runs["l2"].info.run_id
+    assert runs_after["l2"].info.status == "FINISHED"
+
+
+def test_bad_config_fails_fast_and_leaves_nothing(tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("name: bad\ntraining:\n  epochs: -1\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.train_members", "--config", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])},
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "training.epochs" in proc.stderr and "-1" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no mlflow.db, no runs
