@@ -49,6 +49,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from orchestrator.sweep import run_sweep
+
+    run_sweep(_job_config(args))
+    return 0
+
+
 def _params(args: argparse.Namespace) -> int:
     report = parameter_report(
         args.arch, args.num_classes, args.embedding_dim, args.members, args.in_channels
@@ -76,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_job(commands, "train", _train, "train the l_inf, l_2 and l_1 members concurrently on Ray")
+    _add_job(commands, "sweep", _sweep, "Ray Tune sweep over embedding dimension and PGD settings")
 
     params = commands.add_parser(
         "params", help="parameters of one member, the PSAT ensemble and the plain ResNet"

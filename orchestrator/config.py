@@ -135,6 +135,55 @@ class RegistryConfig(Section):
     force_champion: bool = False
 
 
+SWEEP_PARAMS = ("norm", "embedding_dim", "steps", "step_size", "random_start", "lr")
+RANGE_PARAMS = ("step_size", "lr")
+
+
+class SweepRange(Section):
+    """A continuous range, sampled uniformly (log-uniformly when `log`)."""
+
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+    log: bool = False
+
+
+class SweepConfig(Section):
+    """Ray Tune search over member settings; the evaluation threat model is never swept.
+
+    `space` maps a parameter of SWEEP_PARAMS to a list of values or (step_size, lr) a range.
+    With `search: grid` lists are crossed exhaustively; `random` and `optuna` sample them.
+    """
+
+    space: dict[str, list[Any] | SweepRange] = {"embedding_dim": [32, 64], "norm": list(NORMS)}
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, gt=0)
+    asha: bool = True
+    grace_period: int = Field(1, gt=0)
+    reduction_factor: float = Field(2, gt=1)
+    max_t: int | None = Field(None, gt=0, description="ASHA's epoch cap; default training.epochs")
+    max_concurrent_trials: int | None = Field(None, gt=0, description="default: from the cluster")
+
+    @field_validator("space")
+    @classmethod
+    def _known_params(cls, space: dict[str, Any]) -> dict[str, Any]:
+        for name, values in space.items():
+            if name not in SWEEP_PARAMS:
+                raise ValueError(
+                    f"unknown sweep parameter {name!r}; allowed: {', '.join(SWEEP_PARAMS)}"
+                )
+            if isinstance(values, SweepRange) and name not in RANGE_PARAMS:
+                raise ValueError(f"{name} takes a list of values, not a range")
+            if isinstance(values, list) and not values:
+                raise ValueError(f"{name} needs at least one value")
+        for norm in space.get("norm", []):
+            if norm not in NORMS:
+                raise ValueError(f"unknown norm {norm!r} in sweep space; allowed: {NORMS}")
+        for dim in space.get("embedding_dim", []):
+            if not isinstance(dim, int) or dim <= 0:
+                raise ValueError(f"embedding_dim values must be positive integers, got {dim!r}")
+        return space
+
+
 class JobConfig(Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: DataConfig = DataConfig()
@@ -145,7 +194,7 @@ class JobConfig(Section):
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
-    sweep: dict[str, Any] = {}
+    sweep: SweepConfig = SweepConfig()
 
     def attack_configs(self, phase: Literal["train", "eval"]) -> dict[str, AttackConfig]:
         """Dataset defaults with this file's overrides applied, for every norm."""

@@ -125,8 +125,11 @@ def server(tmp_path_factory):
             str(port),
             "--workers",
             "2",
+            "--uvicorn-opts",
+            "--timeout-graceful-shutdown 3",
         ],
         root / "server.log",
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job-runner processes
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/health", proc, root / "server.log")

@@ -1,0 +1,285 @@
+"""orchestrator.aggregate: evaluation (Tables 3 and 4), report, plots, and the job end to end.
+
+Members are tiny random hypernetwork ResNets written with `save_member`; MLflow is a real
+SQLite store in a temporary directory; the end-to-end test starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from orchestrator.aggregate import (
+    COLUMNS,
+    _location,
+    accuracy_figure,
+    aggregate,
+    choice_figure,
+    evaluate_checkpoints,
+    flat_metrics,
+    markdown_report,
+    member_checkpoints,
+    parameter_counts,
+)
+from orchestrator.config import parse_config
+from orchestrator.registry import CANDIDATE, CHAMPION, build_ensemble, load_ensemble, predict_frame
+from orchestrator.shards import read_arrays, write_arrays
+from orchestrator.tracking import Tracker
+from psat_core.accounting import parameter_report
+from psat_core.checkpoint import MemberSpec, read_spec, save_member
+from psat_core.data import dataset_info, load_dataset
+
+NORMS = ("linf", "l2", "l1")
+EVAL = 8
+
+
+def write_member(directory, norm: str, seed: int, arch: str = "resnet10", embedding_dim: int = 4):
+    info = dataset_info("digits")
+    spec = MemberSpec(arch, 10, 1, info.mean, info.std, "digits", norm, embedding_dim=4)
+    torch.manual_seed(seed)
+    model = dataclasses.replace(spec, embedding_dim=embedding_dim).build()
+    save_member(directory, spec, {"model": model.state_dict(), "epoch": 0})
+    return directory
+
+
+@pytest.fixture(scope="module")
+def members(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("members")
+    return {n: str(write_member(root / n / "checkpoint", n, i)) for i, n in enumerate(NORMS)}
+
+
+@pytest.fixture
+def torch_threads():
+    """evaluate_checkpoints sets the torch threads of the process it runs in: restore them."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_job(tmp_path, name: str = "agg", **sections):
+    return parse_config(
+        {
+            "name": name,
+            "data": {"dataset": "digits", "eval_size": EVAL, "val_size": 16},
+            "model": {"arch": "resnet10", "embedding_dim": 4},
+            "attacks": {"eval": {n: {"steps": 1, "restarts": 1} for n in NORMS}},
+            "storage": {"path": str(tmp_path / "runs")},
+            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "agg"},
+            "registry": {"model_name": "psat-agg"},
+        }
+        | sections
+    )
+
+
+@pytest.fixture(scope="module")
+def evaluation(tmp_path_factory, members) -> tuple[dict, str]:
+    root = tmp_path_factory.mktemp("eval")
+    data = load_dataset("digits", "test", "unused").subset(EVAL, seed=0)
+    write_arrays(data, str(root / "eval.parquet"))
+    job = tiny_job(root)
+    threads = torch.get_num_threads()
+    try:
+        result = evaluate_checkpoints(job.model_dump(), members, str(root / "eval.parquet"))
+    finally:
+        torch.set_num_threads(threads)
+    return result, str(root / "eval.parquet")
+
+
+def test_evaluation_has_tables_3_and_4(evaluation):
+    result, _ = evaluation
+    rows, choice = result["rows"], result["choice"]
+    assert set(rows) == {"member.linf", "member.l2", "member.l1", "lowest_entropy", "average"}
+    for row in rows.values():
+        assert set(row) == set(COLUMNS)
+        assert all(0.0 <= row[c] <= 1.0 for c in COLUMNS)
+        assert (
+            row["max"] <= min(row[n] for n in NORMS) <= max(row[n] for n in NORMS) <= row["clean"]
+        )
+    assert set(choice) == {"lowest_entropy", "average"}
+    for per_input in choice.values():
+        assert list(per_input) == ["clean", *NORMS]
+        for fractions in per_input.values():
+            assert list(fractions) == list(NORMS)
+            assert sum(fractions.values()) == pytest.approx(1.0)
+    assert result["samples"] == EVAL and result["device"] == "cpu"
+
+
+def test_clean_evaluation_agrees_with_the_registered_predictor(evaluation, members):
+    result, eval_uri = evaluation
+    data = read_arrays(eval_uri)
+    ensemble = build_ensemble(members)
+    for strategy in ("lowest_entropy", "average"):
+        frame = predict_frame(ensemble, data.to_float(), strategy)
+        accuracy = (frame["class"].to_numpy() == data.labels.numpy()).mean()
+        assert result["rows"][strategy]["clean"] == pytest.approx(accuracy)
+        answered = frame["member"].value_counts(normalize=True)
+        for norm in NORMS:
+            expected = answered.get(norm, 0.0)
+            assert result["choice"][strategy]["clean"][norm] == pytest.approx(expected)
+
+
+def test_evaluation_is_reproducible(evaluation, members, torch_threads, tmp_path):
+    result, eval_uri = evaluation
+    again = evaluate_checkpoints(tiny_job(tmp_path).model_dump(), members, eval_uri)
+    assert again == result
+
+
+def test_parameter_counts_match_the_accounting(members):
+    counts = parameter_counts({n: read_spec(d) for n, d in members.items()})
+    report = parameter_report("resnet10", 10, 4, members=3, in_channels=1)
+    assert counts["member.linf"] == report.member
+    assert counts["aggregated"] == report.aggregated
+    assert counts["plain"] == report.plain
+    assert counts["saving"] == pytest.approx(report.saving)
+
+
+def test_report_metrics_and_plots(evaluation, members, tmp_path):
+    result, _ = evaluation
+    job = tiny_job(tmp_path)
+    counts = parameter_counts({n: read_spec(d) for n, d in members.items()})
+    report = markdown_report(job, members, result, counts)
+    for heading in ("Table 3", "Table 4", "Which member answers", "Parameters"):
+        assert heading in report
+    le = result["rows"]["lowest_entropy"]
+    assert f"| PSAT (Lowest entropy) | {100 * le['clean']:.2f}% |" in report
+    assert f"| H_l1 | {100 * result['rows']['member.l1']['clean']:.2f}% |" in report
+    assert f"| PSAT (3 members) | {counts['aggregated']:,} |" in report
+
+    metrics = flat_metrics(result, counts, "lowest_entropy")
+    assert metrics["trade_off"] == le["trade_off"]
+    assert metrics["member.l2.max"] == result["rows"]["member.l2"]["max"]
+    assert metrics["choice.average.l1.linf"] == result["choice"]["average"]["l1"]["linf"]
+    assert metrics["parameters.saving"] == counts["saving"]
+
+    for figure in (
+        accuracy_figure(result["rows"], list(NORMS)),
+        choice_figure(result["choice"], list(NORMS)),
+    ):
+        png = io.BytesIO()
+        figure.savefig(png, format="png")
+        assert png.getvalue().startswith(b"\x89PNG")
+
+
+def test_checkpoint_locations():
+    # Ray reports checkpoint paths without the storage's scheme
+    assert _location("bucket/job/linf/ckpt", "s3://bucket/job") == "s3://bucket/job/linf/ckpt"
+    assert _location("gs://b/c", "/local") == "gs://b/c"
+    assert _location("relative/dir", "/local").startswith("/")
+
+
+def _train_run(tracker: Tracker, job, checkpoints: dict[str, str]) -> str:
+    """What the training job leaves behind: a parent run tagged with each member's checkpoint."""
+    tags = {"psat.job": job.name, "psat.role": "train"}
+    tags |= {f"psat.checkpoint.{n}": d for n, d in checkpoints.items()}
+    return tracker.client.create_run(tracker.experiment_id, tags=tags).info.run_id
+
+
+def test_members_come_from_the_training_run(tmp_path, members, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = tiny_job(tmp_path)
+    tracker = Tracker(job)
+    with pytest.raises(ValueError, match="no training run of job 'agg'"):
+        member_checkpoints(job, tracker)
+    partial = _train_run(tracker, job, {n: members[n] for n in ("linf", "l2")})
+    with pytest.raises(ValueError, match=f"{partial} has no final checkpoint for member.s. l1"):
+        member_checkpoints(job, tracker, partial)
+    with pytest.raises(ValueError, match="training run 'no-such-run' not found"):
+        member_checkpoints(job, tracker, "no-such-run")
+    complete = _train_run(tracker, job, members)
+    assert member_checkpoints(job, tracker, complete) == members
+
+
+def _nothing_registered(job) -> None:
+    client = MlflowClient(job.tracking.resolved_uri())
+    assert client.search_registered_models() == []
+    experiment = client.get_experiment_by_name(job.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], "tags.`psat.role` = 'aggregate'")
+    assert runs == []
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("missing_run", "training run 'deadbeef' not found"),
+        ("wrong_tensors", "does not match architecture hyper_resnet10"),
+        ("other_arch", "has arch='resnet18', but job 'agg' has 'resnet10'"),
+        ("not_a_checkpoint", "no member spec"),
+    ],
+)
+def test_bad_members_are_one_error_and_register_nothing(
+    bad, message, tmp_path, members, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    job = tiny_job(tmp_path)
+    given = dict(members)
+    if bad == "wrong_tensors":  # member.json says embedding 4, tensors are embedding 8's
+        given["l1"] = str(write_member(tmp_path / "bad", "l1", 0, embedding_dim=8))
+    elif bad == "other_arch":
+        given["l2"] = str(write_member(tmp_path / "r18", "l2", 0, arch="resnet18"))
+    elif bad == "not_a_checkpoint":
+        given["linf"] = str(tmp_path)
+    error = FileNotFoundError if bad == "not_a_checkpoint" else ValueError
+    with pytest.raises(error, match=message):
+        if bad == "missing_run":
+            aggregate(job, train_run="deadbeef", echo=lambda line: None)
+        else:
+            aggregate(job, given, echo=lambda line: None)
+    _nothing_registered(job)
+    assert not ray.is_initialized()  # failed before any Ray work
+
+
+@pytest.fixture
+def local_ray():
+    yield
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_aggregate_end_to_end(tmp_path, members, monkeypatch, local_ray, torch_threads):
+    monkeypatch.chdir(tmp_path)
+    job = tiny_job(tmp_path)
+    train = _train_run(Tracker(job), job, members)
+    lines: list[str] = []
+    first = aggregate(job, echo=lines.append, train_run=train)  # members from the training run
+
+    assert first.members == members
+    assert (first.registration.version, first.registration.champion) == (1, True)
+    client = MlflowClient(job.tracking.resolved_uri())
+    run = client.get_run(first.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["psat.role"] == "aggregate" and run.data.tags["psat.job"] == "agg"
+    assert run.data.tags["psat.train_run"] == train
+    assert run.data.tags["psat.registered_version"] == "1"
+    metrics = run.data.metrics
+    assert metrics["trade_off"] == first.rows["lowest_entropy"]["trade_off"]
+    assert {f"{r}.{c}" for r in first.rows for c in COLUMNS} <= set(metrics)
+    artifacts = {a.path for a in client.list_artifacts(first.run_id)}
+    assert {"report.md", "plots"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(first.run_id, "plots")}
+    assert plots == {"plots/accuracy.png", "plots/member_choice.png"}
+    report = client.download_artifacts(first.run_id, "report.md", str(tmp_path))
+    text = Path(report).read_text()
+    assert "## Registry" in text and "models:/psat-agg/1" in text
+    assert any("champion -> v1" in line for line in lines)
+    assert any(line.startswith("PSAT lowest entropy") for line in lines)
+
+    # the same members again: not better, so champion stays, unless forced
+    second = aggregate(job, members, echo=lines.append)
+    assert (second.registration.version, second.registration.champion) == (2, False)
+    third = aggregate(job, members, echo=lines.append, force_champion=True)
+    assert (third.registration.version, third.registration.champion) == (3, True)
+    aliases = client.get_registered_model("psat-agg").aliases
+    assert {a: int(v) for a, v in aliases.items()} == {CANDIDATE: 3, CHAMPION: 3}
+
+    images = load_dataset("digits", "test", "unused").to_float()[:5]
+    loaded = load_ensemble("models:/psat-agg@champion", tracking_uri=job.tracking.resolved_uri())
+    pd.testing.assert_frame_equal(
+        predict_frame(loaded, images), predict_frame(build_ensemble(members), images)
+    )

@@ -1,0 +1,116 @@
+"""Ray Tune sweeps on a real local Ray, tiny data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import ConfigError, parse_config
+from orchestrator.sweep import check_space, run_sweep
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.slow
+def test_sweep_writes_table_best_configs_plot_and_nested_runs(local_ray, tiny_job):
+    job = parse_config(
+        tiny_job("sweep", sweep={"space": {"embedding_dim": [4, 8], "norm": ["linf", "l2"]}})
+    )
+    best = run_sweep(job, echo=lambda line: None)
+    out = Path(job.storage.path, "sweep", "sweep")
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    assert len(table) == 4
+    assert {(r["config.embedding_dim"], r["norm"]) for r in table} == {
+        ("4", "linf"),
+        ("8", "linf"),
+        ("4", "l2"),
+        ("8", "l2"),
+    }
+    assert all(r["member_params"] > 0 and 0 <= r["trade_off"] <= 1 for r in table)
+    dims = {r["embedding_dim"]: r["member_params"] for r in table}
+    assert dims[8] > dims[4]
+    assert set(best) == {"linf", "l2"}
+    on_disk = json.loads((out / "best.json").read_text())
+    for norm, row in on_disk.items():
+        assert row["metrics"]["robust"] == max(r["robust"] for r in table if r["norm"] == norm)
+        assert Path(row["checkpoint"], "member.json").is_file()
+    assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+    client = MlflowClient(job.tracking.uri)
+    experiment = client.get_experiment_by_name(job.tracking.experiment).experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`psat.role` = 'sweep'")
+    trials = client.search_runs([experiment], "tags.`psat.role` = 'trial'")
+    assert len(trials) == 4
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.parquet", "best.json", "tradeoff.png"} <= artifacts
+
+
+@pytest.mark.slow
+def test_asha_stops_trials_early(local_ray, tiny_job):
+    # ASHA's max_t of 1 epoch is below the 3 configured epochs: every trial is stopped by ASHA.
+    job = parse_config(
+        tiny_job(
+            "asha",
+            training={"epochs": 3},
+            sweep={"space": {"norm": ["linf", "l1"]}, "max_t": 1, "grace_period": 1},
+        )
+    )
+    run_sweep(job, echo=lambda line: None)
+    table = pq.read_table(Path(job.storage.path, "asha", "sweep", "results.parquet")).to_pylist()
+    assert len(table) == 2
+    assert all(r["epochs_run"] < 3 for r in table)
+
+
+@pytest.mark.slow
+def test_interrupted_sweep_continues_without_rerunning_finished_trials(tmp_path, tiny_job):
+    config = tiny_job(
+        "resume",
+        sweep={"space": {"embedding_dim": [4, 8], "norm": ["linf"]}, "max_concurrent_trials": 1},
+    )
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(config))
+    command = [sys.executable, "-m", "jobs.sweep", "--config", str(path)]
+    env = os.environ | {"PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
+    )
+    finished, lines = [], []
+    deadline = time.time() + 400
+    for line in first.stderr:
+        lines.append(line)
+        if "finished:" in line and "trial " in line:
+            finished.append(line.split("trial ")[1].split()[0])
+            first.send_signal(signal.SIGINT)  # a user's Ctrl-C after the first trial
+            break
+        assert time.time() < deadline, lines
+    first.communicate(timeout=300)
+    assert len(finished) == 1, lines
+
+    second = subprocess.run(
+        command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "continuing the sweep" in second.stdout
+    started = [line for line in second.stderr.splitlines() if "started:" in line]
+    assert started and not any(finished[0] in line for line in started), started
+    table = pq.read_table(tmp_path / "runs" / "resume" / "sweep" / "results.parquet").to_pylist()
+    assert len(table) == 2
+
+
+def test_unknown_sweep_parameter_is_one_clear_error():
+    with pytest.raises(ConfigError, match="sweep.space.*unknown sweep parameter 'depth'"):
+        parse_config({"name": "x", "sweep": {"space": {"depth": [1, 2]}}})
+    with pytest.raises(ConfigError, match="takes a list"):
+        parse_config({"name": "x", "sweep": {"space": {"norm": {"low": 1, "high": 2}}}})
+    job = parse_config({"name": "x", "sweep": {"space": {"steps": [3, 0]}}})
+    with pytest.raises(ConfigError, match="sweep.space.steps: value 0"):
+        check_space(job)
