@@ -11,6 +11,7 @@ that the worst iterate of every example is returned (the other iterates are scor
 forward pass of their own gradient step).
 
     python bench/attack_speed.py [--model small|resnet18] [--batch 128] [--steps 10] [--repeats 7]
+                                 [--threads N]
 """
 
 from __future__ import annotations
@@ -87,7 +88,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     arch = args.model or ("resnet18" if device.type == "cuda" else "small")

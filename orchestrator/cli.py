@@ -11,9 +11,7 @@ import logging
 import sys
 from collections.abc import Callable
 
-import yaml
-
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import ConfigError, load_config, parse_overrides
 from psat_core.accounting import parameter_report
 from psat_core.data import DatasetNotFoundError
 
@@ -21,23 +19,8 @@ log = logging.getLogger("psat")
 USER_ERRORS = (ConfigError, DatasetNotFoundError, FileNotFoundError, ValueError, ConnectionError)
 
 
-def _overrides(pairs: list[str]) -> dict:
-    """`--set training.epochs=2` pairs -> a nested dict (values parsed as YAML scalars)."""
-    merged: dict = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set expects section.field=value, got {pair!r}")
-        node = merged
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return merged
-
-
 def _job_config(args: argparse.Namespace):
-    return load_config(args.config, _overrides(args.set))
+    return load_config(args.config, parse_overrides(args.set))
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -248,6 +248,21 @@ def load_config(path: str | Path, overrides: dict | None = None) -> JobConfig:
     return parse_config(data, str(path), overrides)
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """`section.field=value` pairs (from --set) -> a nested dict; values are parsed as YAML."""
+    merged: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects section.field=value, got {pair!r}")
+        node = merged
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return merged
+
+
 def deep_merge(base: dict, update: dict) -> dict:
     merged = dict(base)
     for key, value in update.items():

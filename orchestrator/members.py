@@ -23,13 +23,13 @@ from orchestrator.config import JobConfig
 from orchestrator.shards import join, read_arrays
 from psat_core.attacks import make_attacks
 from psat_core.checkpoint import MemberSpec, load_state, save_member
-from psat_core.data import ImageArrays, random_crop_flip
+from psat_core.data import ImageArrays
 from psat_core.metrics import evaluate_robustness
 from psat_core.models import count_parameters
 from psat_core.train import (
     make_optimizer,
     make_scheduler,
-    train_step,
+    train_epoch,
     training_inputs,
     unwrap,
 )
@@ -113,22 +113,21 @@ def member_loop(loop_config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(epoch))
-        losses, accuracies = [], []
-        for step in range(steps_per_epoch):
-            idx = order[step * cfg.batch_size : (step + 1) * cfg.batch_size]
-            x = train.images[idx].to(device).float().div_(255)
-            y = train.labels[idx].to(device)
-            if job.dataset.augment:
-                x = random_crop_flip(x)
-            stats = train_step(model, x, y, optimizer, inputs, cfg.amp)
-            scheduler.step()
-            losses.append(stats["loss"])
-            accuracies.append(stats["accuracy"])
-        metrics = {
+        metrics = train_epoch(
+            model,
+            train,
+            optimizer,
+            scheduler,
+            inputs,
+            batch_size=cfg.batch_size,
+            steps=steps_per_epoch,
+            seed=cfg.seed + epoch,
+            augment=job.dataset.augment,
+            amp=cfg.amp,
+            device=device,
+        )
+        metrics |= {
             "epoch": epoch,
-            "loss": sum(losses) / len(losses),
-            "train_accuracy": sum(accuracies) / len(accuracies),
             "lr": scheduler.get_last_lr()[0],
             "epoch_start": started,
             "epoch_end": time.time(),
@@ -139,9 +138,7 @@ def member_loop(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 x_val = val.to_float().to(device)
                 metrics |= evaluate_robustness(net, x_val, val.labels.to(device), eval_attacks)
-                metrics["robust"] = metrics[
-                    norm
-                ]  # the member's own-norm accuracy (sweep objective)
+                metrics["robust"] = metrics[norm]  # own-norm accuracy: the sweep's objective
                 state = {
                     "model": net.state_dict(),
                     "optimizer": optimizer.state_dict(),

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from psat_core.attacks import MSD, PGD, AttackConfig, WorstCase, adversarial_examples
+from psat_core.data import ImageArrays, random_crop_flip
 from psat_core.models import HyperResNet
 
 METHODS = ("nat", "at", "max", "avg", "msd")
@@ -101,6 +102,36 @@ def train_step(
     optimizer.step()
     accuracy = (logits.argmax(1) == targets).float().mean()
     return {"loss": loss.item(), "accuracy": accuracy.item()}
+
+
+def train_epoch(
+    model: nn.Module,
+    data: ImageArrays,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    inputs: TrainingInputs,
+    *,
+    batch_size: int,
+    steps: int,
+    seed: int,
+    augment: bool = False,
+    amp: bool = False,
+    device: torch.device | str = "cpu",
+) -> dict[str, float]:
+    """`steps` updates over a `seed`-shuffled pass of `data`; mean loss and accuracy."""
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    losses, accuracies = [], []
+    for step in range(steps):
+        idx = order[step * batch_size : (step + 1) * batch_size]
+        x = data.images[idx].to(device).float().div_(255)
+        y = data.labels[idx].to(device)
+        if augment:
+            x = random_crop_flip(x)
+        stats = train_step(model, x, y, optimizer, inputs, amp)
+        scheduler.step()
+        losses.append(stats["loss"])
+        accuracies.append(stats["accuracy"])
+    return {"loss": sum(losses) / steps, "train_accuracy": sum(accuracies) / steps}
 
 
 def make_optimizer(

@@ -1,7 +1,6 @@
 import pytest
 
-from orchestrator.cli import _overrides
-from orchestrator.config import ConfigError, load_config, parse_config
+from orchestrator.config import ConfigError, load_config, parse_config, parse_overrides
 
 QUICKSTART = "jobs/configs/quickstart.yaml"
 
@@ -15,7 +14,9 @@ def test_quickstart_config_is_valid_and_merges_attack_defaults():
 
 
 def test_overrides_deep_merge_into_the_file():
-    job = load_config(QUICKSTART, _overrides(["training.epochs=7", "attacks.train.l1.steps=3"]))
+    job = load_config(
+        QUICKSTART, parse_overrides(["training.epochs=7", "attacks.train.l1.steps=3"])
+    )
     assert job.training.epochs == 7
     assert job.attack_configs("train")["l1"].steps == 3
     assert job.model.arch == "resnet10"  # untouched fields stay
@@ -56,4 +57,4 @@ def test_missing_and_malformed_files(tmp_path):
 
 def test_set_needs_key_and_value():
     with pytest.raises(ConfigError, match="section.field=value"):
-        _overrides(["training.epochs"])
+        parse_overrides(["training.epochs"])
