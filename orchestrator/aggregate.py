@@ -14,7 +14,6 @@ inputs and under each attack; ``parameters.*``; ``trade_off``: the registered st
 
 from __future__ import annotations
 
-import logging
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -42,8 +41,6 @@ from psat_core.checkpoint import MemberSpec, read_spec
 from psat_core.ensemble import STRATEGIES
 from psat_core.metrics import TABLE1_KEYS, evaluate_per_sample, summarize
 from psat_core.models import count_parameters, create_model
-
-log = logging.getLogger(__name__)
 
 TRAIN_RUN_TAG = "psat.train_run"
 VERSION_TAG = "psat.registered_version"

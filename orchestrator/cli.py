@@ -39,6 +39,14 @@ def _sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _submit(args: argparse.Namespace) -> int:
+    from orchestrator.submit import submit
+
+    return submit(
+        args.job, args.config, args.address, args.set, args.token, follow=not args.no_follow
+    )
+
+
 def _params(args: argparse.Namespace) -> int:
     report = parameter_report(
         args.arch, args.num_classes, args.embedding_dim, args.members, args.in_channels
@@ -67,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_job(commands, "train", _train, "train the l_inf, l_2 and l_1 members concurrently on Ray")
     _add_job(commands, "sweep", _sweep, "Ray Tune sweep over embedding dimension and PGD settings")
+
+    submit = commands.add_parser(
+        "submit",
+        help="submit a job to a Ray cluster (Ray Jobs API), follow its logs, exit with its status",
+    )
+    submit.add_argument("job", choices=["train", "sweep", "aggregate", "run", "reproduce"])
+    submit.add_argument("--config", required=True, help="job YAML inside this project")
+    submit.add_argument("--address", required=True, help="the head's dashboard, http://HOST:8265")
+    submit.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    submit.add_argument("--token", help="Ray auth token (default: $RAY_AUTH_TOKEN, ~/.ray/...)")
+    submit.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    submit.set_defaults(run=_submit)
 
     params = commands.add_parser(
         "params", help="parameters of one member, the PSAT ensemble and the plain ResNet"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 from collections.abc import Callable
 from pathlib import Path
 
@@ -70,9 +71,8 @@ def submit(
             "so it travels with the job's working_dir"
         ) from None
     sets = [*overrides, f"storage.path={job.storage.resolved()}"]
-    entrypoint = " ".join(
-        ["python", "-m", JOBS[job_name], "--config", str(relative)] + [f"--set {s}" for s in sets]
-    )
+    args = ["python", "-m", JOBS[job_name], "--config", str(relative)]
+    entrypoint = shlex.join(args + [a for s in sets for a in ("--set", s)])
     try:
         client = JobSubmissionClient(address, headers=auth_headers(token))
     except (ConnectionError, RuntimeError) as err:
