@@ -20,19 +20,34 @@ from psat_core.models import create_model
 from psat_core.train import make_optimizer, train_step, training_inputs
 
 
-def time_steps(model, x, y, inputs, repeats: int, amp: bool) -> float:
-    optimizer = make_optimizer(model.parameters(), lr=0.01)
-    train_step(model, x, y, optimizer, inputs, amp)  # warm-up
-    times = []
-    for _ in range(repeats):
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        train_step(model, x, y, optimizer, inputs, amp)
-        if x.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def time_step(model, optimizer, x, y, inputs, amp: bool) -> float:
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    train_step(model, x, y, optimizer, inputs, amp)
+    if x.is_cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def paired_ratio(plain, hyper, x, y, inputs, repeats: int, amp: bool) -> tuple[float, float, float]:
+    """Median plain time, median hyper time and median of the per-pair ratios (alternating runs,
+    so that load changes on a shared machine hit both sides alike)."""
+    optimizers = [make_optimizer(m.parameters(), lr=0.01) for m in (plain, hyper)]
+    for model, optimizer in zip((plain, hyper), optimizers, strict=True):
+        time_step(model, optimizer, x, y, inputs, amp)  # warm-up
+    pairs = [
+        [
+            time_step(m, o, x, y, inputs, amp)
+            for m, o in zip((plain, hyper), optimizers, strict=True)
+        ]
+        for _ in range(repeats)
+    ]
+    return (
+        statistics.median(p for p, _ in pairs),
+        statistics.median(h for _, h in pairs),
+        statistics.median(h / p for p, h in pairs),
+    )
 
 
 def main() -> None:
@@ -55,6 +70,7 @@ def main() -> None:
     }
     print(f"device {device}, batch {args.batch}, threads {torch.get_num_threads()}, amp {amp}")
     print(f"{'arch':<10} {'z':>4} {'step':<12} {'plain s':>9} {'hyper s':>9} {'ratio':>7}")
+    print("(medians over paired, alternating runs; ratio = median of hyper/plain per pair)")
     for spec in args.archs:
         arch, dim = spec.split(":")
         plain = create_model(arch, num_classes=10).to(device)
@@ -63,11 +79,9 @@ def main() -> None:
             plain = plain.to(memory_format=torch.channels_last)
             hyper = hyper.to(memory_format=torch.channels_last)
         for name, inputs in steps.items():
-            t_plain = time_steps(plain, x, y, inputs, args.repeats, amp)
-            t_hyper = time_steps(hyper, x, y, inputs, args.repeats, amp)
+            t_plain, t_hyper, ratio = paired_ratio(plain, hyper, x, y, inputs, args.repeats, amp)
             print(
-                f"{arch:<10} {dim:>4} {name:<12} {t_plain:>9.3f} {t_hyper:>9.3f} "
-                f"{t_hyper / t_plain:>7.3f}",
+                f"{arch:<10} {dim:>4} {name:<12} {t_plain:>9.3f} {t_hyper:>9.3f} {ratio:>7.3f}",
                 flush=True,
             )
 

@@ -149,18 +149,16 @@ def check_members(job: JobConfig, dirs: Mapping[str, Path]) -> dict[str, MemberS
     """Each member's spec, after checking it fits ``job`` and loads into its architecture.
 
     Raises:
-        ValueError: a member trained on another dataset, of another architecture or
-            embedding dimension than ``job.model``, or a checkpoint whose tensors do not fit
+        ValueError: a member trained on another dataset or of another architecture than
+            ``job.model``, or a checkpoint whose tensors do not fit
             its architecture (see :func:`psat_core.checkpoint.load_member`).
+            Members may differ in embedding dimension (a sweep's best per norm).
         FileNotFoundError: a directory that is not a member checkpoint.
     """
     specs = {name: read_spec(d) for name, d in dirs.items()}
     for name, spec in specs.items():
-        expected = {
-            "dataset": job.data.dataset,
-            "arch": job.model.arch,
-            "embedding_dim": job.model.embedding_dim,
-        }
+        # embedding dimensions may differ: a sweep picks each norm's best member
+        expected = {"dataset": job.data.dataset, "arch": job.model.arch}
         for field, value in expected.items():
             if getattr(spec, field) != value:
                 raise ValueError(
@@ -472,6 +470,32 @@ def aggregate(
     for line in summary_lines(result, strategy):
         echo(line)
     return result
+
+
+def evaluate_registered(
+    job: JobConfig, uri: str, echo: Callable[[str], None] = print
+) -> dict[str, dict[str, float]]:
+    """Table-1 rows of a registered ensemble (both strategies) on the job's eval split."""
+    from orchestrator.registry import load_ensemble
+
+    ensemble = load_ensemble(uri, tracking_uri=job.tracking.resolved_uri())
+    connect_ray(job, job.resources.cpus_per_worker)
+    manifest = materialize(job, data_uri(job), job.resources.workers_per_member)
+    data = read_arrays(manifest["eval"])
+    attacks = make_attacks(job.attack_configs("eval"))
+    rows = {}
+    for strategy in STRATEGIES:
+        ensemble.strategy = strategy
+        torch.manual_seed(job.data.seed)
+        rows[strategy] = summarize(
+            evaluate_per_sample(ensemble, data.to_float(), data.labels, attacks)
+        )
+    echo(f"{uri} on {len(data)} {job.data.dataset} eval images")
+    echo(f"{'':<24}" + "".join(f"{HEADERS[c]:>11}" for c in COLUMNS))
+    for strategy, row in rows.items():
+        label = f"PSAT {STRATEGY_NAMES[strategy].lower()}"
+        echo(f"{label:<24}" + "".join(f"{_percent(row[c]):>11}" for c in COLUMNS))
+    return rows
 
 
 def summary_lines(result: AggregateResult, strategy: str) -> list[str]:

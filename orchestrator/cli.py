@@ -11,12 +11,21 @@ import logging
 import sys
 from collections.abc import Callable
 
-from orchestrator.config import ConfigError, load_config, parse_overrides
+from mlflow.exceptions import MlflowException
+
+from orchestrator.config import ConfigError, TrackingConfig, load_config, parse_overrides
 from psat_core.accounting import parameter_report
 from psat_core.data import DatasetNotFoundError
 
 log = logging.getLogger("psat")
-USER_ERRORS = (ConfigError, DatasetNotFoundError, FileNotFoundError, ValueError, ConnectionError)
+USER_ERRORS = (
+    ConfigError,
+    DatasetNotFoundError,
+    FileNotFoundError,
+    ValueError,
+    ConnectionError,
+    MlflowException,
+)
 
 
 def _job_config(args: argparse.Namespace):
@@ -29,6 +38,42 @@ def _train(args: argparse.Namespace) -> int:
     results = train_members(_job_config(args))
     for norm, result in results.items():
         print(f"{norm}: checkpoint {result['checkpoint']}")
+    return 0
+
+
+def _aggregate(args: argparse.Namespace) -> int:
+    from orchestrator.aggregate import aggregate
+    from orchestrator.sweep import best_checkpoints
+
+    job = _job_config(args)
+    members = best_checkpoints(job) if args.from_sweep else None
+    force = True if args.force_champion else None
+    aggregate(job, members, train_run=args.train_run, force_champion=force)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    """End to end: data -> members trained concurrently -> aggregate -> register."""
+    from orchestrator.aggregate import aggregate
+    from orchestrator.training import train_members
+
+    job = _job_config(args)
+    results = train_members(job)
+    aggregate(job, {norm: result["checkpoint"] for norm, result in results.items()})
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from orchestrator.aggregate import evaluate_registered
+
+    evaluate_registered(_job_config(args), args.model)
+    return 0
+
+
+def _pull(args: argparse.Namespace) -> int:
+    from orchestrator.registry import pull
+
+    pull(args.uri, args.dst, tracking_uri=args.tracking_uri or TrackingConfig().resolved_uri())
     return 0
 
 
@@ -75,6 +120,26 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_job(commands, "train", _train, "train the l_inf, l_2 and l_1 members concurrently on Ray")
     _add_job(commands, "sweep", _sweep, "Ray Tune sweep over embedding dimension and PGD settings")
+    _add_job(commands, "run", _run, "end to end: train the members, aggregate, register in MLflow")
+    aggregate = _add_job(
+        commands, "aggregate", _aggregate, "evaluate the ensemble, report, register it in MLflow"
+    )
+    aggregate.add_argument(
+        "--from-sweep", action="store_true", help="take each norm's best trial of the job's sweep"
+    )
+    aggregate.add_argument("--train-run", help="MLflow run id of the training job to aggregate")
+    aggregate.add_argument(
+        "--force-champion", action="store_true", help="move `champion` whatever the trade-off"
+    )
+    evaluate = _add_job(
+        commands, "evaluate", _evaluate, "Table-1 metrics of a registered ensemble on the job data"
+    )
+    evaluate.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/N")
+    pull = commands.add_parser("pull", help="download and verify a registered ensemble")
+    pull.add_argument("uri", help="models:/NAME@champion, models:/NAME/3, ...")
+    pull.add_argument("--dst", help="download folder (default ~/.psat/models/NAME/vN)")
+    pull.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
+    pull.set_defaults(run=_pull)
 
     submit = commands.add_parser(
         "submit",

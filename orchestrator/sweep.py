@@ -310,6 +310,18 @@ def _write_outputs(job, experiment: str, rows, best, tracker: Tracker, parent: s
         tracker.client.log_artifacts(parent, directory)
 
 
+def best_checkpoints(job: JobConfig) -> dict[str, str]:
+    """`{norm: checkpoint}` of the best trial per norm, from the job's finished sweep."""
+    fs, path = pafs.FileSystem.from_uri(
+        join(job.storage.resolved(), job.name, "sweep", "best.json")
+    )
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{path}: no sweep results for job {job.name!r}; run psat sweep")
+    with fs.open_input_stream(path) as stream:
+        best = json.loads(stream.read())
+    return {norm: best[norm]["checkpoint"] for norm in job.training.members if norm in best}
+
+
 def tradeoff_figure(rows: list[dict], arch: str):
     """Figure 2: trade-off accuracy against the PSAT model's share of the plain ResNet's params."""
     figure = Figure(figsize=(6, 4))

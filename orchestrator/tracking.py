@@ -7,6 +7,7 @@ runs are found again by their `psat.*` tags, so a relaunched job keeps logging i
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -35,6 +36,14 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store go to `mlartifacts/` beside the database file, not to the
+    current directory; a tracking server decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+
+
 class Tracker:
     """A job's MLflow experiment, with get-or-create helpers for its runs."""
 
@@ -44,11 +53,12 @@ class Tracker:
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
         experiment = self.client.get_experiment_by_name(job.tracking.experiment)
-        self.experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else self.client.create_experiment(job.tracking.experiment)
-        )
+        if experiment is None:
+            self.experiment_id = self.client.create_experiment(
+                job.tracking.experiment, artifact_location=artifact_location(self.uri)
+            )
+        else:
+            self.experiment_id = experiment.experiment_id
 
     def find(self, **tags: str) -> Run | None:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())

@@ -36,7 +36,9 @@ def connect_ray(job: JobConfig, cpus_needed: float) -> None:
         ray.init(address=address)
     else:
         # progress comes through the ProgressBoard; worker logs stay in Ray's log files
-        ray.init(num_cpus=max(os.cpu_count() or 1, math.ceil(cpus_needed)), log_to_driver=False)
+        # address="local": a new Ray of our own, even if another one runs on this machine
+        cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
+        ray.init(address="local", num_cpus=cpus, log_to_driver=False)
 
 
 def board_name(job: JobConfig) -> str:

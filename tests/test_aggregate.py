@@ -70,6 +70,8 @@ def tiny_job(tmp_path, name: str = "agg", **sections):
             "data": {"dataset": "digits", "eval_size": EVAL, "val_size": 16},
             "model": {"arch": "resnet10", "embedding_dim": 4},
             "attacks": {"eval": {n: {"steps": 1, "restarts": 1} for n in NORMS}},
+            # a Ray of its own, even where another cluster runs on this machine
+            "resources": {"address": "local"},
             "storage": {"path": str(tmp_path / "runs")},
             "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "agg"},
             "registry": {"model_name": "psat-agg"},
