@@ -252,7 +252,8 @@ class Registration:
             outcome = f"{CHAMPION} stays v{self.previous_champion}"
         return [
             f"registered {self.uri} (trade-off {self.trade_off:.4f}), {CANDIDATE} -> "
-            f"v{self.version}, {outcome}"
+            f"v{self.version}, {outcome}",
+            f"pull it: psat pull models:/{self.name}@{CHAMPION}",
         ]
 
 

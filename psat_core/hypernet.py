@@ -3,7 +3,7 @@
 One generator H_p is shared by every generated conv layer of a member. Each 64x64 output unit of
 each layer has its own learnable embedding z. For an embedding z (dimension d):
 
-    h      = z W_in + B_in            reshaped to (64_in, d)
+    h      = z W_in + B_in            reshaped to (64_out, d)
     kernel = h W_out + B_out          reshaped to (64_out, 64_in, 3, 3)
 
 so H_p has d*64d + 64d + d*576 + 576 parameters and the embeddings add d per unit.
@@ -50,31 +50,28 @@ class HyperNetwork(nn.Module):
         self.b_out = nn.Parameter(torch.zeros(UNIT * 9))
 
     def units_3x3(self, z: Tensor) -> Tensor:
-        """Generate 3x3 units (eq. 11). z: (n, d) -> (n, 64_in, 64_out, 3, 3).
-
-        Units keep the generator's (in, out) layout; `tile_units` transposes once per layer.
-        """
+        """Generate 3x3 units (eq. 11). z: (n, d) -> (n, 64_out, 64_in, 3, 3)."""
         n, d = z.shape
-        h = (z @ self.w_in + self.b_in).view(n * UNIT, d)  # (n*64_in, d)
+        h = (z @ self.w_in + self.b_in).view(n * UNIT, d)  # (n*64_out, d)
         return (h @ self.w_out + self.b_out).view(n, UNIT, UNIT, 3, 3)
 
     def units_1x1(self, z: Tensor) -> Tensor:
-        """The 3x3 unit of z reduced over its kernel. z: (n, d) -> (n, 64_in, 64_out, 1, 1).
+        """The 3x3 unit of z reduced over its kernel. z: (n, d) -> (n, 64_out, 64_in, 1, 1).
 
         For a linear reduction R (sum/avg over the 9 taps), R(h W_out + B_out) equals
         h R(W_out) + R(B_out), and h = z W_in + B_in is linear too, so the whole map collapses
-        into one (d, 64*64) matrix:
-        the cost per unit drops from 64*d*(d+576) to 64*64*d multiply-adds.
+        into one (d, 64*64) matrix: the cost per unit drops from 64*d*(d+576) to 64*64*d
+        multiply-adds.
         """
         if self.reduction == "max":
             return self.units_3x3(z).amax(dim=(3, 4), keepdim=True)
         n, d = z.shape
-        w_out = self.w_out.view(d, UNIT, 9).sum(-1)  # (d, 64_out)
+        w_out = self.w_out.view(d, UNIT, 9).sum(-1)  # (d, 64_in)
         b_out = self.b_out.view(UNIT, 9).sum(-1)
         if self.reduction == "avg":
             w_out, b_out = w_out / 9, b_out / 9
-        w_in = self.w_in.view(d, UNIT, d)  # (d, 64_in, d)
-        fused = (w_in @ w_out).view(d, UNIT * UNIT)  # (d, 64_in*64_out)
+        w_in = self.w_in.view(d, UNIT, d)  # (d, 64_out, d)
+        fused = (w_in @ w_out).view(d, UNIT * UNIT)  # (d, 64_out*64_in)
         bias = (self.b_in.view(UNIT, d) @ w_out + b_out).view(UNIT * UNIT)
         return (z @ fused + bias).view(n, UNIT, UNIT, 1, 1)
 
@@ -82,10 +79,10 @@ class HyperNetwork(nn.Module):
 def tile_units(units: Tensor, out_channels: int, in_channels: int) -> Tensor:
     """Concatenate a layer's units along the filter and channel dimensions.
 
-    units: (ro*ri, 64_in, 64_out, k, k) in row-major (output block, input block) order
+    units: (ro*ri, 64_out, 64_in, k, k) in row-major (output block, input block) order
     -> (out_channels, in_channels, k, k) with out_channels = 64*ro, in_channels = 64*ri.
     """
     ro, ri = out_channels // UNIT, in_channels // UNIT
     k = units.shape[-1]
-    blocks = units.view(ro, ri, UNIT, UNIT, k, k)  # (ro, ri, in, out, k, k)
-    return blocks.permute(0, 3, 1, 2, 4, 5).reshape(out_channels, in_channels, k, k)
+    blocks = units.view(ro, ri, UNIT, UNIT * k * k)  # rows of 64_in*k*k stay contiguous
+    return blocks.transpose(1, 2).reshape(out_channels, in_channels, k, k)

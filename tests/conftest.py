@@ -40,3 +40,14 @@ def local_ray():
     ray.init(num_cpus=6, log_to_driver=False, include_dashboard=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models gain nothing from threads, which crawl when other jobs share the cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,7 +6,6 @@ SQLite store in a temporary directory; the end-to-end test starts a local Ray.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pandas as pd
 import pytest
 import ray
 import torch
+from helpers import write_member
 from mlflow.tracking import MlflowClient
 
 from orchestrator.aggregate import (
@@ -33,20 +33,11 @@ from orchestrator.registry import CANDIDATE, CHAMPION, build_ensemble, load_ense
 from orchestrator.shards import read_arrays, write_arrays
 from orchestrator.tracking import Tracker
 from psat_core.accounting import parameter_report
-from psat_core.checkpoint import MemberSpec, read_spec, save_member
-from psat_core.data import dataset_info, load_dataset
+from psat_core.checkpoint import read_spec
+from psat_core.data import load_dataset
 
 NORMS = ("linf", "l2", "l1")
 EVAL = 8
-
-
-def write_member(directory, norm: str, seed: int, arch: str = "resnet10", embedding_dim: int = 4):
-    info = dataset_info("digits")
-    spec = MemberSpec(arch, 10, 1, info.mean, info.std, "digits", norm, embedding_dim=4)
-    torch.manual_seed(seed)
-    model = dataclasses.replace(spec, embedding_dim=embedding_dim).build()
-    save_member(directory, spec, {"model": model.state_dict(), "epoch": 0})
-    return directory
 
 
 @pytest.fixture(scope="module")

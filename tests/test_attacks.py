@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import synthetic as make_synthetic
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -32,26 +33,13 @@ from psat_core.attacks import (
     threat_model,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 NUM_CLASSES = 4
 SHAPE = (1, 8, 8)  # 64 coordinates per example
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, which crawl when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy copies of fixed class prototypes in [0, 1]: separable, yet attackable."""
-    protos = torch.rand(NUM_CLASSES, *SHAPE, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.2
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(NUM_CLASSES, (n,), generator=g)
-    x = (protos[y] + 0.15 * torch.randn(n, *SHAPE, generator=g)).clamp(0, 1)
-    return x, y
+    return make_synthetic(n, seed, NUM_CLASSES, noise=0.15)
 
 
 def make_mlp() -> nn.Module:

@@ -7,6 +7,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import synthetic as make_synthetic
 from torch import nn
 
 from psat_core.attacks import PGD, L1Ball, L2Ball, LinfBall, attack_defaults, make_attacks
@@ -20,26 +21,12 @@ from psat_core.metrics import (
     trade_off,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 NUM_CLASSES = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from threads, which crawl when other jobs share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def synthetic(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Noisy copies of fixed class prototypes in [0, 1] (1x8x8): separable, yet attackable."""
-    protos = torch.rand(NUM_CLASSES, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    protos = protos * 0.6 + 0.2
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(NUM_CLASSES, (n,), generator=g)
-    x = (protos[y] + 0.2 * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1)
-    return x, y
+    return make_synthetic(n, seed, NUM_CLASSES, noise=0.2)
 
 
 @pytest.fixture(scope="module")

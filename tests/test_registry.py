@@ -7,7 +7,6 @@ own process group id.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -25,6 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import write_member
 from mlflow.tracking import MlflowClient
 
 from orchestrator.registry import (
@@ -39,21 +39,11 @@ from orchestrator.registry import (
     resolve,
     tracking,
 )
-from psat_core.checkpoint import MemberSpec, save_member
-from psat_core.data import dataset_info, load_dataset
+from psat_core.data import load_dataset
 from psat_core.ensemble import PSATEnsemble
 
 NORMS = ("linf", "l2", "l1")
 BIN = Path(sys.executable).parent
-
-
-def write_member(directory: Path, norm: str, seed: int, embedding_dim: int = 4) -> Path:
-    info = dataset_info("digits")
-    spec = MemberSpec("resnet10", 10, 1, info.mean, info.std, "digits", norm, embedding_dim=4)
-    torch.manual_seed(seed)
-    model = dataclasses.replace(spec, embedding_dim=embedding_dim).build()
-    save_member(directory, spec, {"model": model.state_dict(), "epoch": 0})
-    return directory
 
 
 @pytest.fixture(scope="module")

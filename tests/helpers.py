@@ -1,0 +1,34 @@
+"""Small builders shared by the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from psat_core.checkpoint import MemberSpec, save_member
+from psat_core.data import dataset_info
+
+
+def synthetic(
+    n: int, seed: int, classes: int = 4, noise: float = 0.15
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Noisy copies of fixed class prototypes in [0, 1] (1x8x8): separable, yet attackable."""
+    protos = torch.rand(classes, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 0.6 + 0.2
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(classes, (n,), generator=g)
+    x = (protos[y] + noise * torch.randn(n, 1, 8, 8, generator=g)).clamp(0, 1)
+    return x, y
+
+
+def write_member(
+    directory: Path, norm: str, seed: int, arch: str = "resnet10", embedding_dim: int = 4
+) -> Path:
+    """A digits member checkpoint; `embedding_dim` other than 4 makes tensors its spec rejects."""
+    info = dataset_info("digits")
+    spec = MemberSpec(arch, 10, 1, info.mean, info.std, "digits", norm, embedding_dim=4)
+    torch.manual_seed(seed)
+    model = dataclasses.replace(spec, embedding_dim=embedding_dim).build()
+    save_member(directory, spec, {"model": model.state_dict(), "epoch": 0})
+    return directory

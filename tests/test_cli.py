@@ -1,0 +1,80 @@
+"""The psat command line as a user meets it."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[1]
+PSAT = [sys.executable, "-m", "orchestrator.cli"]
+ENV = os.environ | {"PYTHONPATH": str(ROOT)}
+
+
+def psat(*args, cwd, timeout=600, env=None):
+    return subprocess.run(
+        [*PSAT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env or ENV
+    )
+
+
+@pytest.mark.parametrize("command", ["run", "train", "sweep", "aggregate", "evaluate"])
+def test_missing_config_is_one_line_and_writes_nothing(tmp_path, command):
+    extra = ["--model", "models:/x@champion"] if command == "evaluate" else []
+    proc = psat(command, "--config", "nope.yaml", *extra, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"psat {command}: error: config file nope.yaml does not exist"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_malformed_yaml_is_one_line_and_writes_nothing(tmp_path):
+    (tmp_path / "bad.yaml").write_text("name: x\ntraining: {epochs: 3\n")
+    proc = psat("run", "--config", "bad.yaml", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "bad.yaml: not valid YAML" in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
+
+
+def test_every_subcommand_has_help(tmp_path):
+    for command in ["run", "train", "sweep", "aggregate", "evaluate", "pull", "params", "submit"]:
+        proc = psat(command, "--help", cwd=tmp_path)
+        assert proc.returncode == 0 and "usage: psat " + command in proc.stdout
+
+
+def test_params_prints_table2_row(tmp_path):
+    proc = psat("params", "--arch", "resnet18", "--num-classes", "200", "--embedding-dim", "64",
+                cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0
+    assert "1,318,104" in proc.stdout and "88.31%" in proc.stdout
+
+
+@pytest.mark.slow
+def test_quickstart_runs_end_to_end_and_its_model_loads(tmp_path):
+    sets = {
+        "training.epochs": 1,
+        "data.train_size": 128,
+        "data.val_size": 32,
+        "data.eval_size": 24,
+        "model.embedding_dim": 4,
+        **{f"attacks.train.{n}.steps": 1 for n in ("linf", "l2", "l1")},
+        **{f"attacks.eval.{n}.steps": 2 for n in ("linf", "l2", "l1")},
+    }
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    config = ROOT / "jobs" / "configs" / "quickstart.yaml"
+    proc = psat("run", "--config", str(config), *args, cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    for column in ("Clean", "ℓ∞", "ℓ2", "ℓ1", "Max", "Avg", "Trade-off"):
+        assert column in proc.stdout
+    uri = re.search(r"models:/psat-digits@champion", proc.stdout)
+    assert uri, proc.stdout
+    load = subprocess.run(
+        [sys.executable, "-c",
+         "import mlflow, numpy as np; m = mlflow.pyfunc.load_model('models:/psat-digits@champion');"
+         "print(m.predict(np.random.rand(3, 1, 8, 8).astype('float32')).to_json())"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+        env=ENV | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    )  # fmt: skip
+    assert load.returncode == 0, load.stderr[-2000:]
+    assert '"member"' in load.stdout and '"class"' in load.stdout
