@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace) -> int:
 
     job = _job_config(args)
     results = train_members(job)
-    aggregate(job, {norm: result["checkpoint"] for norm, result in results.items()})
+    aggregate(job, {norm: results[norm]["checkpoint"] for norm in job.training.members})
     return 0
 
 

@@ -2,7 +2,7 @@
 
 `member_loop` is the one train loop per worker (Ray's `train_loop_per_worker`); the same loop
 serves the training job and the Tune sweep. `fit_member` builds the trainer and fits it; the
-training job launches one `fit_member` Ray task per norm and follows their progress.
+training job runs one `fit_member` per norm in its own driver thread and follows their progress.
 """
 
 from __future__ import annotations
@@ -181,10 +181,8 @@ def trainer_for(
     )
 
 
-@ray.remote(num_cpus=0)
-def fit_member(job_dict: dict, norm: str, manifest: dict, board) -> dict:
-    """Fit one member's TorchTrainer (a driver-side task: it needs no CPU or GPU itself)."""
-    job = JobConfig.model_validate(job_dict)
+def fit_member(job: JobConfig, norm: str, manifest: dict, board) -> dict:
+    """Fit one member's TorchTrainer (blocking; the training job runs one per thread)."""
     result = trainer_for(job, norm, manifest, board).fit()
     return {
         "norm": norm,

@@ -1,7 +1,8 @@
 """The training job: materialize data, fit the members concurrently, track them in MLflow.
 
 validate config -> connect Ray -> Parquet shards -> MLflow parent + member runs
--> one `fit_member` task per norm (concurrent) -> follow progress -> record checkpoints
+-> one `fit_member` thread per norm (concurrent TorchTrainers) -> follow progress
+-> record checkpoints
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import logging
 import math
 import os
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import ray
 
@@ -38,7 +40,7 @@ def connect_ray(job: JobConfig, cpus_needed: float) -> None:
         # progress comes through the ProgressBoard; worker logs stay in Ray's log files
         # address="local": a new Ray of our own, even if another one runs on this machine
         cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
-        ray.init(address="local", num_cpus=cpus, log_to_driver=False)
+        ray.init(address="local", num_cpus=cpus, log_to_driver=False, include_dashboard=False)
 
 
 def board_name(job: JobConfig) -> str:
@@ -68,33 +70,51 @@ def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[s
         for norm in members
     }
     board = ProgressBoard.options(name=board_name(job)).remote()
-    pending = {fit_member.remote(job.model_dump(), norm, manifest, board): norm for norm in members}
     echo(f"training {', '.join(members)} concurrently; MLflow {tracker.uri}")
     results: dict[str, dict] = {}
+    errors: dict[str, BaseException] = {}
     seen = 0
-    try:
-        while pending:
-            done, _ = ray.wait(list(pending), timeout=2.0)
-            events = ray.get(board.since.remote(seen))
-            seen += len(events)
-            for event in events:
-                _on_event(tracker, runs, event, job.training.epochs, echo)
-            for ref in done:
-                norm = pending.pop(ref)
-                results[norm] = ray.get(ref)
-        for event in ray.get(board.since.remote(seen)):
+
+    def drain() -> None:
+        nonlocal seen
+        events = ray.get(board.since.remote(seen))
+        seen += len(events)
+        for event in events:
             _on_event(tracker, runs, event, job.training.epochs, echo)
+
+    # one driver thread per member blocks in TorchTrainer.fit(); Ray runs the workers
+    pool = ThreadPoolExecutor(max_workers=len(members), thread_name_prefix="psat-member")
+    try:
+        pending = {pool.submit(fit_member, job, norm, manifest, board): norm for norm in members}
+        while pending:
+            done, _ = wait(pending, timeout=2.0)
+            drain()
+            for future in done:
+                norm = pending.pop(future)
+                try:
+                    results[norm] = future.result()
+                except Exception as err:  # the others train on; the job fails at the end
+                    errors[norm] = err
+                    echo(f"[{norm}] failed: {err}")
+        drain()
     except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
         for run_id in (parent, *runs.values()):
             tracker.client.set_terminated(run_id, "FAILED")
         raise
     finally:
+        pool.shutdown(wait=False)
         ray.kill(board)
     for norm, result in results.items():
         tracker.client.set_tag(runs[norm], CHECKPOINT_TAG, result["checkpoint"])
         tracker.client.set_terminated(runs[norm], "FINISHED")
         tracker.client.set_tag(parent, f"{CHECKPOINT_TAG}.{norm}", result["checkpoint"])
         result["run_id"] = runs[norm]
+    for norm in errors:
+        tracker.client.set_terminated(runs[norm], "FAILED")
+    if errors:
+        tracker.client.set_terminated(parent, "FAILED")
+        raise next(iter(errors.values()))
     tracker.client.set_terminated(parent, "FINISHED")
     echo(f"members finished; MLflow parent run {parent}")
     return results

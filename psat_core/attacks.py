@@ -479,6 +479,28 @@ class PGD:
         """Adversarial examples ``x_adv`` (detached, in [0, 1], shape of ``x``)."""
         return self.perturb(model, x, y).x_adv
 
+    def last_iterate(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Madry et al.'s training attack: ``x + delta^steps`` of a single run, unscored.
+
+        It saves the scoring passes of :meth:`perturb` (one forward per step's bookkeeping and
+        one for the last iterate), which only matter where the worst iterate is wanted
+        (evaluation) or restarts must be merged; with ``restarts > 1`` it is :meth:`__call__`.
+        """
+        if self.restarts > 1:
+            return self(model, x, y)
+        x, y = x.detach(), y.detach()
+        threat = self.threat
+        delta = threat.random_start(x) if self.random_start else torch.zeros_like(x)
+        x_adv = (x + delta).clamp_(0.0, 1.0)
+        with eval_mode(model), torch.enable_grad():
+            for _ in range(self.steps):
+                x_adv.requires_grad_(True)  # d loss / d x_adv = d loss / d delta
+                loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, x_adv)
+                delta = threat.step(x_adv.detach() - x, grad, self.step_size, x)
+                x_adv = (x + threat.project(delta, x)).clamp_(0.0, 1.0)
+        return x_adv.detach()
+
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
         """Run the attack; return ``x_adv`` with its per-example loss and misclassification."""
         x, y = x.detach(), y.detach()

@@ -43,7 +43,7 @@ def training_inputs(method: str, attacks: Mapping[str, AttackConfig]) -> Trainin
         if len(pgds) != 1:
             raise ValueError(f"method 'at' trains against one norm, got {sorted(pgds)}")
         (pgd,) = pgds.values()
-        return lambda model, x, y: [pgd(model, x, y)]
+        return lambda model, x, y: [pgd.last_iterate(model, x, y)]  # eq. 9's inner max
     if method == "max":
         worst = WorstCase(pgds)
         return lambda model, x, y: [worst(model, x, y)]

@@ -80,6 +80,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return (model(x).argmax(1) == y).float().mean().item()
 
 
+def predictions(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad(), eval_mode(model):
+        return model(x).argmax(1)
+
+
 def per_example_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     with torch.no_grad(), eval_mode(model):
         return F.cross_entropy(model(x), y, reduction="none")
@@ -241,6 +246,30 @@ def test_pgd_lowers_accuracy_within_budget(trained, threat, steps, step_size, ma
     assert accuracy(model, x_adv, y) < max_accuracy < accuracy(model, x, y)
     assert (threat.distance(x_adv - x) <= threat.eps * (1 + 1e-5)).all()
     assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+@pytest.mark.parametrize(
+    ("threat", "step_size"), [(LinfBall(0.12), 0.03), (L2Ball(1.0), 0.25), (L1Ball(4.0), 1.0)]
+)
+def test_last_iterate_is_the_unscored_final_step(trained, threat, step_size):
+    model, x, y = trained
+    model.train()
+    try:
+        pgd = PGD(threat, 10, step_size, random_start=False)
+        x_last = pgd.last_iterate(model, x, y)
+        assert model.training and all(p.grad is None for p in model.parameters())
+        assert (threat.distance(x_last - x) <= threat.eps * (1 + 1e-5)).all()
+        assert x_last.min() >= 0 and x_last.max() <= 1
+        assert accuracy(model, x_last, y) < accuracy(model, x, y) - 0.2
+        # same trajectory (no random start): the kept worst iterate is never weaker, per example
+        worst = pgd.perturb(model, x, y)
+        last_loss = per_example_loss(model, x_last, y)
+        last_wrong = predictions(model, x_last) != y
+        assert (worst.misclassified >= last_wrong).all()
+        both = worst.misclassified == last_wrong
+        assert (worst.loss[both] >= last_loss[both] - 1e-5).all()
+    finally:
+        model.eval()
 
 
 def test_l1_perturbations_are_sparse(trained):
