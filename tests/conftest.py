@@ -37,7 +37,8 @@ def local_ray():
     """A real local Ray for the session, with enough logical CPUs for three members at once."""
     import ray
 
-    ray.init(num_cpus=6, log_to_driver=False, include_dashboard=False)
+    # address="local": our own Ray, even where a `ray start` cluster runs (or ran) here
+    ray.init(address="local", num_cpus=6, log_to_driver=False, include_dashboard=False)
     yield ray
     ray.shutdown()
 
