@@ -32,9 +32,13 @@ def tiny_job(tmp_path):
     return make
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def local_ray():
-    """A real local Ray for the session, with enough logical CPUs for three members at once."""
+    """A real local Ray of the test's own, with enough logical CPUs for three members at once.
+
+    One per test: a Tune trial's Ray Train worker group can leave its placement group behind
+    (ray-project/ray#54305), which must not starve the next test.
+    """
     import ray
 
     # address="local": our own Ray, even where a `ray start` cluster runs (or ran) here
