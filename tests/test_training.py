@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import parse_config
+from orchestrator.config import deep_merge, parse_config
 from orchestrator.training import board_name, train_members
 
 pytestmark = pytest.mark.slow
@@ -27,8 +27,19 @@ def _member_runs(job):
     return client, {r.data.tags["psat.norm"]: r for r in runs}
 
 
+# enough work per epoch (seconds, not milliseconds) that members overlap and kills land mid-run
+PACED = {
+    "data": {"train_size": 256, "val_size": 64},
+    "training": {"batch_size": 32},
+    "attacks": {
+        "train": {n: {"steps": 3} for n in ("linf", "l2", "l1")},
+        "eval": {n: {"steps": 5} for n in ("linf", "l2", "l1")},
+    },
+}
+
+
 def test_members_train_concurrently_and_are_tracked(local_ray, tiny_job):
-    job = parse_config(tiny_job("concurrent"))
+    job = parse_config(tiny_job("concurrent", **PACED))
     results = train_members(job, echo=lambda line: None)
     assert set(results) == {"linf", "l2", "l1"}
     client, runs = _member_runs(job)
@@ -80,7 +91,13 @@ def _kill_after_epoch(ray, job, norm: str, epoch: int, seen: dict) -> None:
 
 
 def test_killed_worker_restarts_from_its_checkpoint(local_ray, tiny_job):
-    job = parse_config(tiny_job("killed", training={"epochs": 4}, resources={"max_failures": 2}))
+    job = parse_config(
+        tiny_job(
+            "killed",
+            **deep_merge(PACED, {"training": {"epochs": 4}}),
+            resources={"max_failures": 2},
+        )
+    )
     lines, seen = [], {}
     killer = threading.Thread(target=_kill_after_epoch, args=(local_ray, job, "linf", 1, seen))
     killer.start()
@@ -97,11 +114,11 @@ def test_killed_worker_restarts_from_its_checkpoint(local_ray, tiny_job):
 
 
 def test_interrupted_job_relaunched_with_the_same_name_resumes(local_ray, tiny_job):
-    job = parse_config(
-        tiny_job("interrupted", training={"epochs": 3}, resources={"max_failures": 0})
-    )
+    paced = deep_merge(PACED, {"training": {"epochs": 4}})
+    job = parse_config(tiny_job("interrupted", **paced, resources={"max_failures": 0}))
     seen = {}
-    killer = threading.Thread(target=_kill_after_epoch, args=(local_ray, job, "l2", 0, seen))
+    # after epoch 1's report: epoch 0's checkpoint is persisted by then (Ray may lag one report)
+    killer = threading.Thread(target=_kill_after_epoch, args=(local_ray, job, "l2", 1, seen))
     killer.start()
     with pytest.raises(Exception, match="(?i)fail|died|error"):
         train_members(job, echo=lambda line: None)
@@ -111,7 +128,7 @@ def test_interrupted_job_relaunched_with_the_same_name_resumes(local_ray, tiny_j
     lines = []
     results = train_members(job, echo=lines.append)
     assert any(line.startswith("[l2] started resuming at epoch") for line in lines), lines
-    assert results["l2"]["metrics"]["epoch"] == 2
+    assert results["l2"]["metrics"]["epoch"] == 3
     _, runs_after = _member_runs(job)
     assert runs_after["l2"].info.run_id == runs["l2"].info.run_id
     assert runs_after["l2"].info.status == "FINISHED"
