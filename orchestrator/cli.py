@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
         "submit",
         help="submit a job to a Ray cluster (Ray Jobs API), follow its logs, exit with its status",
     )
-    submit.add_argument("job", choices=["train", "sweep", "aggregate", "run", "reproduce"])
+    submit.add_argument("job", choices=["train", "sweep", "aggregate", "run"])
     submit.add_argument("--config", required=True, help="job YAML inside this project")
     submit.add_argument("--address", required=True, help="the head's dashboard, http://HOST:8265")
     submit.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
