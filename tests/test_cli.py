@@ -78,3 +78,9 @@ def test_quickstart_runs_end_to_end_and_its_model_loads(tmp_path):
     )  # fmt: skip
     assert load.returncode == 0, load.stderr[-2000:]
     assert '"member"' in load.stdout and '"class"' in load.stdout
+
+    evaluated = psat("evaluate", "--config", str(config), *args, "--model",
+                     "models:/psat-digits@champion", cwd=tmp_path, timeout=600)  # fmt: skip
+    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+    rows = [line for line in evaluated.stdout.splitlines() if line.startswith("PSAT ")]
+    assert len(rows) == 2 and all(line.count("%") == 7 for line in rows)
