@@ -494,8 +494,12 @@ def evaluate_registered(
     echo(f"{'':<24}" + "".join(f"{HEADERS[c]:>11}" for c in COLUMNS))
     for strategy, row in rows.items():
         label = f"PSAT {STRATEGY_NAMES[strategy].lower()}"
-        echo(f"{label:<24}" + "".join(f"{_percent(row[c]):>11}" for c in COLUMNS))
+        echo(_row_line(label, row))
     return rows
+
+
+def _row_line(label: str, row: Mapping[str, float]) -> str:
+    return f"{label:<24}" + "".join(f"{_percent(row[c]):>11}" for c in COLUMNS)
 
 
 def summary_lines(result: AggregateResult, strategy: str) -> list[str]:
@@ -505,7 +509,7 @@ def summary_lines(result: AggregateResult, strategy: str) -> list[str]:
     labels += [(f"PSAT {STRATEGY_NAMES[s].lower()}", s) for s in STRATEGIES]
     for label, key in labels:
         row = result.rows[key]
-        lines.append(f"{label:<24}" + "".join(f"{_percent(row[c]):>11}" for c in COLUMNS))
+        lines.append(_row_line(label, row))
     p = result.parameters
     lines.append(
         f"parameters: PSAT {int(p['aggregated']):,} vs plain {int(p['plain']):,} "

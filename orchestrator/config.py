@@ -22,6 +22,12 @@ from psat_core.train import SCHEDULES
 Norm = Literal["linf", "l2", "l1"]
 
 
+def _one_of(kind: str, value: str, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
 class ConfigError(ValueError):
     """A configuration file that cannot be used; the message names file, field and value."""
 
@@ -42,9 +48,7 @@ class DataConfig(Section):
     @field_validator("dataset")
     @classmethod
     def _known_dataset(cls, value: str) -> str:
-        if value not in DATASETS:
-            raise ValueError(f"unknown dataset {value!r}; allowed: {', '.join(DATASETS)}")
-        return value
+        return _one_of("dataset", value, DATASETS)
 
 
 class ModelConfig(Section):
@@ -55,9 +59,7 @@ class ModelConfig(Section):
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, value: str) -> str:
-        if value not in ARCHS:
-            raise ValueError(f"unknown arch {value!r}; allowed: {', '.join(ARCHS)}")
-        return value
+        return _one_of("arch", value, ARCHS)
 
 
 class AttackOverride(Section):
@@ -89,9 +91,7 @@ class TrainingConfig(Section):
     @field_validator("schedule")
     @classmethod
     def _known_schedule(cls, value: str) -> str:
-        if value not in SCHEDULES:
-            raise ValueError(f"unknown schedule {value!r}; allowed: {', '.join(SCHEDULES)}")
-        return value
+        return _one_of("schedule", value, SCHEDULES)
 
     @field_validator("members")
     @classmethod

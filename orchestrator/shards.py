@@ -31,10 +31,6 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    return pafs.FileSystem.from_uri(uri)
-
-
 def write_arrays(arrays: ImageArrays, uri: str) -> None:
     images = arrays.images.contiguous().numpy()
     flat = images.reshape(len(images), -1)
@@ -43,12 +39,12 @@ def write_arrays(arrays: ImageArrays, uri: str) -> None:
     )
     table = pa.table({"image": image, "label": pa.array(arrays.labels.numpy(), type=pa.int64())})
     table = table.replace_schema_metadata({"shape": json.dumps(list(images.shape[1:]))})
-    fs, path = _filesystem(uri)
+    fs, path = pafs.FileSystem.from_uri(uri)
     pq.write_table(table, path, filesystem=fs)
 
 
 def read_arrays(uri: str) -> ImageArrays:
-    fs, path = _filesystem(uri)
+    fs, path = pafs.FileSystem.from_uri(uri)
     table = pq.read_table(path, filesystem=fs)
     shape = json.loads(table.schema.metadata[b"shape"])
     column = table.column("image").combine_chunks()
@@ -61,7 +57,7 @@ def read_arrays(uri: str) -> ImageArrays:
 
 
 def read_manifest(data_uri: str) -> dict | None:
-    fs, path = _filesystem(join(data_uri, MANIFEST))
+    fs, path = pafs.FileSystem.from_uri(join(data_uri, MANIFEST))
     if fs.get_file_info(path).type != pafs.FileType.File:
         return None
     with fs.open_input_stream(path) as stream:
@@ -94,7 +90,7 @@ def materialize(config: JobConfig, data_uri: str, num_shards: int) -> dict:
         train_idx = train_idx[: config.data.train_size]
     if config.data.eval_size is not None:
         test = test.subset(min(config.data.eval_size, len(test)), seed=config.data.seed)
-    fs, root = _filesystem(data_uri)
+    fs, root = pafs.FileSystem.from_uri(data_uri)
     fs.create_dir(root, recursive=True)
     shards, shard_sizes = [], []
     for i, idx in enumerate(train_idx.tensor_split(num_shards)):

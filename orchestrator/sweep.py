@@ -249,7 +249,7 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
 
 
 def _rows(job: JobConfig, grid) -> list[dict]:
-    plain = {}
+    reports = {}
     rows = []
     for result in grid:
         if not result.metrics or OBJECTIVE not in result.metrics:
@@ -257,11 +257,11 @@ def _rows(job: JobConfig, grid) -> list[dict]:
         params = dict(result.config)
         trial, norm = trial_job(job, params)
         dim = trial.model.embedding_dim
-        if dim not in plain:
-            plain[dim] = parameter_report(
+        if dim not in reports:
+            reports[dim] = parameter_report(
                 trial.model.arch, job.dataset.num_classes, dim, 3, job.dataset.in_channels
             )
-        report = plain[dim]
+        report = reports[dim]
         rows.append(
             {
                 "trial_id": result.metrics.get("trial_id"),
