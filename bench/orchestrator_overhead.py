@@ -20,7 +20,7 @@ import ray
 import torch
 
 from orchestrator.config import load_config, parse_overrides
-from orchestrator.members import member_spec
+from orchestrator.members import member_spec, psat_members
 from orchestrator.shards import materialize, read_arrays
 from orchestrator.training import train_members
 from psat_core.attacks import make_attacks
@@ -37,12 +37,12 @@ def bare(job, manifest) -> float:
     steps = -(-len(train) // cfg.batch_size)
     eval_attacks = make_attacks(job.attack_configs("eval"))
     start = time.perf_counter()
-    for norm in cfg.members:
+    for plan in psat_members(job):
         torch.manual_seed(cfg.seed)
-        model = member_spec(job, norm).build()
+        model = member_spec(job, plan).build()
         optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
         scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps)
-        inputs = training_inputs("at", {norm: job.attack_configs("train")[norm]})
+        inputs = training_inputs("at", {plan.label: job.attack_configs("train")[plan.label]})
         for epoch in range(cfg.epochs):
             train_epoch(
                 model, train, optimizer, scheduler, inputs,

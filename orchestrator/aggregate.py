@@ -36,9 +36,11 @@ from orchestrator.registry import (
 from orchestrator.shards import materialize, read_arrays
 from orchestrator.tracking import CHECKPOINT_TAG, JOB_TAG, ROLE_TAG, Tracker
 from orchestrator.training import connect_ray, data_uri
+from psat_core.adaptive import adaptive_attacks
 from psat_core.attacks import make_attacks
 from psat_core.checkpoint import MemberSpec, read_spec
-from psat_core.ensemble import STRATEGIES
+from psat_core.crosscheck import crosscheck_attacks
+from psat_core.ensemble import STRATEGIES, PSATEnsemble
 from psat_core.metrics import TABLE1_KEYS, evaluate_per_sample, summarize
 from psat_core.models import count_parameters, create_model
 
@@ -192,33 +194,62 @@ def evaluate_checkpoints(job_dict: dict, members: dict[str, str], eval_uri: str)
     (see :class:`AggregateResult`), ``samples`` and ``device``.
     """
     job = JobConfig.model_validate(job_dict)
-    torch.set_num_threads(job.resources.torch_threads)
-    use_cuda = job.resources.use_gpu and torch.cuda.is_available()
-    device = torch.device("cuda" if use_cuda else "cpu")
+    device = eval_device(job)
     with staged(members) as dirs:
         ensemble = build_ensemble(dirs).to(device)
     data = read_arrays(eval_uri)
     images, labels = data.to_float(), data.labels
-    attacks = make_attacks(job.attack_configs("eval"))
     rows: dict[str, dict[str, float]] = {}
+    attacks = final_attacks(job, ensemble=False)
     for name, member in zip(ensemble.names, ensemble.members, strict=True):
         torch.manual_seed(job.data.seed)
         rows[f"member.{name}"] = summarize(evaluate_per_sample(member, images, labels, attacks))
     choice: dict[str, dict[str, dict[str, float]]] = {}
     for strategy in STRATEGIES:
         ensemble.strategy = strategy
-        torch.manual_seed(job.data.seed)
-        result = evaluate_per_sample(
-            ensemble, images, labels, attacks, probe=lambda x: ensemble.forward_with_choice(x)[1]
-        )
-        rows[strategy] = summarize(result)
-        choice[strategy] = {
-            key: {
-                name: (answered == i).float().mean().item() for i, name in enumerate(ensemble.names)
-            }
-            for key, answered in result.probes.items()
-        }
+        rows[strategy], choice[strategy] = evaluate_ensemble(job, ensemble, images, labels)
     return {"rows": rows, "choice": choice, "samples": len(labels), "device": str(device)}
+
+
+def eval_device(job: JobConfig) -> torch.device:
+    """Where an evaluation task runs: its GPU with ``resources.use_gpu``, else the CPU with
+    ``resources.torch_threads`` threads."""
+    torch.set_num_threads(job.resources.torch_threads)
+    use_cuda = job.resources.use_gpu and torch.cuda.is_available()
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def final_attacks(job: JobConfig, ensemble: bool) -> dict:
+    """The attacks of a final evaluation, by ``"<norm>/<attack>"``: our eval PGD, plus the
+    third-party cross-check and, on an ensemble, the adaptive attacks on its gate, as
+    ``job.evaluation`` asks. Every norm's accuracy is the per-example worst over its attacks."""
+    configs = job.attack_configs("eval")
+    attacks = {f"{norm}/pgd": attack for norm, attack in make_attacks(configs).items()}
+    if job.evaluation.crosscheck:
+        attacks |= crosscheck_attacks(configs)
+    if ensemble and job.evaluation.adaptive:
+        attacks |= adaptive_attacks(configs, job.evaluation.gate_temperature)
+    return attacks
+
+
+def evaluate_ensemble(
+    job: JobConfig, ensemble: PSATEnsemble, images: torch.Tensor, labels: torch.Tensor
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The ensemble's row under its current strategy, and which member answered how often,
+    on clean inputs and under each attack (seeded with ``data.seed``)."""
+    torch.manual_seed(job.data.seed)
+    result = evaluate_per_sample(
+        ensemble,
+        images,
+        labels,
+        final_attacks(job, ensemble=True),
+        probe=lambda x: ensemble.forward_with_choice(x)[1],
+    )
+    choice = {
+        key: {name: (answered == i).float().mean().item() for i, name in enumerate(ensemble.names)}
+        for key, answered in result.probes.items()
+    }
+    return summarize(result), choice
 
 
 evaluate_task = ray.remote(evaluate_checkpoints)
@@ -233,6 +264,48 @@ def _percent(value: float) -> str:
 
 def _accuracy_row(label: str, row: Mapping[str, float]) -> list[str]:
     return [label, *(_percent(row[c]) for c in COLUMNS)]
+
+
+def attack_label(key: str) -> str:
+    """``"clean"`` -> ``"Clean"``, ``"linf/torchattacks.APGD"`` -> ``"ℓ∞ torchattacks.APGD"``."""
+    norm, _, variant = key.partition("/")
+    return f"{HEADERS.get(norm, norm)} {variant}".strip()
+
+
+def attack_breakdown(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """A Markdown table: each model's accuracy under every single attack it faced (``-``: not
+    run on it, e.g. the adaptive attacks on a single model), by norm."""
+    names = sorted({k for row in rows.values() for k in row if "/" in k})
+    cells = [
+        [label, *(_percent(row[n]) if n in row else "-" for n in names)]
+        for label, row in rows.items()
+    ]
+    return _table(["Model", *(attack_label(n) for n in names)], cells)
+
+
+def attacks_described(job: JobConfig) -> list[str]:
+    """One Markdown bullet per attack family of a final evaluation (see `final_attacks`)."""
+    lines = [
+        f"- ours, {HEADERS[n]}: PGD, ε={cfg.eps:g}, {cfg.steps} steps of {cfg.step_size:g}, "
+        f"{cfg.restarts} restart(s)"
+        for n, cfg in job.attack_configs("eval").items()
+    ]
+    if job.evaluation.crosscheck:
+        lines.append(
+            "- cross-check, same ε and steps: torchattacks PGD / PGDL2 and APGD (ℓ∞, ℓ2), "
+            "foolbox SparseL1DescentAttack (ℓ1)"
+        )
+    if job.evaluation.adaptive:
+        lines.append(
+            "- adaptive, on ensembles: `gate` = PGD through a smooth lowest-entropy gate "
+            f"(τ={job.evaluation.gate_temperature:g}); `confident` = each member made confidently "
+            "wrong, keeping what fools the gate"
+        )
+    lines.append(
+        "- a point counts as robust for a norm only if it withstands every attack of that norm; "
+        "Max counts every attack"
+    )
+    return lines
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -251,18 +324,13 @@ def markdown_report(
     rows, choice = evaluation["rows"], evaluation["choice"]
     names = list(members)
     header = ["Model", *(HEADERS[c] for c in COLUMNS)]
-    attack_lines = [
-        f"- {HEADERS[n]}: ε={cfg.eps:g}, {cfg.steps} steps of {cfg.step_size:g}, "
-        f"{cfg.restarts} restart(s)"
-        for n, cfg in job.attack_configs("eval").items()
-    ]
     strategy = job.registry.strategy
     lines = [
         f"# PSAT aggregation of job `{job.name}`",
         "",
         f"{evaluation['samples']} evaluation images of {job.data.dataset} "
-        f"(device {evaluation['device']}). Attacks (PGD; robust points only, as in AutoAttack):",
-        *attack_lines,
+        f"(device {evaluation['device']}). Attacks (robust points only, as in AutoAttack):",
+        *attacks_described(job),
         "",
         "Members:",
         *(f"- `{n}`: {members[n]}" for n in names),
@@ -282,6 +350,13 @@ def markdown_report(
             [_accuracy_row(STRATEGY_NAMES[s], rows[s]) for s in STRATEGIES],
         ),
         "",
+        "## Every attack",
+        "",
+        *attack_breakdown(
+            {f"H_{n}": rows[f"member.{n}"] for n in names}
+            | {f"PSAT ({STRATEGY_NAMES[s]})": rows[s] for s in STRATEGIES}
+        ),
+        "",
         "## Which member answers",
         "",
         "Fraction of the images each member answered (under an attack: on its adversarial "
@@ -295,7 +370,7 @@ def markdown_report(
             "",
             *_table(
                 ["Input", *names],
-                [[HEADERS[k], *(_percent(choice[s][k][n]) for n in names)] for k in inputs],
+                [[attack_label(k), *(_percent(choice[s][k][n]) for n in names)] for k in inputs],
             ),
         ]
     spec_arch = job.model.arch
@@ -349,7 +424,7 @@ def choice_figure(
             heights = [100 * per_input[k][name] for k in inputs]
             ax.bar(range(len(inputs)), heights, bottom=bottom, label=f"H_{name}")
             bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-        ax.set_xticks(range(len(inputs)), [HEADERS[k] for k in inputs])
+        ax.set_xticks(range(len(inputs)), [attack_label(k) for k in inputs], rotation=90)
         ax.set_ylim(0, 100)
         ax.set_ylabel("images answered (%)")
         ax.set_title(f"Which member answers ({STRATEGY_NAMES[strategy].lower()})")

@@ -63,6 +63,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from orchestrator.reproduce import reproduce
+
+    reproduce(_job_config(args))
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from orchestrator.aggregate import evaluate_registered
 
@@ -121,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_job(commands, "train", _train, "train the l_inf, l_2 and l_1 members concurrently on Ray")
     _add_job(commands, "sweep", _sweep, "Ray Tune sweep over embedding dimension and PGD settings")
     _add_job(commands, "run", _run, "end to end: train the members, aggregate, register in MLflow")
+    _add_job(
+        commands,
+        "reproduce",
+        _reproduce,
+        "the paper's Tables 1, 3, 4 and Figure 2: baselines and PSAT trained on Ray, evaluated",
+    )
     aggregate = _add_job(
         commands, "aggregate", _aggregate, "evaluate the ensemble, report, register it in MLflow"
     )
@@ -145,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
         "submit",
         help="submit a job to a Ray cluster (Ray Jobs API), follow its logs, exit with its status",
     )
-    submit.add_argument("job", choices=["train", "sweep", "aggregate", "run"])
+    submit.add_argument("job", choices=["train", "sweep", "aggregate", "run", "reproduce"])
     submit.add_argument("--config", required=True, help="job YAML inside this project")
     submit.add_argument("--address", required=True, help="the head's dashboard, http://HOST:8265")
     submit.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")

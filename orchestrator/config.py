@@ -1,6 +1,7 @@
 """The job configuration: one YAML file -> one validated `JobConfig`.
 
-Sections: data, model, attacks, training, resources, storage, tracking, registry, sweep.
+Sections: data, model, attacks, evaluation, training, resources, storage, tracking, registry,
+sweep, reproduce.
 An invalid file raises `ConfigError` naming the field, the value and what is allowed, before any
 Ray or MLflow work starts.
 """
@@ -75,6 +76,19 @@ class AttacksConfig(Section):
 
     train: dict[Norm, AttackOverride] = {}
     eval: dict[Norm, AttackOverride] = {}
+
+
+class EvaluationConfig(Section):
+    """What a final evaluation (aggregation, reproduction) attacks with, besides our own PGD.
+
+    `adaptive`: attacks on the lowest-entropy gate, in every ensemble evaluation
+    (psat_core.adaptive); `crosscheck`: torchattacks and foolbox attacks on every model
+    (psat_core.crosscheck). Both count under their norm and in `max`.
+    """
+
+    adaptive: bool = True
+    crosscheck: bool = True
+    gate_temperature: float = Field(0.1, gt=0, description="SoftGate's τ (entropy in nats)")
 
 
 class TrainingConfig(Section):
@@ -184,17 +198,40 @@ class SweepConfig(Section):
         return space
 
 
+class ReproduceConfig(Section):
+    """The reproduction job: Table 1's baselines, PSAT, Table 3's H_NAT, Figure 2's dimensions.
+
+    Figure 2 trains a PSAT at every dimension of `embedding_dims` and at `model.embedding_dim`
+    (Tables 1, 3 and 4's). `concurrent_trainers` bounds how many models train at once (default:
+    as many as the cluster's CPUs, or GPUs with `resources.use_gpu`, hold).
+    """
+
+    embedding_dims: list[int] = [8, 16]
+    nat_member: bool = True
+    concurrent_trainers: int | None = Field(None, gt=0)
+    output: str = "./psat_reproduce"
+
+    @field_validator("embedding_dims")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(dim <= 0 for dim in value):
+            raise ValueError(f"needs at least one positive dimension, got {value}")
+        return value
+
+
 class JobConfig(Section):
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     attacks: AttacksConfig = AttacksConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
     training: TrainingConfig = TrainingConfig()
     resources: ResourcesConfig = ResourcesConfig()
     storage: StorageConfig = StorageConfig()
     tracking: TrackingConfig = TrackingConfig()
     registry: RegistryConfig = RegistryConfig()
     sweep: SweepConfig = SweepConfig()
+    reproduce: ReproduceConfig = ReproduceConfig()
 
     def attack_configs(self, phase: Literal["train", "eval"]) -> dict[str, AttackConfig]:
         """Dataset defaults with this file's overrides applied, for every norm."""

@@ -1,8 +1,10 @@
-"""PSAT members on Ray Train: one `TorchTrainer` per norm, the members fitted concurrently.
+"""Models on Ray Train: one `TorchTrainer` per model, the models fitted concurrently.
 
-`member_loop` is the one train loop per worker (Ray's `train_loop_per_worker`); the same loop
-serves the training job and the Tune sweep. `fit_member` builds the trainer and fits it; the
-training job runs one `fit_member` per norm in its own driver thread and follows their progress.
+A `ModelPlan` says what one trainer trains: a PSAT member (a hypernetwork ResNet adversarially
+trained for one norm), or a Table 1 baseline (a plain ResNet trained by NAT, AT, max, avg or
+MSD). `member_loop` is the one train loop per worker (Ray's `train_loop_per_worker`); the same
+loop serves the training job, the Tune sweep and the reproduction job. `fit_member` builds the
+trainer and fits it; the jobs run one `fit_member` per plan in a driver thread.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import ray
@@ -35,7 +38,29 @@ from psat_core.train import (
 )
 
 
-def member_spec(job: JobConfig, norm: str) -> MemberSpec:
+@dataclass(frozen=True)
+class ModelPlan:
+    """One model to train: its run name, training method (eq. 5-9), the norms it trains
+    against, and its embedding dimension (None: a plain ResNet)."""
+
+    name: str
+    method: str
+    norms: tuple[str, ...]
+    embedding_dim: int | None
+
+    @property
+    def label(self) -> str:
+        """The norm of a one-norm AT model, else the method (``MemberSpec.norm``)."""
+        return self.norms[0] if self.method == "at" else self.method
+
+
+def psat_members(job: JobConfig, embedding_dim: int | None = None, prefix: str = "") -> list:
+    """The PSAT members of ``job``: one hypernetwork per norm of ``training.members`` (eq. 9)."""
+    dim = embedding_dim or job.model.embedding_dim
+    return [ModelPlan(f"{prefix}{norm}", "at", (norm,), dim) for norm in job.training.members]
+
+
+def member_spec(job: JobConfig, plan: ModelPlan) -> MemberSpec:
     info = job.dataset
     return MemberSpec(
         arch=job.model.arch,
@@ -44,9 +69,9 @@ def member_spec(job: JobConfig, norm: str) -> MemberSpec:
         mean=tuple(info.mean),
         std=tuple(info.std),
         dataset=info.name,
-        norm=norm,
-        method="at",
-        embedding_dim=job.model.embedding_dim,
+        norm=plan.label,
+        method=plan.method,
+        embedding_dim=plan.embedding_dim,
         reduction=job.model.reduction,
     )
 
@@ -71,16 +96,18 @@ def _load_shards(uris: list[str]) -> ImageArrays:
 
 
 def member_loop(loop_config: dict[str, Any]) -> None:
-    """Adversarially train one PSAT member (eq. 9) on this worker's shard; report every epoch."""
+    """Train one model of a plan (a PSAT member: eq. 9) on this worker's shard; report every
+    epoch."""
     job = JobConfig.model_validate(loop_config["job"])
-    norm, manifest, board = loop_config["norm"], loop_config["manifest"], loop_config["board"]
+    plan = ModelPlan(**loop_config["plan"])
+    manifest, board = loop_config["manifest"], loop_config["board"]
     torch.set_num_threads(job.resources.torch_threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     torch.manual_seed(job.training.seed + rank)
 
-    spec = member_spec(job, norm)
+    spec = member_spec(job, plan)
     model = spec.build()
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -95,7 +122,8 @@ def member_loop(loop_config: dict[str, Any]) -> None:
     cfg = job.training
     optimizer = make_optimizer(net.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch)
-    inputs = training_inputs("at", {norm: job.attack_configs("train")[norm]})
+    train_attacks = job.attack_configs("train")
+    inputs = training_inputs(plan.method, {n: train_attacks[n] for n in plan.norms})
     eval_attacks = make_attacks(job.attack_configs("eval"))
 
     start_epoch = 0
@@ -109,7 +137,8 @@ def member_loop(loop_config: dict[str, Any]) -> None:
         torch.set_rng_state(state["rng"].cpu())
         start_epoch = state["epoch"] + 1
     if rank == 0 and board is not None:
-        board.post.remote({"norm": norm, "kind": "start", "epoch": start_epoch, "pid": os.getpid()})
+        start = {"member": plan.name, "kind": "start", "epoch": start_epoch, "pid": os.getpid()}
+        board.post.remote(start)
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.time()
@@ -138,7 +167,8 @@ def member_loop(loop_config: dict[str, Any]) -> None:
             if rank == 0:
                 x_val = val.to_float().to(device)
                 metrics |= evaluate_robustness(net, x_val, val.labels.to(device), eval_attacks)
-                metrics["robust"] = metrics[norm]  # own-norm accuracy: the sweep's objective
+                # the sweep's objective: own-norm accuracy for AT, else the trade-off
+                metrics["robust"] = metrics[plan.label if plan.method == "at" else "trade_off"]
                 state = {
                     "model": net.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -150,19 +180,24 @@ def member_loop(loop_config: dict[str, Any]) -> None:
                 report_checkpoint = ray.train.Checkpoint.from_directory(directory)
             ray.train.report(metrics, checkpoint=report_checkpoint)
         if rank == 0 and board is not None:
-            board.post.remote({"norm": norm, "kind": "epoch", **metrics})
+            board.post.remote({"member": plan.name, "kind": "epoch", **metrics})
 
 
 def trainer_for(
-    job: JobConfig, norm: str, manifest: dict, board, run_name: str | None = None, callbacks=()
+    job: JobConfig,
+    plan: ModelPlan,
+    manifest: dict,
+    board,
+    run_name: str | None = None,
+    callbacks=(),
 ) -> TorchTrainer:
-    """The TorchTrainer of one member; relaunching with the same run name resumes it."""
+    """The TorchTrainer of one model; relaunching with the same run name resumes it."""
     res = job.resources
     return TorchTrainer(
         member_loop,
         train_loop_config={
             "job": job.model_dump(),
-            "norm": norm,
+            "plan": asdict(plan),
             "manifest": manifest,
             "board": board,
         },
@@ -172,7 +207,7 @@ def trainer_for(
             resources_per_worker={"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {}),
         ),
         run_config=RunConfig(
-            name=run_name or norm,
+            name=run_name or plan.name,
             storage_path=join(job.storage.resolved(), job.name),
             failure_config=FailureConfig(max_failures=res.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
@@ -181,11 +216,11 @@ def trainer_for(
     )
 
 
-def fit_member(job: JobConfig, norm: str, manifest: dict, board) -> dict:
-    """Fit one member's TorchTrainer (blocking; the training job runs one per thread)."""
-    result = trainer_for(job, norm, manifest, board).fit()
+def fit_member(job: JobConfig, plan: ModelPlan, manifest: dict, board) -> dict:
+    """Fit one model's TorchTrainer (blocking; the jobs run one per driver thread)."""
+    result = trainer_for(job, plan, manifest, board).fit()
     return {
-        "norm": norm,
+        "member": plan.name,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "metrics": dict(result.metrics or {}),
         "path": result.path,

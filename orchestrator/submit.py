@@ -28,6 +28,7 @@ JOBS = {
     "sweep": "jobs.sweep",
     "aggregate": "jobs.aggregate",
     "run": "jobs.run",
+    "reproduce": "jobs.reproduce",
 }
 EXCLUDES = [".git", ".venv", ".venv-ci", "psat_runs", "mlruns", "mlartifacts", "mlflow.db", "out"]
 

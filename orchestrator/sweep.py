@@ -31,7 +31,7 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.config import ConfigError, JobConfig, SweepRange, deep_merge
-from orchestrator.members import trainer_for
+from orchestrator.members import psat_members, trainer_for
 from orchestrator.shards import join, materialize
 from orchestrator.tracking import Tracker, flatten
 from orchestrator.training import connect_ray, data_uri
@@ -62,9 +62,10 @@ def sweep_trial(params: dict[str, Any], job_dict: dict, manifest: dict) -> None:
     """One Tune trial: fit one member's TorchTrainer; its epochs reach Tune via the callback."""
     job, norm = trial_job(JobConfig.model_validate(job_dict), params)
     trial_id = tune.get_context().get_trial_id()
+    (plan,) = psat_members(job)
     trainer = trainer_for(
         job,
-        norm,
+        plan,
         manifest,
         board=None,
         run_name=f"trial-{trial_id}",

@@ -1,8 +1,11 @@
 """The training job: materialize data, fit the members concurrently, track them in MLflow.
 
 validate config -> connect Ray -> Parquet shards -> MLflow parent + member runs
--> one `fit_member` thread per norm (concurrent TorchTrainers) -> follow progress
+-> one `fit_member` thread per model (concurrent TorchTrainers) -> follow progress
 -> record checkpoints
+
+`train_members` trains the PSAT members by default; the reproduction job passes it every model
+of Tables 1 and 3 (`ModelPlan`s) and a bound on how many train at once.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 import ray
 
 from orchestrator.config import JobConfig
-from orchestrator.members import ProgressBoard, fit_member
+from orchestrator.members import ModelPlan, ProgressBoard, fit_member, psat_members
 from orchestrator.shards import join, materialize
 from orchestrator.tracking import CHECKPOINT_TAG, NORM_TAG, Tracker
 
@@ -37,10 +40,12 @@ def connect_ray(job: JobConfig, cpus_needed: float) -> None:
     if address:
         ray.init(address=address)
     else:
-        # progress comes through the ProgressBoard; worker logs stay in Ray's log files
-        # address="local": a new Ray of our own, even if another one runs on this machine
+        # progress comes through the ProgressBoard; worker logs stay in Ray's log files.
+        # address="local": a new Ray of our own, even if another one runs on this machine.
+        # The dashboard stays: Train's PlacementGroupCleaner asks its state API whether the
+        # controller lives, and without it every trainer's shutdown waits out a 12 s timeout.
         cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
-        ray.init(address="local", num_cpus=cpus, log_to_driver=False, include_dashboard=False)
+        ray.init(address="local", num_cpus=cpus, log_to_driver=False)
 
 
 def board_name(job: JobConfig) -> str:
@@ -52,25 +57,36 @@ def data_uri(job: JobConfig) -> str:
     return join(job.storage.resolved(), job.name, "data")
 
 
-def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, dict]:
-    """Train every member of `job` concurrently; return per norm its final metrics and checkpoint.
+def train_members(
+    job: JobConfig,
+    echo: Callable[[str], None] = print,
+    plans: list[ModelPlan] | None = None,
+    concurrency: int | None = None,
+    role: str = "train",
+) -> dict[str, dict]:
+    """Train every plan (default: the PSAT members of `job`) concurrently, at most
+    `concurrency` at once (default: all); return per plan name its final metrics and checkpoint.
 
-    Relaunching with the same `job.name` resumes unfinished members from their latest checkpoint
+    Relaunching with the same `job.name` resumes unfinished models from their latest checkpoint
     and keeps logging into the same MLflow runs.
     """
     res = job.resources
-    members = job.training.members
-    connect_ray(job, len(members) * res.workers_per_member * res.cpus_per_worker)
+    plans = plans or psat_members(job)
+    concurrency = min(concurrency or len(plans), len(plans))
+    connect_ray(job, concurrency * res.workers_per_member * res.cpus_per_worker)
     manifest = materialize(job, data_uri(job), res.workers_per_member)
     tracker = Tracker(job)
-    parent = tracker.job_run("train")
+    parent = tracker.job_run(role)
     params = tracker.params()
     runs = {
-        norm: tracker.child_run(parent, f"{job.name}-{norm}", "member", params, **{NORM_TAG: norm})
-        for norm in members
+        plan.name: tracker.child_run(
+            parent, f"{job.name}-{plan.name}", "member", params, **{NORM_TAG: plan.label}
+        )
+        for plan in plans
     }
     board = ProgressBoard.options(name=board_name(job)).remote()
-    echo(f"training {', '.join(members)} concurrently; MLflow {tracker.uri}")
+    names = ", ".join(plan.name for plan in plans)
+    echo(f"training {names}, {concurrency} at a time; MLflow {tracker.uri}")
     results: dict[str, dict] = {}
     errors: dict[str, BaseException] = {}
     seen = 0
@@ -82,20 +98,20 @@ def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[s
         for event in events:
             _on_event(tracker, runs, event, job.training.epochs, echo)
 
-    # one driver thread per member blocks in TorchTrainer.fit(); Ray runs the workers
-    pool = ThreadPoolExecutor(max_workers=len(members), thread_name_prefix="psat-member")
+    # one driver thread per model blocks in TorchTrainer.fit(); Ray runs the workers
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="psat-member")
     try:
-        pending = {pool.submit(fit_member, job, norm, manifest, board): norm for norm in members}
+        pending = {pool.submit(fit_member, job, p, manifest, board): p.name for p in plans}
         while pending:
             done, _ = wait(pending, timeout=2.0)
             drain()
             for future in done:
-                norm = pending.pop(future)
+                name = pending.pop(future)
                 try:
-                    results[norm] = future.result()
+                    results[name] = future.result()
                 except Exception as err:  # the others train on; the job fails at the end
-                    errors[norm] = err
-                    echo(f"[{norm}] failed: {err}")
+                    errors[name] = err
+                    echo(f"[{name}] failed: {err}")
         drain()
     except BaseException:
         pool.shutdown(wait=False, cancel_futures=True)
@@ -105,13 +121,13 @@ def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[s
     finally:
         pool.shutdown(wait=False)
         ray.kill(board)
-    for norm, result in results.items():
-        tracker.client.set_tag(runs[norm], CHECKPOINT_TAG, result["checkpoint"])
-        tracker.client.set_terminated(runs[norm], "FINISHED")
-        tracker.client.set_tag(parent, f"{CHECKPOINT_TAG}.{norm}", result["checkpoint"])
-        result["run_id"] = runs[norm]
-    for norm in errors:
-        tracker.client.set_terminated(runs[norm], "FAILED")
+    for name, result in results.items():
+        tracker.client.set_tag(runs[name], CHECKPOINT_TAG, result["checkpoint"])
+        tracker.client.set_terminated(runs[name], "FINISHED")
+        tracker.client.set_tag(parent, f"{CHECKPOINT_TAG}.{name}", result["checkpoint"])
+        result["run_id"] = runs[name]
+    for name in errors:
+        tracker.client.set_terminated(runs[name], "FAILED")
     if errors:
         tracker.client.set_terminated(parent, "FAILED")
         raise next(iter(errors.values()))
@@ -121,14 +137,14 @@ def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[s
 
 
 def _on_event(tracker: Tracker, runs: dict, event: dict, epochs: int, echo) -> None:
-    norm = event["norm"]
+    name = event["member"]
     if event["kind"] == "start":
-        tracker.client.log_metric(runs[norm], "start_epoch", event["epoch"], step=event["epoch"])
+        tracker.client.log_metric(runs[name], "start_epoch", event["epoch"], step=event["epoch"])
         where = "from scratch" if event["epoch"] == 0 else f"resuming at epoch {event['epoch']}"
-        echo(f"[{norm}] started {where} (pid {event['pid']})")
+        echo(f"[{name}] started {where} (pid {event['pid']})")
         return
     epoch = event["epoch"]
-    metrics = {k: v for k, v in event.items() if k not in ("epoch", "time")}
-    tracker.log_metrics(runs[norm], metrics, step=epoch)
+    metrics = {k: v for k, v in event.items() if k not in ("member", "kind", "epoch", "time")}
+    tracker.log_metrics(runs[name], metrics, step=epoch)
     shown = "  ".join(f"{k} {event[k]:.3f}" for k in PROGRESS_KEYS if k in event)
-    echo(f"[{norm}] epoch {epoch + 1}/{epochs}  {shown}")
+    echo(f"[{name}] epoch {epoch + 1}/{epochs}  {shown}")

@@ -6,9 +6,11 @@ adversarial predictions are recomputed from the returned ``x_adv``. Reported, as
 [0, 1] (Table 1's columns):
 
 * ``clean``: clean accuracy;
-* one key per attack (``linf``, ``l2``, ``l1``): accuracy under that attack;
+* one key per norm (``linf``, ``l2``, ``l1``): accuracy under that norm's attacks. An attack
+  named ``"<norm>/<variant>"`` (an adaptive or a third-party attack) joins its norm: a point
+  counts for the norm only if it withstands all of them, and each variant also gets its own key;
 * ``max``: accuracy under the worst case, a point counting only if it withstands every attack;
-* ``avg``: the mean of the per-attack accuracies;
+* ``avg``: the mean of the per-norm accuracies;
 * ``trade_off``: Acc_trade-off, the mean of all the above (:func:`trade_off`).
 
 Every attack's output is checked (auto-attack ``checks.py``): ``x_adv`` finite, in [0, 1], of the
@@ -35,6 +37,7 @@ __all__ = [
     "PerSampleResult",
     "trade_off",
     "evaluate_per_sample",
+    "norm_of",
     "summarize",
     "evaluate_robustness",
     "subset_indices",
@@ -206,18 +209,32 @@ def evaluate_per_sample(
     )
 
 
+def norm_of(attack_name: str) -> str:
+    """The norm an attack named ``"<norm>"`` or ``"<norm>/<variant>"`` counts under."""
+    return attack_name.split("/", 1)[0]
+
+
 def summarize(result: PerSampleResult) -> dict[str, float]:
-    """Table 1's accuracies (fractions) from per-example results: ``clean``, one per attack,
-    ``max`` (correct under every attack), ``avg`` (mean over attacks) and ``trade_off``."""
+    """Table 1's accuracies (fractions) from per-example results: ``clean``, one per norm (the
+    per-example worst over that norm's attacks), ``max`` (correct under every attack), ``avg``
+    (mean over norms), ``trade_off``, and one per ``"<norm>/<variant>"`` attack."""
     names = result.attack_names
     row = {key: ok.float().mean().item() for key, ok in result.correct.items()}
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(norm_of(name), []).append(name)
+    for norm, members in groups.items():
+        survived = torch.stack([result.correct[n] for n in members]).all(dim=0)
+        row[norm] = survived.float().mean().item()
     every = torch.stack([result.correct[n] for n in names]).all(dim=0)
     row["max"] = every.float().mean().item()
-    row["avg"] = sum(row[n] for n in names) / len(names)
-    row["trade_off"] = trade_off(row, norms=names)
+    row["avg"] = sum(row[norm] for norm in groups) / len(groups)
+    row["trade_off"] = trade_off(row, norms=tuple(groups))
     for name in names:
+        norm = norm_of(name)
         _check(row[name] <= row["clean"], f"robust accuracy under {name!r} exceeds clean accuracy")
-        _check(row["max"] <= row[name], f"worst-case accuracy exceeds accuracy under {name!r}")
+        _check(row[norm] <= row[name], f"accuracy under {norm!r} exceeds that under {name!r}")
+        _check(row["max"] <= row[norm], f"worst-case accuracy exceeds accuracy under {norm!r}")
     return row
 
 

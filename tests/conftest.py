@@ -42,7 +42,7 @@ def local_ray():
     import ray
 
     # address="local": our own Ray, even where a `ray start` cluster runs (or ran) here
-    ray.init(address="local", num_cpus=6, log_to_driver=False, include_dashboard=False)
+    ray.init(address="local", num_cpus=6, log_to_driver=False)
     yield ray
     ray.shutdown()
 

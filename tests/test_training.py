@@ -82,8 +82,9 @@ def _kill_after_epoch(ray, job, norm: str, epoch: int, seen: dict) -> None:
             events = ray.get(board.since.remote(0))
         except ValueError:
             events = []
-        pids = [e["pid"] for e in events if e["norm"] == norm and e["kind"] == "start"]
-        if any(e["norm"] == norm and e["kind"] == "epoch" and e["epoch"] >= epoch for e in events):
+        mine = [e for e in events if e["member"] == norm]
+        pids = [e["pid"] for e in mine if e["kind"] == "start"]
+        if any(e["kind"] == "epoch" and e["epoch"] >= epoch for e in mine):
             seen["pid"] = pids[-1]
             os.kill(pids[-1], signal.SIGKILL)
             return
