@@ -557,14 +557,10 @@ def evaluate_registered(
     connect_ray(job, job.resources.cpus_per_worker)
     manifest = materialize(job, data_uri(job), job.resources.workers_per_member)
     data = read_arrays(manifest["eval"])
-    attacks = make_attacks(job.attack_configs("eval"))
     rows = {}
     for strategy in STRATEGIES:
         ensemble.strategy = strategy
-        torch.manual_seed(job.data.seed)
-        rows[strategy] = summarize(
-            evaluate_per_sample(ensemble, data.to_float(), data.labels, attacks)
-        )
+        rows[strategy] = evaluate_ensemble(job, ensemble, data.to_float(), data.labels)[0]
     echo(f"{uri} on {len(data)} {job.data.dataset} eval images")
     echo(f"{'':<24}" + "".join(f"{HEADERS[c]:>11}" for c in COLUMNS))
     for strategy, row in rows.items():

@@ -95,7 +95,7 @@ def table_rows(job: JobConfig) -> dict[str, list[Row]]:
     if job.reproduce.nat_member:
         nat = f"h{dim}_nat"
         table3 = [Row(nat, "H_NAT", (nat,)), *table3]
-        table3.append(Row(f"psat_z{dim}+nat", "+ H_NAT", (*members, nat), "lowest_entropy"))
+        table3.append(Row(f"psat_z{dim}_nat", "+ H_NAT", (*members, nat), "lowest_entropy"))
     figure = [
         psat if z == dim else Row(f"psat_z{z}", f"PSAT z={z}", psat_names(norms, z), psat.strategy)
         for z in figure_dims(job)

@@ -7,9 +7,9 @@ about making the gate switch. Two attacks aim at the gate itself:
 * :class:`GatePGD`: PGD whose gradient comes from a smooth gate, the members' softmax mixed with
   weights ``softmax(-H_m / τ)`` over members (τ -> 0 is eq. 12), while every iterate is scored
   by the true ensemble (straight-through, as in BPDA).
-* :class:`ConfidentWrongMember`: for each member, a targeted PGD that makes that member
-  confident in a wrong class (low entropy, so the gate picks it); per example the iterate the
-  true ensemble gets most wrong is kept.
+* :class:`ConfidentWrongMember`: for each member, PGD that makes that member confident in a
+  wrong class (low entropy, so the gate picks it); per example the iterate the true ensemble
+  gets most wrong is kept.
 
 Both take a :class:`~psat_core.ensemble.PSATEnsemble` as the model and return ``x_adv`` in their
 threat model's ball, so the evaluator checks them like any attack; named ``"<norm>/<variant>"``
@@ -77,10 +77,10 @@ class GatePGD:
 class ConfidentWrongMember:
     """Make one member confidently wrong so that the gate picks it; keep what fools the gate.
 
-    For each member ``m``: targeted PGD minimizing ``CE(f_m(x + delta), t_m)``, ``t_m`` being
-    the member's likeliest wrong class at ``x``; driving ``p_t -> 1`` also drives the member's
-    entropy to 0. Every iterate of every member is scored by the whole ensemble; per example the
-    one it misclassifies (then the one with the highest ensemble loss) is returned.
+    For each member ``m``, PGD ascends ``log P_m(wrong) - H(f_m)``: the probability mass off the
+    true class up, the member's entropy (eq. 12's gate criterion) down. Every iterate of every
+    member is scored by the whole ensemble; per example the one it misclassifies (then the one
+    with the highest ensemble loss) is returned.
     """
 
     def __init__(self, threat: ThreatModel, steps: int, step_size: float) -> None:
@@ -97,14 +97,14 @@ class ConfidentWrongMember:
         worst = _Worst(x)
         with eval_mode(model), torch.enable_grad():
             for member in model.members:
-                with torch.no_grad():
-                    wrong_logits = member(x).scatter(1, y[:, None], float("-inf"))
-                    target = wrong_logits.argmax(1)
                 delta = torch.zeros_like(x)
                 for _ in range(self.steps):
                     delta.requires_grad_(True)
-                    loss = -F.cross_entropy(member(x + delta), target, reduction="sum")
-                    (grad,) = torch.autograd.grad(loss, delta)
+                    logits = member(x + delta)
+                    log_p = F.log_softmax(logits, dim=1)
+                    log_wrong = log_p.scatter(1, y[:, None], float("-inf")).logsumexp(dim=1)
+                    objective = (log_wrong - entropy(logits)).sum()
+                    (grad,) = torch.autograd.grad(objective, delta)
                     delta = self.threat.step(delta.detach(), grad, self.step_size, x)
                     delta = self.threat.project(delta, x)
                     with torch.no_grad():

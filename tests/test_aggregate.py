@@ -89,15 +89,24 @@ def test_evaluation_has_tables_3_and_4(evaluation):
     result, _ = evaluation
     rows, choice = result["rows"], result["choice"]
     assert set(rows) == {"member.linf", "member.l2", "member.l1", "lowest_entropy", "average"}
-    for row in rows.values():
-        assert set(row) == set(COLUMNS)
-        assert all(0.0 <= row[c] <= 1.0 for c in COLUMNS)
+    crosscheck = {"linf/torchattacks.PGD", "l2/torchattacks.APGD", "l1/foolbox.SparseL1Descent"}
+    adaptive = {f"{n}/{a}" for n in NORMS for a in ("gate", "confident")}
+    for key, row in rows.items():
+        attacks = {k for k in row if "/" in k}
+        # ours and the cross-check on every model; the gate's attacks on ensembles only
+        assert {f"{n}/pgd" for n in NORMS} | crosscheck <= attacks
+        assert (adaptive <= attacks) == (not key.startswith("member."))
+        assert set(COLUMNS) <= set(row)
+        assert all(0.0 <= row[c] <= 1.0 for c in row)
         assert (
             row["max"] <= min(row[n] for n in NORMS) <= max(row[n] for n in NORMS) <= row["clean"]
         )
+        for attack in attacks:  # a norm's accuracy is the worst over its attacks
+            assert row[attack.split("/")[0]] <= row[attack]
     assert set(choice) == {"lowest_entropy", "average"}
     for per_input in choice.values():
-        assert list(per_input) == ["clean", *NORMS]
+        assert list(per_input)[0] == "clean"
+        assert set(per_input) == {"clean"} | {k for k in rows["average"] if "/" in k}
         for fractions in per_input.values():
             assert list(fractions) == list(NORMS)
             assert sum(fractions.values()) == pytest.approx(1.0)
@@ -138,7 +147,7 @@ def test_report_metrics_and_plots(evaluation, members, tmp_path):
     job = tiny_job(tmp_path)
     counts = parameter_counts({n: read_spec(d) for n, d in members.items()})
     report = markdown_report(job, members, result, counts)
-    for heading in ("Table 3", "Table 4", "Which member answers", "Parameters"):
+    for heading in ("Table 3", "Table 4", "Every attack", "Which member answers", "Parameters"):
         assert heading in report
     le = result["rows"]["lowest_entropy"]
     assert f"| PSAT (Lowest entropy) | {100 * le['clean']:.2f}% |" in report
@@ -148,7 +157,8 @@ def test_report_metrics_and_plots(evaluation, members, tmp_path):
     metrics = flat_metrics(result, counts, "lowest_entropy")
     assert metrics["trade_off"] == le["trade_off"]
     assert metrics["member.l2.max"] == result["rows"]["member.l2"]["max"]
-    assert metrics["choice.average.l1.linf"] == result["choice"]["average"]["l1"]["linf"]
+    assert metrics["choice.average.l1/gate.linf"] == result["choice"]["average"]["l1/gate"]["linf"]
+    assert metrics["average.linf/confident"] == result["rows"]["average"]["linf/confident"]
     assert metrics["parameters.saving"] == counts["saving"]
 
     for figure in (

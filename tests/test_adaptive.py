@@ -1,0 +1,94 @@
+"""Adaptive attacks on the lowest-entropy gate, and the third-party cross-check wrappers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from psat_core.adaptive import ConfidentWrongMember, GatePGD, SoftGate, adaptive_attacks
+from psat_core.attacks import PGD, AttackConfig, LinfBall, attack_defaults
+from psat_core.crosscheck import crosscheck_attacks
+from psat_core.ensemble import PSATEnsemble, entropy
+from psat_core.metrics import evaluate_per_sample, summarize
+from tests.helpers import synthetic
+
+EPS = 0.1
+
+
+class Affine(nn.Module):
+    def __init__(self, weight: list[list[float]], bias: list[float]) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.tensor(weight))
+        self.bias = nn.Parameter(torch.tensor(bias))
+
+    def forward(self, x):
+        return x.flatten(1) @ self.weight.T + self.bias
+
+
+def trap_ensemble() -> PSATEnsemble:
+    """Two members on 4 pixels, 3 classes, true class 0 at x0 = 0.5.
+
+    ``honest`` says class 0 with moderate entropy and barely depends on x (its tiny weight on
+    pixel 0 is positive, so loss ascent through it moves pixel 0 down). ``trap`` is uniform
+    (maximal entropy, never chosen) at x0, but pixel 0 raised by about 0.07 makes it confident
+    in class 2: the gate then picks it and the ensemble is wrong, within ε = 0.1.
+    """
+    honest = Affine([[0.01, -0.01, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]], [1.5, 0.5, 0.0])
+    trap = Affine([[0, 0, 0, 0], [0, 0, 0, 0], [20.0, 0, 0, 0]], [0.0, 0.0, -10.0])
+    return PSATEnsemble([honest, trap], names=["honest", "trap"]).eval()
+
+
+def _accuracy(model, attack, x, y) -> float:
+    return summarize(evaluate_per_sample(model, x, y, {"linf/x": attack}))["linf"]
+
+
+def test_attacks_that_know_the_gate_beat_pgd_through_the_argmin():
+    ensemble = trap_ensemble()
+    x, y = torch.full((4, 4), 0.5), torch.zeros(4, dtype=torch.long)
+    entropies = entropy(ensemble.member_logits(x))
+    assert bool((entropies[0] < entropies[1]).all())  # the honest member answers at x0
+    assert bool((ensemble(x).argmax(1) == 0).all())
+    pgd = PGD(LinfBall(EPS), steps=10, step_size=EPS / 4, random_start=False)
+    assert _accuracy(ensemble, pgd, x, y) == 1.0  # the argmin's gradient never finds the trap
+    assert _accuracy(ensemble, GatePGD(pgd), x, y) == 0.0
+    assert _accuracy(ensemble, ConfidentWrongMember(LinfBall(EPS), 10, EPS / 4), x, y) == 0.0
+
+
+def test_soft_gate_keeps_the_ensembles_output_and_passes_a_gradient():
+    ensemble = trap_ensemble()
+    x = torch.rand(5, 4, requires_grad=True)
+    out = SoftGate(ensemble, temperature=0.1)(x)
+    assert torch.equal(out.detach(), ensemble(x).detach())
+    (grad,) = torch.autograd.grad(out[:, 2].sum(), x)
+    assert grad[:, 0].abs().min() > 0  # the trap's pixel moves the gate
+    with pytest.raises(ValueError, match="temperature"):
+        SoftGate(ensemble, temperature=0.0)
+
+
+def test_adaptive_and_third_party_attacks_stay_in_the_ball_and_count_under_their_norm():
+    torch.manual_seed(0)
+    x, y = synthetic(24, seed=3)
+    members = [
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 4)),
+        nn.Sequential(nn.Flatten(), nn.Linear(64, 16), nn.ReLU(), nn.Linear(16, 4)),
+    ]
+    ensemble = PSATEnsemble(members).eval()
+    y = ensemble(x).argmax(1)  # every point clean-correct, so every attack runs on all of them
+    configs = {
+        n: AttackConfig(n, c.eps, 5, c.step_size, restarts=1, random_start=True)
+        for n, c in attack_defaults("digits", "eval").items()
+    }
+    attacks = {f"{n}/pgd": PGD.from_config(c) for n, c in configs.items()}
+    attacks |= crosscheck_attacks(configs) | adaptive_attacks(configs)
+    assert {"linf/torchattacks.APGD", "l2/torchattacks.PGDL2", "l1/foolbox.SparseL1Descent"} <= set(
+        attacks
+    )
+    # the evaluator's sanity checks reject any x_adv outside its attack's ε-ball or [0, 1]
+    row = summarize(evaluate_per_sample(ensemble, x, y, attacks))
+    for name in attacks:
+        norm = name.split("/")[0]
+        assert row[norm] <= row[name] <= row["clean"]
+        assert row["max"] <= row[norm]
+    assert row["avg"] == pytest.approx((row["linf"] + row["l2"] + row["l1"]) / 3)
+    assert row["linf"] < 1.0  # the attacks do something on an undefended model

@@ -1,0 +1,147 @@
+"""The reproduction job: which models and rows, the paper's claims, and a tiny run end to end."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import parse_config
+from orchestrator.reproduce import (
+    Row,
+    evaluate_row,
+    model_plans,
+    paper_claims,
+    table_rows,
+)
+
+TABLE_FILES = ("table1", "table3", "table4")
+
+
+def test_every_method_gets_the_same_budget_and_architecture():
+    job = parse_config(
+        {"name": "r", "model": {"embedding_dim": 16}, "reproduce": {"embedding_dims": [4, 16]}}
+    )
+    plans = {p.name: p for p in model_plans(job)}
+    assert {p.method for p in plans.values() if p.embedding_dim is None} == {
+        "nat",
+        "at",
+        "max",
+        "avg",
+        "msd",
+    }
+    assert plans["at_max"].norms == plans["at_msd"].norms == ("linf", "l2", "l1")
+    assert plans["at_l2"].norms == ("l2",) and plans["at_l2"].embedding_dim is None
+    # PSAT at every Figure 2 dimension, H_NAT at the Table 1 dimension only
+    assert {n for n, p in plans.items() if p.embedding_dim} == {
+        *(f"h{z}_{n}" for z in (4, 16) for n in ("linf", "l2", "l1")),
+        "h16_nat",
+    }
+    tables = table_rows(job)
+    psat = tables["table1"][-1]
+    assert psat.models == ("h16_linf", "h16_l2", "h16_l1") and psat.strategy == "lowest_entropy"
+    assert tables["table3"][-1].models == (*psat.models, "h16_nat")
+    assert tables["table4"][0] is psat and tables["table4"][1].strategy == "average"
+    assert [r.key for r in tables["figure2"]] == ["psat_z4", "psat_z16"]
+
+
+def _row(**values):
+    return {"clean": 0.9, "linf": 0.3, "l2": 0.3, "l1": 0.3, "max": 0.2, "avg": 0.3} | values
+
+
+@pytest.mark.parametrize("psat_wins", [True, False])
+def test_claims_follow_the_numbers(psat_wins):
+    job = parse_config(
+        {"name": "r", "model": {"embedding_dim": 8}, "reproduce": {"embedding_dims": [8]}}
+    )
+    tables = table_rows(job)
+    delta = 0.1 if psat_wins else -0.1
+    rows = {row.key: _row(trade_off=0.4, max=0.2) for rows in tables.values() for row in rows}
+    rows["psat_z8"] = _row(trade_off=0.4 + delta, max=0.2 + delta)
+    rows["psat_z8_nat"] = _row(max=0.0 if psat_wins else 0.3, avg=0.0 if psat_wins else 0.3)
+    claims = paper_claims(rows, tables)
+    assert len(claims) == 1 + 3 + 1 + 1  # best member, max/avg/msd, + H_NAT, Table 4
+    assert all(claim.holds is psat_wins for claim in claims)
+    assert all(("holds" if psat_wins else "does NOT hold") in c.line() for c in claims)
+
+
+def _cells(markdown: str) -> dict[str, list[str]]:
+    rows = [line.strip("|").split("|") for line in markdown.splitlines() if line.startswith("| ")]
+    return {cells[0].strip(): [c.strip() for c in cells[1:]] for cells in rows[1:]}
+
+
+@pytest.mark.slow
+def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
+    import mlflow
+
+    from orchestrator.aggregate import COLUMNS
+    from orchestrator.reproduce import reproduce
+    from orchestrator.shards import materialize
+    from orchestrator.training import data_uri
+
+    out = tmp_path / "reproduce"
+    job = parse_config(
+        tiny_job(
+            "repro",
+            training={"epochs": 1},
+            reproduce={"embedding_dims": [2], "concurrent_trainers": 3, "output": str(out)},
+        )
+    )
+    lines: list[str] = []
+    result = reproduce(job, echo=lines.append)
+    folder = Path(result["output"])
+    assert folder == out / "repro"
+    produced = {p.name for p in folder.iterdir()}
+    expected = {f"{t}.{ext}" for t in TABLE_FILES for ext in ("md", "png")}
+    expected |= {"figure2.png", "report.md", "results.json"}
+    assert expected <= produced
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no staging left behind
+    for name in expected - {"results.json"}:
+        assert (folder / name).stat().st_size > 100
+
+    client = mlflow.MlflowClient(job.tracking.uri)
+    logged = {Path(a.path).name for a in client.list_artifacts(result["run_id"], "reproduce")}
+    assert expected <= logged
+    run = client.get_run(result["run_id"])
+    payload = json.loads((folder / "results.json").read_text())
+    results = payload["results"]
+    assert run.data.metrics["psat_z4.trade_off"] == pytest.approx(
+        results["psat_z4"]["row"]["trade_off"]
+    )
+
+    # every number in the tables is an evaluation's: each cell is its row's value, formatted
+    for table in TABLE_FILES:
+        cells = _cells((folder / f"{table}.md").read_text())
+        rows = [Row(**r) for r in payload["tables"][table]]
+        assert list(cells) == [r.label for r in rows]
+        for row in rows:
+            values = results[row.key]["row"]
+            shown = cells[row.label][: len(COLUMNS)]
+            assert shown == [f"{100 * values[c]:.2f}%" for c in COLUMNS]
+    table1 = _cells((folder / "table1.md").read_text())
+    assert int(table1["PSAT"][len(COLUMNS)].replace(",", "")) == results["psat_z4"]["parameters"]
+    saving = float(re.search(r"([\d.]+)%", table1["PSAT"][-1]).group(1))
+    assert saving == pytest.approx(
+        100 * (1 - results["psat_z4"]["parameters"] / payload["plain_parameters"]), abs=0.01
+    )
+
+    # ... and a real one: evaluating PSAT again from its checkpoints gives the same row
+    manifest = materialize(job, data_uri(job), 1)
+    train = client.search_runs([run.info.experiment_id], "tags.`psat.role` = 'reproduce'")[0]
+    checkpoints = {
+        m: train.data.tags[f"psat.checkpoint.{m}"] for m in ("h4_linf", "h4_l2", "h4_l1")
+    }
+    again = evaluate_row(job.model_dump(), checkpoints, "lowest_entropy", manifest["eval"])
+    assert again["row"] == results["psat_z4"]["row"]
+    # the adaptive and third-party attacks ran and count in the norm they attack
+    row = results["psat_z4"]["row"]
+    for name in (
+        "linf/gate",
+        "linf/confident",
+        "linf/torchattacks.APGD",
+        "l1/foolbox.SparseL1Descent",
+    ):
+        assert row[name.split("/")[0]] <= row[name]
+    assert "evaluating" in "\n".join(lines)
