@@ -1,8 +1,9 @@
 """The aggregation job: evaluate the PSAT ensemble, log it to MLflow, register it.
 
     member checkpoints (the training run's tags, or given) -> load and check them
-    -> one Ray task (a GPU one when resources.use_gpu): every member alone and the ensemble
-       under both strategies, clean and under every eval attack (Tables 3 and 4)
+    -> one Ray task per row (a GPU one when resources.use_gpu): every member alone and the
+       ensemble under both strategies, clean and under every attack of `final_attacks`: ours,
+       the third-party cross-check and, on the ensemble, the adaptive ones (Tables 3 and 4)
     -> one MLflow run, role "aggregate": metrics, report.md, plots, the pyfunc model
     -> a new registry version; alias `candidate`, and `champion` when its trade-off is better
 
@@ -186,29 +187,64 @@ def parameter_counts(specs: Mapping[str, MemberSpec]) -> dict[str, float]:
 # --------------------------------------------------------------------------- evaluation
 
 
-def evaluate_checkpoints(job_dict: dict, members: dict[str, str], eval_uri: str) -> dict:
-    """Tables 3 and 4 on the eval split: every member alone, then the ensemble per strategy.
+def evaluation_rows(members: Mapping[str, str]) -> dict[str, tuple[dict[str, str], str | None]]:
+    """Tables 3 and 4's rows: ``member.<name>`` (one checkpoint, no strategy) and, per strategy,
+    the ensemble of all members; each as ``(checkpoints, strategy)``."""
+    rows = {f"member.{name}": ({name: location}, None) for name, location in members.items()}
+    return rows | {strategy: (dict(members), strategy) for strategy in STRATEGIES}
 
-    Runs where it is called (the Ray task :data:`evaluate_task` wraps it). Each model is
-    attacked with the same seed (``data.seed``). Returns plain data: ``rows``, ``choice``
-    (see :class:`AggregateResult`), ``samples`` and ``device``.
-    """
+
+def evaluate_row(
+    job_dict: dict, checkpoints: dict[str, str], strategy: str | None, eval_uri: str
+) -> dict:
+    """One row on the eval split, where it is called (:data:`evaluate_row_task` is its Ray
+    task): a single model (``strategy`` None) or the ensemble of ``checkpoints``. Every attack of
+    `final_attacks`, seeded with ``data.seed``. Returns plain data: ``row`` (accuracies),
+    ``parameters``, ``choice`` (ensembles: which member answered how often, per input),
+    ``samples`` and ``device``."""
     job = JobConfig.model_validate(job_dict)
     device = eval_device(job)
-    with staged(members) as dirs:
+    with staged(checkpoints) as dirs:
         ensemble = build_ensemble(dirs).to(device)
     data = read_arrays(eval_uri)
     images, labels = data.to_float(), data.labels
-    rows: dict[str, dict[str, float]] = {}
-    attacks = final_attacks(job, ensemble=False)
-    for name, member in zip(ensemble.names, ensemble.members, strict=True):
+    result = {
+        "parameters": sum(count_parameters(member) for member in ensemble.members),
+        "samples": len(labels),
+        "device": str(device),
+    }
+    if strategy is None:
         torch.manual_seed(job.data.seed)
-        rows[f"member.{name}"] = summarize(evaluate_per_sample(member, images, labels, attacks))
-    choice: dict[str, dict[str, dict[str, float]]] = {}
-    for strategy in STRATEGIES:
-        ensemble.strategy = strategy
-        rows[strategy], choice[strategy] = evaluate_ensemble(job, ensemble, images, labels)
-    return {"rows": rows, "choice": choice, "samples": len(labels), "device": str(device)}
+        attacks = final_attacks(job, ensemble=False)
+        row = summarize(evaluate_per_sample(ensemble.members[0], images, labels, attacks))
+        return result | {"row": row, "choice": {}}
+    ensemble.strategy = strategy
+    row, choice = evaluate_ensemble(job, ensemble, images, labels)
+    return result | {"row": row, "choice": choice}
+
+
+evaluate_row_task = ray.remote(evaluate_row)
+
+
+def collect(results: Mapping[str, dict]) -> dict:
+    """Rows evaluated by `evaluate_row`, keyed as `evaluation_rows`, into one evaluation:
+    ``rows``, ``choice`` (per strategy), ``samples`` and ``device``."""
+    first = next(iter(results.values()))
+    return {
+        "rows": {key: result["row"] for key, result in results.items()},
+        "choice": {key: result["choice"] for key, result in results.items() if result["choice"]},
+        "samples": first["samples"],
+        "device": first["device"],
+    }
+
+
+def evaluate_checkpoints(job_dict: dict, members: dict[str, str], eval_uri: str) -> dict:
+    """Tables 3 and 4 on the eval split, in this process: every member alone, then the
+    ensemble per strategy (see `collect`)."""
+    rows = evaluation_rows(members)
+    return collect(
+        {key: evaluate_row(job_dict, ckpts, s, eval_uri) for key, (ckpts, s) in rows.items()}
+    )
 
 
 def eval_device(job: JobConfig) -> torch.device:
@@ -252,18 +288,15 @@ def evaluate_ensemble(
     return summarize(result), choice
 
 
-evaluate_task = ray.remote(evaluate_checkpoints)
-
-
 # --------------------------------------------------------------------------- report and plots
 
 
-def _percent(value: float) -> str:
+def percent(value: float) -> str:
     return f"{100 * value:.2f}%"
 
 
 def _accuracy_row(label: str, row: Mapping[str, float]) -> list[str]:
-    return [label, *(_percent(row[c]) for c in COLUMNS)]
+    return [label, *(percent(row[c]) for c in COLUMNS)]
 
 
 def attack_label(key: str) -> str:
@@ -277,10 +310,10 @@ def attack_breakdown(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
     run on it, e.g. the adaptive attacks on a single model), by norm."""
     names = sorted({k for row in rows.values() for k in row if "/" in k})
     cells = [
-        [label, *(_percent(row[n]) if n in row else "-" for n in names)]
+        [label, *(percent(row[n]) if n in row else "-" for n in names)]
         for label, row in rows.items()
     ]
-    return _table(["Model", *(attack_label(n) for n in names)], cells)
+    return markdown_table(["Model", *(attack_label(n) for n in names)], cells)
 
 
 def attacks_described(job: JobConfig) -> list[str]:
@@ -308,7 +341,7 @@ def attacks_described(job: JobConfig) -> list[str]:
     return lines
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
@@ -337,7 +370,7 @@ def markdown_report(
         "",
         "## Members and the PSAT ensemble (Table 3)",
         "",
-        *_table(
+        *markdown_table(
             header,
             [_accuracy_row(f"H_{n}", rows[f"member.{n}"]) for n in names]
             + [_accuracy_row(f"PSAT ({STRATEGY_NAMES[strategy]})", rows[strategy])],
@@ -345,7 +378,7 @@ def markdown_report(
         "",
         "## Inference strategy (Table 4)",
         "",
-        *_table(
+        *markdown_table(
             ["Strategy", *(HEADERS[c] for c in COLUMNS)],
             [_accuracy_row(STRATEGY_NAMES[s], rows[s]) for s in STRATEGIES],
         ),
@@ -368,9 +401,9 @@ def markdown_report(
             "",
             f"### {STRATEGY_NAMES[s]}",
             "",
-            *_table(
+            *markdown_table(
                 ["Input", *names],
-                [[attack_label(k), *(_percent(choice[s][k][n]) for n in names)] for k in inputs],
+                [[attack_label(k), *(percent(choice[s][k][n]) for n in names)] for k in inputs],
             ),
         ]
     spec_arch = job.model.arch
@@ -378,13 +411,13 @@ def markdown_report(
         "",
         "## Parameters",
         "",
-        *_table(
+        *markdown_table(
             ["Model", "Parameters"],
             [[f"H_{n}", f"{int(parameters[f'member.{n}']):,}"] for n in names]
             + [
                 [f"PSAT ({len(names)} members)", f"{int(parameters['aggregated']):,}"],
                 [f"plain {spec_arch}", f"{int(parameters['plain']):,}"],
-                ["saving", _percent(parameters["saving"])],
+                ["saving", percent(parameters["saving"])],
             ],
         ),
     ]
@@ -397,6 +430,11 @@ def accuracy_figure(rows: Mapping[str, Mapping[str, float]], names: list[str]) -
     """Grouped bars: per column, each member alone and the ensemble under both strategies."""
     series = [(f"H_{n}", rows[f"member.{n}"]) for n in names]
     series += [(f"PSAT {STRATEGY_NAMES[s].lower()}", rows[s]) for s in STRATEGIES]
+    return accuracy_bars(series, "Accuracy per attack: members vs the PSAT ensemble")
+
+
+def accuracy_bars(series: list[tuple[str, Mapping[str, float]]], title: str) -> Figure:
+    """One group of bars per Table 1 column, one bar per (label, row) of ``series``."""
     fig = Figure(figsize=(10, 4.5), layout="constrained")
     ax = fig.add_subplot()
     width = 0.8 / len(series)
@@ -406,8 +444,8 @@ def accuracy_figure(rows: Mapping[str, Mapping[str, float]], names: list[str]) -
     ax.set_xticks(range(len(COLUMNS)), [HEADERS[c] for c in COLUMNS])
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Accuracy per attack: members vs the PSAT ensemble")
-    ax.legend(ncols=len(series), loc="upper center", fontsize="small")
+    ax.set_title(title)
+    ax.legend(ncols=min(len(series), 5), loc="upper center", fontsize="small")
     return fig
 
 
@@ -488,12 +526,17 @@ def aggregate(
         parameters = parameter_counts(specs)
         connect_ray(job, job.resources.cpus_per_worker)
         manifest = materialize(job, data_uri(job), job.resources.workers_per_member)
-        task = evaluate_task.options(
+        task = evaluate_row_task.options(
             num_cpus=job.resources.cpus_per_worker, num_gpus=1 if job.resources.use_gpu else 0
         )
-        where = "a GPU" if job.resources.use_gpu else "CPU"
-        echo(f"evaluating {', '.join(members)} and the ensemble on {where} (Ray task)")
-        evaluation = ray.get(task.remote(job.model_dump(), members, manifest["eval"]))
+        where = "GPUs" if job.resources.use_gpu else "CPUs"
+        echo(f"evaluating {', '.join(members)} and the ensemble on {where} (a Ray task per row)")
+        job_dict, eval_uri = job.model_dump(), manifest["eval"]
+        refs = {
+            key: task.remote(job_dict, checkpoints, row_strategy, eval_uri)
+            for key, (checkpoints, row_strategy) in evaluation_rows(members).items()
+        }
+        evaluation = collect({key: ray.get(ref) for key, ref in refs.items()})
         tags = {JOB_TAG: job.name, ROLE_TAG: "aggregate"}
         if train_run is not None:
             tags[TRAIN_RUN_TAG] = train_run
@@ -570,7 +613,7 @@ def evaluate_registered(
 
 
 def _row_line(label: str, row: Mapping[str, float]) -> str:
-    return f"{label:<24}" + "".join(f"{_percent(row[c]):>11}" for c in COLUMNS)
+    return f"{label:<24}" + "".join(f"{percent(row[c]):>11}" for c in COLUMNS)
 
 
 def summary_lines(result: AggregateResult, strategy: str) -> list[str]:
@@ -584,7 +627,7 @@ def summary_lines(result: AggregateResult, strategy: str) -> list[str]:
     p = result.parameters
     lines.append(
         f"parameters: PSAT {int(p['aggregated']):,} vs plain {int(p['plain']):,} "
-        f"(saving {_percent(p['saving'])})"
+        f"(saving {percent(p['saving'])})"
     )
     lines += result.registration.lines()
     lines.append(f"MLflow run {result.run_id} ({strategy} is the registered strategy)")

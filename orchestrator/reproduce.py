@@ -22,28 +22,23 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
-import torch
 from matplotlib.figure import Figure
 
 from orchestrator.aggregate import (
     COLUMNS,
     HEADERS,
-    _percent,
-    _table,
+    accuracy_bars,
     attack_breakdown,
     attacks_described,
-    eval_device,
-    evaluate_ensemble,
-    final_attacks,
-    staged,
+    evaluate_row_task,
+    markdown_table,
+    percent,
 )
 from orchestrator.config import JobConfig
 from orchestrator.members import ModelPlan, psat_members
-from orchestrator.registry import build_ensemble
-from orchestrator.shards import materialize, read_arrays
+from orchestrator.shards import materialize
 from orchestrator.tracking import Tracker
 from orchestrator.training import connect_ray, data_uri, train_members
-from psat_core.metrics import evaluate_per_sample, summarize
 from psat_core.models import count_parameters, create_model
 
 ROLE = "reproduce"
@@ -67,11 +62,12 @@ def figure_dims(job: JobConfig) -> list[int]:
 
 def model_plans(job: JobConfig) -> list[ModelPlan]:
     """Every model the job trains, with one budget: Table 1's baselines, PSAT at each Figure 2
-    dimension, and H_NAT (Table 3) at ``model.embedding_dim``."""
+    dimension, and H_NAT (Table 3) at ``model.embedding_dim``; the costliest (one attack per
+    norm and step) first, so that the last models to start are quick ones."""
     norms = tuple(job.training.members)
-    plans = [ModelPlan("nat", "nat", (), None)]
+    plans = [ModelPlan(f"at_{method}", method, norms, None) for method in MULTI_NORM]
     plans += [ModelPlan(f"at_{norm}", "at", (norm,), None) for norm in norms]
-    plans += [ModelPlan(f"at_{method}", method, norms, None) for method in MULTI_NORM]
+    plans.append(ModelPlan("nat", "nat", (), None))
     for dim in figure_dims(job):
         plans += psat_members(job, dim, prefix=f"h{dim}_")
     if job.reproduce.nat_member:
@@ -103,41 +99,13 @@ def table_rows(job: JobConfig) -> dict[str, list[Row]]:
     return {
         "table1": [*baselines, psat],
         "table3": table3,
-        "table4": [psat, Row(f"psat_z{dim}_average", "Average", members, "average")],
+        "table4": [psat, Row(f"psat_z{dim}_average", "PSAT average", members, "average")],
         "figure2": figure,
     }
 
 
 def psat_names(norms: list[str], dim: int) -> tuple[str, ...]:
     return tuple(f"h{dim}_{n}" for n in norms)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-def evaluate_row(
-    job_dict: dict, checkpoints: dict[str, str], strategy: str | None, eval_uri: str
-) -> dict:
-    """One row on the eval split: its accuracies (every attack of `final_attacks`), its
-    trainable parameters and, for an ensemble, how often each member answered."""
-    job = JobConfig.model_validate(job_dict)
-    device = eval_device(job)
-    with staged(checkpoints) as dirs:
-        ensemble = build_ensemble(dirs).to(device)
-    data = read_arrays(eval_uri)
-    images, labels = data.to_float(), data.labels
-    parameters = sum(count_parameters(member) for member in ensemble.members)
-    if strategy is None:
-        torch.manual_seed(job.data.seed)
-        attacks = final_attacks(job, ensemble=False)
-        row = summarize(evaluate_per_sample(ensemble.members[0], images, labels, attacks))
-        return {"row": row, "parameters": parameters, "choice": {}, "samples": len(labels)}
-    ensemble.strategy = strategy
-    row, choice = evaluate_ensemble(job, ensemble, images, labels)
-    return {"row": row, "parameters": parameters, "choice": choice, "samples": len(labels)}
-
-
-evaluate_row_task = ray.remote(evaluate_row)
 
 
 # --------------------------------------------------------------------------- the paper's claims
@@ -164,7 +132,7 @@ def paper_claims(rows: Mapping[str, Mapping[str, float]], tables: dict[str, list
 
     def beats(table: str, text: str, other: Row, column: str) -> None:
         ours, theirs = rows[psat.key][column], rows[other.key][column]
-        evidence = f"{HEADERS[column]} {_percent(ours)} vs {other.label} {_percent(theirs)}"
+        evidence = f"{HEADERS[column]} {percent(ours)} vs {other.label} {percent(theirs)}"
         claims.append(Claim(table, text, ours > theirs, evidence))
 
     members = [r for r in tables["table3"] if r.strategy is None and r.label != "H_NAT"]
@@ -182,8 +150,8 @@ def paper_claims(rows: Mapping[str, Mapping[str, float]], tables: dict[str, list
                 "Table 3",
                 "adding H_NAT collapses adversarial accuracy (max and avg at most halved)",
                 collapsed,
-                f"max {_percent(before['max'])} -> {_percent(after['max'])}, "
-                f"avg {_percent(before['avg'])} -> {_percent(after['avg'])}",
+                f"max {percent(before['max'])} -> {percent(after['max'])}, "
+                f"avg {percent(before['avg'])} -> {percent(after['avg'])}",
             )
         )
     average = tables["table4"][1]
@@ -195,7 +163,7 @@ def paper_claims(rows: Mapping[str, Mapping[str, float]], tables: dict[str, list
 
 
 def _row_cells(row: Row, values: Mapping[str, float], extra: list[str]) -> list[str]:
-    return [row.label, *(_percent(values[c]) for c in COLUMNS), *extra]
+    return [row.label, *(percent(values[c]) for c in COLUMNS), *extra]
 
 
 def table_markdown(
@@ -204,33 +172,21 @@ def table_markdown(
     """One table as Markdown; Table 1 adds parameters and the saving against the plain ResNet."""
     header = ["Method", *(HEADERS[c] for c in COLUMNS)]
     if name != "table1":
-        return _table(header, [_row_cells(r, results[r.key]["row"], []) for r in rows])
+        return markdown_table(header, [_row_cells(r, results[r.key]["row"], []) for r in rows])
     cells = []
     for row in rows:
         parameters = results[row.key]["parameters"]
-        saving = "-" if row.strategy is None else f"↓ {_percent(1 - parameters / plain)}"
+        saving = "-" if row.strategy is None else f"↓ {percent(1 - parameters / plain)}"
         cells.append(_row_cells(row, results[row.key]["row"], [f"{parameters:,}", saving]))
-    return _table([*header, "# of Paras", "Paras Saving"], cells)
-
-
-def table_figure(title: str, rows: list[Row], results: Mapping[str, dict]) -> Figure:
-    """A table's accuracies as grouped bars, one group per column."""
-    fig = Figure(figsize=(11, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    width = 0.8 / len(rows)
-    for i, row in enumerate(rows):
-        xs = [j + (i - (len(rows) - 1) / 2) * width for j in range(len(COLUMNS))]
-        ax.bar(xs, [100 * results[row.key]["row"][c] for c in COLUMNS], width, label=row.label)
-    ax.set_xticks(range(len(COLUMNS)), [HEADERS[c] for c in COLUMNS])
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.legend(ncols=min(len(rows), 5), loc="upper center", fontsize="small")
-    return fig
+    return markdown_table([*header, "# of Paras", "Paras Saving"], cells)
 
 
 def figure2(
-    rows: list[Row], results: Mapping[str, dict], plain: int, baselines: Mapping[str, float]
+    dims: list[int],
+    rows: list[Row],
+    results: Mapping[str, dict],
+    plain: int,
+    baselines: Mapping[str, float],
 ) -> Figure:
     """Figure 2: PSAT's trade-off against its parameter share of the plain ResNet, one point
     per embedding dimension, with the best single- and multi-perturbation baselines."""
@@ -239,8 +195,8 @@ def figure2(
     share = [100 * results[r.key]["parameters"] / plain for r in rows]
     trade = [100 * results[r.key]["row"]["trade_off"] for r in rows]
     ax.plot(share, trade, "o-", label="PSAT")
-    for row, x, y in zip(rows, share, trade, strict=True):
-        ax.annotate(row.label.removeprefix("PSAT ").replace("PSAT", "Table 1"), (x, y))
+    for dim, x, y in zip(dims, share, trade, strict=True):
+        ax.annotate(f"z={dim}", (x, y), textcoords="offset points", xytext=(4, 4))
     for (label, value), style in zip(baselines.items(), ("--", ":"), strict=True):
         ax.axhline(100 * value, linestyle=style, color="gray", label=label)
     ax.set_xlabel("parameters (% of the plain ResNet)")
@@ -286,7 +242,8 @@ def write_report(
     for name, title in TITLES.items():
         table = table_markdown(name, tables[name], results, plain)
         (out / f"{name}.md").write_text("\n".join([f"# {title}", "", *table]) + "\n")
-        table_figure(title, tables[name], results).savefig(out / f"{name}.png", dpi=120)
+        series = [(row.label, accuracies[row.key]) for row in tables[name]]
+        accuracy_bars(series, title).savefig(out / f"{name}.png", dpi=120)
         lines += ["", f"## {title}", "", *table, "", f"![{title}]({name}.png)"]
 
     best = {
@@ -294,22 +251,24 @@ def write_report(
         "best multi-norm AT": max(accuracies[f"at_{m}"]["trade_off"] for m in MULTI_NORM),
     }
     figure_rows = tables["figure2"]
-    figure2(figure_rows, results, plain, best).savefig(out / "figure2.png", dpi=120)
+    figure2(figure_dims(job), figure_rows, results, plain, best).savefig(
+        out / "figure2.png", dpi=120
+    )
     cells = [
         [
-            row.label,
+            f"PSAT z={dim}" + (" (Table 1)" if dim == job.model.embedding_dim else ""),
             f"{results[row.key]['parameters']:,}",
-            _percent(results[row.key]["parameters"] / plain),
-            _percent(accuracies[row.key]["trade_off"]),
+            percent(results[row.key]["parameters"] / plain),
+            percent(accuracies[row.key]["trade_off"]),
         ]
-        for row in figure_rows
+        for dim, row in zip(figure_dims(job), figure_rows, strict=True)
     ]
-    cells += [[label, "-", "-", _percent(value)] for label, value in best.items()]
+    cells += [[label, "-", "-", percent(value)] for label, value in best.items()]
     lines += [
         "",
         "## Figure 2: trade-off vs parameter share",
         "",
-        *_table(["Model", "Parameters", f"share of {plain:,}", "Trade-off"], cells),
+        *markdown_table(["Model", "Parameters", f"share of {plain:,}", "Trade-off"], cells),
         "",
         "![Figure 2](figure2.png)",
         "",

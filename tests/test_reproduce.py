@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.aggregate import evaluate_row
 from orchestrator.config import parse_config
 from orchestrator.reproduce import (
     Row,
-    evaluate_row,
     model_plans,
     paper_claims,
     table_rows,
