@@ -19,7 +19,7 @@ def psat(*args, cwd, timeout=600, env=None):
     )
 
 
-@pytest.mark.parametrize("command", ["run", "train", "sweep", "aggregate", "evaluate"])
+@pytest.mark.parametrize("command", ["run", "train", "sweep", "aggregate", "evaluate", "reproduce"])
 def test_missing_config_is_one_line_and_writes_nothing(tmp_path, command):
     extra = ["--model", "models:/x@champion"] if command == "evaluate" else []
     proc = psat(command, "--config", "nope.yaml", *extra, cwd=tmp_path)
@@ -38,7 +38,17 @@ def test_malformed_yaml_is_one_line_and_writes_nothing(tmp_path):
 
 
 def test_every_subcommand_has_help(tmp_path):
-    for command in ["run", "train", "sweep", "aggregate", "evaluate", "pull", "params", "submit"]:
+    for command in [
+        "run",
+        "train",
+        "sweep",
+        "aggregate",
+        "evaluate",
+        "reproduce",
+        "pull",
+        "params",
+        "submit",
+    ]:
         proc = psat(command, "--help", cwd=tmp_path)
         assert proc.returncode == 0 and "usage: psat " + command in proc.stdout
 

@@ -145,3 +145,19 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
     ):
         assert row[name.split("/")[0]] <= row[name]
     assert "evaluating" in "\n".join(lines)
+
+
+@pytest.mark.parametrize(
+    ("section", "field"),
+    [
+        ({"reproduce": {"embedding_dims": [0, 8]}}, "reproduce.embedding_dims"),
+        ({"reproduce": {"concurrent_trainers": 0}}, "reproduce.concurrent_trainers"),
+        ({"evaluation": {"gate_temperature": -1}}, "evaluation.gate_temperature"),
+        ({"evaluation": {"adaptve": True}}, "evaluation.adaptve"),
+    ],
+)
+def test_bad_reproduce_settings_name_the_field(section, field):
+    from orchestrator.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        parse_config({"name": "r", **section})
