@@ -317,7 +317,7 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
     checkpoints = {name: result["checkpoint"] for name, result in trained.items()}
 
     tables = table_rows(job)
-    rows = _unique(tables)
+    rows = sorted(_unique(tables), key=lambda row: -len(row.models))  # ensembles cost most
     manifest = materialize(job, data_uri(job), res.workers_per_member)
     task = evaluate_row_task.options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0)
     echo(f"evaluating {len(rows)} rows (Ray tasks): {', '.join(r.label for r in rows)}")

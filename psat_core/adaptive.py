@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from psat_core.attacks import PGD, AttackConfig, ThreatModel, _loss_and_wrong, _Worst, eval_mode
-from psat_core.ensemble import PSATEnsemble, entropy
+from psat_core.ensemble import STRATEGIES, PSATEnsemble, entropy
 
 
 class SoftGate(nn.Module):
@@ -46,8 +46,7 @@ class SoftGate(nn.Module):
         log_w = F.log_softmax(-entropy(member_logits) / self.temperature, dim=0)  # M x N
         log_p = F.log_softmax(member_logits, dim=-1)
         soft = torch.logsumexp(log_w[..., None] + log_p, dim=0)  # N x C
-        with torch.no_grad():
-            value = self.ensemble.forward_with_choice(x)[0]
+        value = STRATEGIES[self.ensemble.strategy](member_logits.detach())[0]
         return value + (soft - soft.detach())
 
 
@@ -78,9 +77,9 @@ class ConfidentWrongMember:
     """Make one member confidently wrong so that the gate picks it; keep what fools the gate.
 
     For each member ``m``, PGD ascends ``log P_m(wrong) - H(f_m)``: the probability mass off the
-    true class up, the member's entropy (eq. 12's gate criterion) down. Every iterate of every
-    member is scored by the whole ensemble; per example the one it misclassifies (then the one
-    with the highest ensemble loss) is returned.
+    true class up, the member's entropy (eq. 12's gate criterion) down. Each member's last
+    iterate is scored by the whole ensemble; per example the one it misclassifies (then the one
+    with the highest ensemble loss) is returned. Cost: one PGD run on the ensemble.
     """
 
     def __init__(self, threat: ThreatModel, steps: int, step_size: float) -> None:
@@ -107,8 +106,8 @@ class ConfidentWrongMember:
                     (grad,) = torch.autograd.grad(objective, delta)
                     delta = self.threat.step(delta.detach(), grad, self.step_size, x)
                     delta = self.threat.project(delta, x)
-                    with torch.no_grad():
-                        worst.update(delta, *_loss_and_wrong(model, x + delta, y))
+                with torch.no_grad():
+                    worst.update(delta, *_loss_and_wrong(model, x + delta, y))
         return worst.result(x).x_adv
 
     def __repr__(self) -> str:
