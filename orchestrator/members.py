@@ -54,7 +54,9 @@ class ModelPlan:
         return self.norms[0] if self.method == "at" else self.method
 
 
-def psat_members(job: JobConfig, embedding_dim: int | None = None, prefix: str = "") -> list:
+def psat_members(
+    job: JobConfig, embedding_dim: int | None = None, prefix: str = ""
+) -> list[ModelPlan]:
     """The PSAT members of ``job``: one hypernetwork per norm of ``training.members`` (eq. 9)."""
     dim = embedding_dim or job.model.embedding_dim
     return [ModelPlan(f"{prefix}{norm}", "at", (norm,), dim) for norm in job.training.members]

@@ -81,7 +81,7 @@ def table_rows(job: JobConfig) -> dict[str, list[Row]]:
     the same object, evaluated once."""
     norms = list(job.training.members)
     dim = job.model.embedding_dim
-    members = psat_names(norms, dim)
+    members = psat_names(job, dim)
     psat = Row(f"psat_z{dim}", "PSAT", members, "lowest_entropy")
     label = {"linf": "ℓ∞", "l2": "ℓ2", "l1": "ℓ1", "max": "max", "avg": "avg", "msd": "msd"}
     baselines = [Row("nat", "NAT", ("nat",))]
@@ -93,7 +93,7 @@ def table_rows(job: JobConfig) -> dict[str, list[Row]]:
         table3 = [Row(nat, "H_NAT", (nat,)), *table3]
         table3.append(Row(f"psat_z{dim}_nat", "+ H_NAT", (*members, nat), "lowest_entropy"))
     figure = [
-        psat if z == dim else Row(f"psat_z{z}", f"PSAT z={z}", psat_names(norms, z), psat.strategy)
+        psat if z == dim else Row(f"psat_z{z}", f"PSAT z={z}", psat_names(job, z), psat.strategy)
         for z in figure_dims(job)
     ]
     return {
@@ -104,8 +104,9 @@ def table_rows(job: JobConfig) -> dict[str, list[Row]]:
     }
 
 
-def psat_names(norms: list[str], dim: int) -> tuple[str, ...]:
-    return tuple(f"h{dim}_{n}" for n in norms)
+def psat_names(job: JobConfig, dim: int) -> tuple[str, ...]:
+    """The run names of PSAT's members at embedding dimension ``dim``: ``h<dim>_<norm>``."""
+    return tuple(plan.name for plan in psat_members(job, dim, prefix=f"h{dim}_"))
 
 
 # --------------------------------------------------------------------------- the paper's claims
