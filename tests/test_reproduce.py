@@ -60,7 +60,7 @@ def test_claims_follow_the_numbers(psat_wins):
     delta = 0.1 if psat_wins else -0.1
     rows = {row.key: _row(trade_off=0.4, max=0.2) for rows in tables.values() for row in rows}
     rows["psat_z8"] = _row(trade_off=0.4 + delta, max=0.2 + delta)
-    rows["psat_z8_nat"] = _row(max=0.0 if psat_wins else 0.3, avg=0.0 if psat_wins else 0.3)
+    rows["psat_z8_nat"] = _row(avg=0.15 if psat_wins else 0.16)  # PSAT's avg: 0.3
     claims = paper_claims(rows, tables)
     assert len(claims) == 1 + 3 + 1 + 1  # best member, max/avg/msd, + H_NAT, Table 4
     assert all(claim.holds is psat_wins for claim in claims)
