@@ -42,7 +42,8 @@ def bare(job, manifest) -> float:
         model = member_spec(job, plan).build()
         optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
         scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps)
-        inputs = training_inputs("at", {plan.label: job.attack_configs("train")[plan.label]})
+        train_attacks = job.attack_configs("train")
+        inputs = training_inputs(plan.method, {n: train_attacks[n] for n in plan.norms})
         for epoch in range(cfg.epochs):
             train_epoch(
                 model, train, optimizer, scheduler, inputs,

@@ -83,10 +83,12 @@ def table_rows(job: JobConfig) -> dict[str, list[Row]]:
     dim = job.model.embedding_dim
     members = psat_names(job, dim)
     psat = Row(f"psat_z{dim}", "PSAT", members, "lowest_entropy")
-    label = {"linf": "ℓ∞", "l2": "ℓ2", "l1": "ℓ1", "max": "max", "avg": "avg", "msd": "msd"}
     baselines = [Row("nat", "NAT", ("nat",))]
-    baselines += [Row(f"at_{m}", f"AT_{label[m]}", (f"at_{m}",)) for m in [*norms, *MULTI_NORM]]
-    hyper = [Row(f"h{dim}_{n}", f"H_{label[n]}", (f"h{dim}_{n}",)) for n in norms]
+    baselines += [
+        Row(f"at_{m}", f"AT_{HEADERS[m] if m in norms else m}", (f"at_{m}",))
+        for m in [*norms, *MULTI_NORM]
+    ]
+    hyper = [Row(f"h{dim}_{n}", f"H_{HEADERS[n]}", (f"h{dim}_{n}",)) for n in norms]
     table3 = hyper + [psat]
     if job.reproduce.nat_member:
         nat = f"h{dim}_nat"
