@@ -44,8 +44,14 @@ def connect_ray(job: JobConfig, cpus_needed: float) -> None:
         # address="local": a new Ray of our own, even if another one runs on this machine.
         # The dashboard stays: Train's PlacementGroupCleaner asks its state API whether the
         # controller lives, and without it every trainer's shutdown waits out a 12 s timeout.
+        # One machine is never preempted: no PreemptionWatcher process per trainer.
         cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
-        ray.init(address="local", num_cpus=cpus, log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
+        )
 
 
 def board_name(job: JobConfig) -> str:

@@ -47,6 +47,16 @@ def local_ray():
     ray.shutdown()
 
 
+@pytest.fixture
+def own_ray():
+    """The code under test starts its own local Ray (`connect_ray`); stop it after the test."""
+    import ray
+
+    assert not ray.is_initialized()
+    yield ray
+    ray.shutdown()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models gain nothing from threads, which crawl when other jobs share the cores."""

@@ -238,15 +238,8 @@ def test_bad_members_are_one_error_and_register_nothing(
     assert not ray.is_initialized()  # failed before any Ray work
 
 
-@pytest.fixture
-def shutdown_ray_after():
-    """aggregate() starts its own local Ray here; stop it after the test."""
-    yield
-    ray.shutdown()
-
-
 @pytest.mark.slow
-def test_aggregate_end_to_end(tmp_path, members, monkeypatch, shutdown_ray_after, torch_threads):
+def test_aggregate_end_to_end(tmp_path, members, monkeypatch, own_ray, torch_threads):
     monkeypatch.chdir(tmp_path)
     job = tiny_job(tmp_path)
     train = _train_run(Tracker(job), job, members)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
+from ray.util.state import list_actors
 
 from orchestrator.config import deep_merge, parse_config
 from orchestrator.training import board_name, train_members
@@ -38,10 +39,15 @@ PACED = {
 }
 
 
-def test_members_train_concurrently_and_are_tracked(local_ray, tiny_job):
+def test_members_train_concurrently_and_are_tracked(own_ray, tiny_job):
     job = parse_config(tiny_job("concurrent", **PACED))
-    results = train_members(job, echo=lambda line: None)
+    results = train_members(job, echo=lambda line: None)  # starts a local Ray of its own
     assert set(results) == {"linf", "l2", "l1"}
+    # one Ray Train controller per member; one machine runs no preemption watchers
+    gcs = own_ray.get_runtime_context().gcs_address
+    actors = list_actors(address=gcs, limit=10_000, raise_on_missing_output=False)
+    assert sum(a.class_name == "TrainController" for a in actors) == 3
+    assert not [a for a in actors if a.class_name == "PreemptionWatcher"]
     client, runs = _member_runs(job)
     intervals = {}
     for norm, run in runs.items():
