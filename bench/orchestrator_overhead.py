@@ -31,14 +31,7 @@ from psat_core.attacks import make_attacks
 from psat_core.metrics import evaluate_robustness
 from psat_core.train import make_optimizer, make_scheduler, train_epoch, training_inputs
 
-RAY_TRAIN_ACTORS = (
-    "TrainController",
-    "PlacementGroupCleaner",
-    "SynchronizationActor",
-    "DatasetManager",
-    "PreemptionWatcher",
-)
-RAY_SYSTEM = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py", "Agent", "IDLE")
+RAY_SYSTEM = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py")
 
 
 class CpuAccount:
@@ -102,12 +95,10 @@ def _kind(pid: int, title: str) -> str:
         return "driver (this process: ray.init, shards, MLflow, progress)"
     if "ray::RayTrainWorker" in title:
         return "Ray Train workers (the training itself)"
-    if any(f"ray::{name}" in title for name in RAY_TRAIN_ACTORS):
-        return "Ray Train actors per trainer (" + ", ".join(RAY_TRAIN_ACTORS) + ")"
-    if title.startswith("ray::"):
-        return title.split()[0]
+    if title.startswith("ray::"):  # an actor: Train's controller, cleaner, ...; our board
+        return title.split()[0].split(".")[0]
     if any(name in title for name in RAY_SYSTEM):
-        return "Ray system (gcs, raylet, dashboard, agents, log monitor)"
+        return "Ray system (gcs, raylet, dashboard and its modules, log monitor)"
     return f"other: {Path(title.split()[0]).name if title else '(exited before its first sample)'}"
 
 
