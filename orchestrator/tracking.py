@@ -12,6 +12,7 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ConfigError, JobConfig
@@ -44,6 +45,19 @@ def artifact_location(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
 
 
+def ensure_experiment(client: MlflowClient, name: str, location: str | None) -> str:
+    """The id of experiment `name`, created if missing; jobs that start together race for it."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # another job created it
+
+
 class Tracker:
     """A job's MLflow experiment, with get-or-create helpers for its runs."""
 
@@ -52,13 +66,9 @@ class Tracker:
         self.uri = job.tracking.resolved_uri()
         mlflow.set_tracking_uri(self.uri)
         self.client = MlflowClient(self.uri)
-        experiment = self.client.get_experiment_by_name(job.tracking.experiment)
-        if experiment is None:
-            self.experiment_id = self.client.create_experiment(
-                job.tracking.experiment, artifact_location=artifact_location(self.uri)
-            )
-        else:
-            self.experiment_id = experiment.experiment_id
+        self.experiment_id = ensure_experiment(
+            self.client, job.tracking.experiment, artifact_location(self.uri)
+        )
 
     def find(self, **tags: str) -> Run | None:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
