@@ -85,8 +85,9 @@ class CpuAccount:
         for pid, (title, cpu) in self.last.items():
             used = cpu - self.base.get(pid, ("", 0.0))[1]
             if used >= 0.05:
-                kinds[_kind(pid, title)][0] += used
-                kinds[_kind(pid, title)][1] += 1
+                kind = kinds[_kind(pid, title)]
+                kind[0] += used
+                kind[1] += 1
         return dict(sorted(((k, tuple(v)) for k, v in kinds.items()), key=lambda kv: -kv[1][0]))
 
 

@@ -252,10 +252,8 @@ def write_report(
         "best single-norm AT": max(accuracies[f"at_{n}"]["trade_off"] for n in norms),
         "best multi-norm AT": max(accuracies[f"at_{m}"]["trade_off"] for m in MULTI_NORM),
     }
-    figure_rows = tables["figure2"]
-    figure2(figure_dims(job), figure_rows, results, plain, best).savefig(
-        out / "figure2.png", dpi=120
-    )
+    figure_rows, dims = tables["figure2"], figure_dims(job)
+    figure2(dims, figure_rows, results, plain, best).savefig(out / "figure2.png", dpi=120)
     cells = [
         [
             f"PSAT z={dim}" + (" (Table 1)" if dim == job.model.embedding_dim else ""),
@@ -263,7 +261,7 @@ def write_report(
             percent(results[row.key]["parameters"] / plain),
             percent(accuracies[row.key]["trade_off"]),
         ]
-        for dim, row in zip(figure_dims(job), figure_rows, strict=True)
+        for dim, row in zip(dims, figure_rows, strict=True)
     ]
     cells += [[label, "-", "-", percent(value)] for label, value in best.items()]
     lines += [
