@@ -498,6 +498,7 @@ def aggregate(
     *,
     train_run: str | None = None,
     force_champion: bool | None = None,
+    partial: bool = False,
 ) -> AggregateResult:
     """Evaluate, log and register the PSAT ensemble of ``job``.
 
@@ -509,15 +510,25 @@ def aggregate(
         train_run: the MLflow run id of the training job to take the members from.
         force_champion: move ``champion`` to the new version whatever its trade-off
             (default ``job.registry.force_champion``).
+        partial: allow members that do not cover ``job.training.members``; such an ensemble
+            takes ``champion`` only when forced.
 
     Raises:
         ValueError: an unknown training run, a member without a checkpoint, a checkpoint of
-            the wrong architecture, members that do not fit the job. Nothing is logged or
-            registered then.
+            the wrong architecture, members that do not fit the job, members missing a norm
+            of ``job.training.members`` (unless ``partial``). Nothing is logged or registered
+            then.
     """
     tracker = Tracker(job)
     if members is None:
         members = member_checkpoints(job, tracker, train_run)
+    missing = [norm for norm in job.training.members if norm not in members]
+    if missing and not partial:
+        raise ValueError(
+            f"the members to aggregate ({', '.join(members) or 'none'}) miss training.members "
+            f"{', '.join(missing)}; train or sweep those norms, or pass --allow-partial to "
+            "register a partial ensemble (it takes champion only with --force-champion)"
+        )
     members = {name: _location(str(location), "") for name, location in members.items()}
     force = job.registry.force_champion if force_champion is None else force_champion
     strategy = job.registry.strategy
@@ -564,6 +575,7 @@ def aggregate(
                 trade_off=evaluation["rows"][strategy]["trade_off"],
                 strategy=strategy,
                 force_champion=force,
+                partial=bool(missing),
                 input_example=example,
                 tags={JOB_TAG: job.name},
                 tracking_uri=tracker.uri,

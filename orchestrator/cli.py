@@ -10,14 +10,23 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
 
-from orchestrator.config import ConfigError, TrackingConfig, load_config, parse_overrides
+from orchestrator.config import (
+    ConfigError,
+    TrackingConfig,
+    check_cluster_locations,
+    in_ray_job,
+    load_config,
+    parse_overrides,
+)
 from psat_core.accounting import parameter_report
 from psat_core.data import DatasetNotFoundError
 
 log = logging.getLogger("psat")
+QUIET_LIBRARIES = ("ray", "mlflow", "matplotlib")
 USER_ERRORS = (
     ConfigError,
     DatasetNotFoundError,
@@ -29,7 +38,10 @@ USER_ERRORS = (
 
 
 def _job_config(args: argparse.Namespace):
-    return load_config(args.config, parse_overrides(args.set))
+    job = load_config(args.config, parse_overrides(args.set))
+    if in_ray_job():  # Ray's working dir is temporary: nothing may be written relative to it
+        check_cluster_locations(job, args.command)
+    return job
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -48,7 +60,9 @@ def _aggregate(args: argparse.Namespace) -> int:
     job = _job_config(args)
     members = best_checkpoints(job) if args.from_sweep else None
     force = True if args.force_champion else None
-    aggregate(job, members, train_run=args.train_run, force_champion=force)
+    aggregate(
+        job, members, train_run=args.train_run, force_champion=force, partial=args.allow_partial
+    )
     return 0
 
 
@@ -95,7 +109,16 @@ def _submit(args: argparse.Namespace) -> int:
     from orchestrator.submit import submit
 
     return submit(
-        args.job, args.config, args.address, args.set, args.token, follow=not args.no_follow
+        args.job,
+        JOBS[args.job].module,
+        args.config,
+        args.address,
+        args.set,
+        job_arguments(args, JOBS[args.job].options),
+        token=args.token,
+        env_names=args.env,
+        follow=not args.no_follow,
+        verbose=args.verbose,
     )
 
 
@@ -107,8 +130,64 @@ def _params(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_job(commands, name: str, run: Callable, help: str) -> argparse.ArgumentParser:
-    parser = commands.add_parser(name, help=help, description=help)
+def _aggregate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--from-sweep", action="store_true", help="take each norm's best trial of the job's sweep"
+    )
+    parser.add_argument("--train-run", help="MLflow run id of the training job to aggregate")
+    parser.add_argument(
+        "--force-champion", action="store_true", help="move `champion` whatever the trade-off"
+    )
+    parser.add_argument(
+        "--allow-partial",
+        action="store_true",
+        help="register an ensemble of fewer members than training.members (never champion "
+        "without --force-champion)",
+    )
+
+
+def _evaluate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/N")
+
+
+@dataclass(frozen=True)
+class JobCommand:
+    run: Callable[[argparse.Namespace], int]
+    help: str
+    module: str | None = None  # what Ray Jobs run: `python -m MODULE`; None: not submittable
+    options: Callable[[argparse.ArgumentParser], None] | None = None  # the job's own flags
+
+
+JOBS = {
+    "train": JobCommand(
+        _train, "train the l_inf, l_2 and l_1 members concurrently on Ray", "jobs.train_members"
+    ),
+    "sweep": JobCommand(
+        _sweep, "Ray Tune sweep over embedding dimension and PGD settings", "jobs.sweep"
+    ),
+    "run": JobCommand(
+        _run, "end to end: train the members, aggregate, register in MLflow", "jobs.run"
+    ),
+    "reproduce": JobCommand(
+        _reproduce,
+        "the paper's Tables 1, 3, 4 and Figure 2: baselines and PSAT trained on Ray, evaluated",
+        "jobs.reproduce",
+    ),
+    "aggregate": JobCommand(
+        _aggregate,
+        "evaluate the ensemble, report, register it in MLflow",
+        "jobs.aggregate",
+        _aggregate_options,
+    ),
+    "evaluate": JobCommand(
+        _evaluate,
+        "Table-1 metrics of a registered ensemble on the job data",
+        options=_evaluate_options,
+    ),
+}
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser, options: Callable | None) -> None:
     parser.add_argument("--config", required=True, help="job YAML file (see jobs/configs/)")
     parser.add_argument(
         "--set",
@@ -117,54 +196,70 @@ def _add_job(commands, name: str, run: Callable, help: str) -> argparse.Argument
         metavar="SECTION.FIELD=VALUE",
         help="override one config field, e.g. --set training.epochs=2 (repeatable)",
     )
-    parser.set_defaults(run=run)
-    return parser
+    if options is not None:
+        options(parser)
+
+
+def job_arguments(args: argparse.Namespace, options: Callable | None) -> list[str]:
+    """The job's own options in `args` (not --config/--set) as command-line words again."""
+    if options is None:
+        return []
+    parser = argparse.ArgumentParser(add_help=False)
+    options(parser)
+    words: list[str] = []
+    for action in parser._actions:
+        value, flag = getattr(args, action.dest), action.option_strings[0]
+        if isinstance(action, argparse._StoreTrueAction):
+            words += [flag] if value else []
+        elif value is not None:
+            words += [flag, str(value)]
+    return words
+
+
+def _add_submit(commands) -> None:
+    submit = commands.add_parser(
+        "submit",
+        help="submit a job to a Ray cluster (Ray Jobs API), follow its logs, exit with its status",
+        description="Run a psat job on a Ray cluster with the same options as locally. psat's "
+        "code and the config travel with the job; MLFLOW_TRACKING_URI is forwarded.",
+    )
+    jobs = submit.add_subparsers(dest="job", required=True, metavar="JOB")
+    for name, command in JOBS.items():
+        if command.module is None:
+            continue
+        parser = jobs.add_parser(name, help=command.help, description=command.help)
+        _add_job_arguments(parser, command.options)
+        parser.add_argument(
+            "--address", required=True, help="the head's dashboard, http://HOST:8265"
+        )
+        parser.add_argument(
+            "--token", help="Ray auth token (default: $RAY_AUTH_TOKEN, ~/.ray/auth_token)"
+        )
+        parser.add_argument(
+            "--env",
+            action="append",
+            default=[],
+            metavar="NAME[=VALUE]",
+            help="also send this environment variable to the job (repeatable)",
+        )
+        parser.add_argument("--no-follow", action="store_true", help="print the job id and return")
+    submit.set_defaults(run=_submit)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="psat", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_job(commands, "train", _train, "train the l_inf, l_2 and l_1 members concurrently on Ray")
-    _add_job(commands, "sweep", _sweep, "Ray Tune sweep over embedding dimension and PGD settings")
-    _add_job(commands, "run", _run, "end to end: train the members, aggregate, register in MLflow")
-    _add_job(
-        commands,
-        "reproduce",
-        _reproduce,
-        "the paper's Tables 1, 3, 4 and Figure 2: baselines and PSAT trained on Ray, evaluated",
-    )
-    aggregate = _add_job(
-        commands, "aggregate", _aggregate, "evaluate the ensemble, report, register it in MLflow"
-    )
-    aggregate.add_argument(
-        "--from-sweep", action="store_true", help="take each norm's best trial of the job's sweep"
-    )
-    aggregate.add_argument("--train-run", help="MLflow run id of the training job to aggregate")
-    aggregate.add_argument(
-        "--force-champion", action="store_true", help="move `champion` whatever the trade-off"
-    )
-    evaluate = _add_job(
-        commands, "evaluate", _evaluate, "Table-1 metrics of a registered ensemble on the job data"
-    )
-    evaluate.add_argument("--model", required=True, help="models:/NAME@ALIAS or models:/NAME/N")
+    for name, command in JOBS.items():
+        job = commands.add_parser(name, help=command.help, description=command.help)
+        _add_job_arguments(job, command.options)
+        job.set_defaults(run=command.run)
     pull = commands.add_parser("pull", help="download and verify a registered ensemble")
     pull.add_argument("uri", help="models:/NAME@champion, models:/NAME/3, ...")
     pull.add_argument("--dst", help="download folder (default ~/.psat/models/NAME/vN)")
     pull.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
     pull.set_defaults(run=_pull)
-
-    submit = commands.add_parser(
-        "submit",
-        help="submit a job to a Ray cluster (Ray Jobs API), follow its logs, exit with its status",
-    )
-    submit.add_argument("job", choices=["train", "sweep", "aggregate", "run", "reproduce"])
-    submit.add_argument("--config", required=True, help="job YAML inside this project")
-    submit.add_argument("--address", required=True, help="the head's dashboard, http://HOST:8265")
-    submit.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE")
-    submit.add_argument("--token", help="Ray auth token (default: $RAY_AUTH_TOKEN, ~/.ray/...)")
-    submit.add_argument("--no-follow", action="store_true", help="print the job id and return")
-    submit.set_defaults(run=_submit)
+    _add_submit(commands)
 
     params = commands.add_parser(
         "params", help="parameters of one member, the PSAT ensemble and the plain ResNet"
@@ -184,6 +279,9 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # their INFO chatter (uploads, "View run" links) drowns psat's progress
+        for name in QUIET_LIBRARIES:
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.run(args)
     except USER_ERRORS as err:
@@ -193,8 +291,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def job_main(command: str) -> int:
-    """Entry point of `python -m jobs.<name> --config ...` (what `ray job submit` runs)."""
-    return main([command, *sys.argv[1:]])
+    """Entry point of `python -m jobs.<name> [-v] --config ...` (what `ray job submit` runs)."""
+    args = sys.argv[1:]
+    verbose = [a for a in args if a in ("-v", "--verbose")]
+    return main([*verbose[:1], command, *(a for a in args if a not in verbose)])
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
+import psat_core
 from psat_core.checkpoint import SPEC_FILE, STATE_FILE, MemberSpec, load_member, read_spec
 from psat_core.data import dataset_info
 from psat_core.ensemble import STRATEGIES, PSATEnsemble
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 MODEL_PATH = "ensemble"  # the model's name inside its run
 CANDIDATE, CHAMPION = "candidate", "champion"
 TRADE_OFF_TAG, STRATEGY_TAG = "psat.trade_off", "psat.strategy"
-MEMBERS_TAG, RUN_TAG = "psat.members", "psat.run_id"
+MEMBERS_TAG, RUN_TAG, PARTIAL_TAG = "psat.members", "psat.run_id", "psat.partial"
 EXAMPLE_SIZE = 4
 PREDICT_BATCH = 256
 OUTPUT_COLUMNS = ("class", "probability", "member")
@@ -221,9 +222,14 @@ def signature(shape: tuple[int, int, int], strategy: str) -> ModelSignature:
 
 
 def pip_requirements() -> list[str]:
-    """The versions this model was logged with; psat itself must be installed where it loads."""
-    packages = ("psat", "torch", "mlflow", "numpy", "pandas")
-    return [f"{p}=={importlib.metadata.version(p).split('+')[0]}" for p in packages]
+    """The versions this model was logged with; psat itself must be installed where it loads.
+
+    psat's version is its code's (`psat_core.__version__`): on a cluster the code travels as
+    py_modules, with no installed distribution to ask.
+    """
+    packages = ("torch", "mlflow", "numpy", "pandas")
+    versions = [f"{p}=={importlib.metadata.version(p).split('+')[0]}" for p in packages]
+    return [f"psat=={psat_core.__version__}", *versions]
 
 
 # --------------------------------------------------------------------------- registration
@@ -248,8 +254,10 @@ class Registration:
         if self.champion:
             before = f"v{self.previous_champion}" if self.previous_champion else "none"
             outcome = f"{CHAMPION} -> v{self.version} (was {before})"
-        else:
+        elif self.previous_champion is not None:
             outcome = f"{CHAMPION} stays v{self.previous_champion}"
+        else:
+            outcome = f"no {CHAMPION} yet (a partial ensemble takes it only when forced)"
         return [
             f"registered {self.uri} (trade-off {self.trade_off:.4f}), {CANDIDATE} -> "
             f"v{self.version}, {outcome}",
@@ -339,13 +347,15 @@ def register_ensemble(
     trade_off: float,
     strategy: str = "lowest_entropy",
     force_champion: bool = False,
+    partial: bool = False,
     input_example: np.ndarray | None = None,
     tags: Mapping[str, str] | None = None,
     tracking_uri: str | None = None,
 ) -> Registration:
     """Log the ensemble into run ``run_id``, register it as a new version of ``model_name``,
     point ``candidate`` at it, and move ``champion`` to it when ``trade_off`` beats the
-    current champion's (or ``force_champion``; the first version always becomes champion).
+    current champion's (or ``force_champion``; the first version becomes champion unless it
+    is ``partial``, an ensemble missing some of the job's norms, which needs the force).
 
     Invalid members raise before anything is logged or registered. Versions are never
     overwritten. Two registrations racing for ``champion`` both compare against the champion
@@ -358,21 +368,26 @@ def register_ensemble(
             STRATEGY_TAG: strategy,
             MEMBERS_TAG: ",".join(member_dirs),
             RUN_TAG: run_id,
+            PARTIAL_TAG: str(partial).lower(),
             **(tags or {}),
         }
         registered = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
         client = MlflowClient()
         version = int(registered.version)
         client.set_registered_model_alias(model_name, CANDIDATE, str(version))
-        champion, previous = _promote(client, model_name, version, trade_off, force_champion)
+        champion, previous = _promote(
+            client, model_name, version, trade_off, force_champion, partial
+        )
     return Registration(model_name, version, run_id, float(trade_off), champion, previous)
 
 
 def _promote(
-    client: MlflowClient, name: str, version: int, trade_off: float, force: bool
+    client: MlflowClient, name: str, version: int, trade_off: float, force: bool, partial: bool
 ) -> tuple[bool, int | None]:
     aliases = client.get_registered_model(name).aliases
     previous = int(aliases[CHAMPION]) if CHAMPION in aliases else None
+    if partial and not force:
+        return False, previous
     if previous is not None and not force:
         current = client.get_model_version(name, str(previous))
         recorded = current.tags.get(TRADE_OFF_TAG)

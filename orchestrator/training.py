@@ -38,7 +38,8 @@ def connect_ray(job: JobConfig, cpus_needed: float) -> None:
         return
     address = job.resources.address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address)
+        # worker and actor output (Ray Train's own chatter) stays in Ray's logs unless -v
+        ray.init(address=address, log_to_driver=log.isEnabledFor(logging.DEBUG))
     else:
         # progress comes through the ProgressBoard; worker logs stay in Ray's log files.
         # address="local": a new Ray of our own, even if another one runs on this machine.
@@ -146,7 +147,8 @@ def _on_event(tracker: Tracker, runs: dict, event: dict, epochs: int, echo) -> N
     name = event["member"]
     if event["kind"] == "start":
         tracker.client.log_metric(runs[name], "start_epoch", event["epoch"], step=event["epoch"])
-        where = "from scratch" if event["epoch"] == 0 else f"resuming at epoch {event['epoch']}"
+        done = event["epoch"]  # epochs already trained; progress lines count from 1
+        where = "from scratch" if done == 0 else f"resuming at epoch {done + 1}/{epochs}"
         echo(f"[{name}] started {where} (pid {event['pid']})")
         return
     epoch = event["epoch"]

@@ -280,3 +280,28 @@ def test_aggregate_end_to_end(tmp_path, members, monkeypatch, own_ray, torch_thr
     pd.testing.assert_frame_equal(
         predict_frame(loaded, images), predict_frame(build_ensemble(members), images)
     )
+
+
+def test_partial_sweep_is_refused_and_registers_nothing(tmp_path, members):
+    """A sweep that covered only l_inf: `psat aggregate --from-sweep` names the missing norms."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    job = tiny_job(tmp_path, name="partial")
+    sweep = tmp_path / "runs" / "partial" / "sweep"
+    sweep.mkdir(parents=True)
+    (sweep / "best.json").write_text(json.dumps({"linf": {"checkpoint": members["linf"]}}))
+    config = tmp_path / "partial.yaml"
+    config.write_text(yaml.safe_dump(job.model_dump(mode="json")))
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "aggregate", "--config", str(config),
+         "--from-sweep"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "miss training.members l2, l1" in line and "--allow-partial" in line
+    _nothing_registered(job)

@@ -30,6 +30,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.registry import (
     CANDIDATE,
     CHAMPION,
+    PARTIAL_TAG,
     TRADE_OFF_TAG,
     build_ensemble,
     load_ensemble,
@@ -158,13 +159,14 @@ def model_name(request) -> str:
     return "psat-" + "".join(c if c.isalnum() else "-" for c in request.node.name)
 
 
-def register(uri, tmp_path, members, name, trade_off, force=False):
+def register(uri, tmp_path, members, name, trade_off, force=False, partial=False):
     return register_ensemble(
         members,
         model_name=name,
         run_id=new_run(uri, tmp_path),
         trade_off=trade_off,
         force_champion=force,
+        partial=partial,
         tracking_uri=uri,
     )
 
@@ -199,6 +201,25 @@ def test_versions_and_aliases(store, tmp_path, members, request):
     assert client.get_model_version(name, "1").source == source
     assert float(client.get_model_version(name, "2").tags[TRADE_OFF_TAG]) == 0.20
     assert int(resolve(f"models:/{name}@{CHAMPION}").version) == 4
+
+
+def test_partial_ensemble_takes_champion_only_when_forced(tmp_path, members, request):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    name = model_name(request)
+    linf = {"linf": members["linf"]}
+    first = register(uri, tmp_path, linf, name, 0.9, partial=True)
+    assert (first.version, first.champion) == (1, False)
+    assert aliases(uri, name) == {CANDIDATE: 1}  # not even the first version's champion
+    assert "no champion yet" in first.lines()[0]
+    full = register(uri, tmp_path, members, name, 0.3)
+    assert full.champion and aliases(uri, name) == {CANDIDATE: 2, CHAMPION: 2}
+    better = register(uri, tmp_path, linf, name, 0.9, partial=True)  # a better trade-off
+    assert not better.champion and aliases(uri, name) == {CANDIDATE: 3, CHAMPION: 2}
+    forced = register(uri, tmp_path, linf, name, 0.1, force=True, partial=True)
+    assert forced.champion and aliases(uri, name) == {CANDIDATE: 4, CHAMPION: 4}
+    tags = MlflowClient(uri).get_model_version(name, "1").tags
+    assert tags[PARTIAL_TAG] == "true"
+    assert MlflowClient(uri).get_model_version(name, "2").tags[PARTIAL_TAG] == "false"
 
 
 FRESH = textwrap.dedent(

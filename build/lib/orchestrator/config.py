@@ -1,0 +1,364 @@
+"""The job configuration: one YAML file -> one validated `JobConfig`.
+
+Sections: data, model, attacks, evaluation, training, resources, storage, tracking, registry,
+sweep, reproduce.
+An invalid file raises `ConfigError` naming the field, the value and what is allowed, before any
+Ray or MLflow work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from psat_core.attacks import NORMS, AttackConfig, attack_defaults
+from psat_core.data import DATASETS, dataset_info
+from psat_core.models import ARCHS
+from psat_core.train import SCHEDULES
+
+Norm = Literal["linf", "l2", "l1"]
+
+
+def _one_of(kind: str, value: str, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {kind} {value!r}; allowed: {', '.join(allowed)}")
+    return value
+
+
+class ConfigError(ValueError):
+    """A configuration file that cannot be used; the message names file, field and value."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(Section):
+    dataset: str = "digits"
+    data_dir: str = "~/.psat/data"
+    download: bool = False
+    train_size: int | None = Field(None, gt=0, description="train on a fixed-seed subset")
+    val_size: int = Field(256, gt=0, description="held-out slice of the train split")
+    eval_size: int | None = Field(None, gt=0, description="test-split subset for evaluation")
+    seed: int = 0
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_dataset(cls, value: str) -> str:
+        return _one_of("dataset", value, DATASETS)
+
+
+class ModelConfig(Section):
+    arch: str = "resnet18"
+    embedding_dim: int = Field(64, gt=0)
+    reduction: Literal["sum", "avg", "max"] = "sum"
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, value: str) -> str:
+        return _one_of("arch", value, ARCHS)
+
+
+class AttackOverride(Section):
+    eps: float | None = Field(None, gt=0)
+    steps: int | None = Field(None, gt=0)
+    step_size: float | None = Field(None, gt=0)
+    restarts: int | None = Field(None, gt=0)
+    random_start: bool | None = None
+
+
+class AttacksConfig(Section):
+    """Per-norm overrides of `psat_core.attacks.attack_defaults` for training and evaluation."""
+
+    train: dict[Norm, AttackOverride] = {}
+    eval: dict[Norm, AttackOverride] = {}
+
+
+class EvaluationConfig(Section):
+    """What a final evaluation (aggregation, reproduction) attacks with, besides our own PGD.
+
+    `adaptive`: attacks on the lowest-entropy gate, in every ensemble evaluation
+    (psat_core.adaptive); `crosscheck`: torchattacks and foolbox attacks on every model
+    (psat_core.crosscheck). Both count under their norm and in `max`.
+    """
+
+    adaptive: bool = True
+    crosscheck: bool = True
+    gate_temperature: float = Field(0.1, gt=0, description="SoftGate's τ (entropy in nats)")
+
+
+class TrainingConfig(Section):
+    members: list[Norm] = Field(list(NORMS), min_length=1)
+    epochs: int = Field(10, gt=0)
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: str = "cosine"
+    amp: bool = True
+    seed: int = 0
+
+    @field_validator("schedule")
+    @classmethod
+    def _known_schedule(cls, value: str) -> str:
+        return _one_of("schedule", value, SCHEDULES)
+
+    @field_validator("members")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"members must be distinct norms, got {value}")
+        return value
+
+
+class ResourcesConfig(Section):
+    workers_per_member: int = Field(1, gt=0)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    torch_threads: int = Field(1, gt=0, description="torch threads per worker")
+    max_failures: int = Field(2, ge=0)
+    address: str | None = Field(None, description="Ray address; None: connect or start locally")
+
+
+class StorageConfig(Section):
+    path: str = "./psat_runs"
+
+    def resolved(self) -> str:
+        """Local paths become absolute (Ray workers run elsewhere); URIs stay as given."""
+        if "://" in self.path:
+            return self.path
+        return str(Path(self.path).expanduser().resolve())
+
+
+class TrackingConfig(Section):
+    uri: str | None = Field(None, description="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
+    experiment: str = "psat"
+
+    def resolved_uri(self) -> str:
+        uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+class RegistryConfig(Section):
+    model_name: str = "psat-ensemble"
+    strategy: Literal["lowest_entropy", "average"] = "lowest_entropy"
+    force_champion: bool = False
+
+
+SWEEP_PARAMS = ("norm", "embedding_dim", "steps", "step_size", "random_start", "lr")
+RANGE_PARAMS = ("step_size", "lr")
+
+
+class SweepRange(Section):
+    """A continuous range, sampled uniformly (log-uniformly when `log`)."""
+
+    low: float = Field(gt=0)
+    high: float = Field(gt=0)
+    log: bool = False
+
+
+class SweepConfig(Section):
+    """Ray Tune search over member settings; the evaluation threat model is never swept.
+
+    `space` maps a parameter of SWEEP_PARAMS to a list of values or (step_size, lr) a range.
+    With `search: grid` lists are crossed exhaustively; `random` and `optuna` sample them.
+    """
+
+    space: dict[str, list[Any] | SweepRange] = {"embedding_dim": [32, 64], "norm": list(NORMS)}
+    search: Literal["grid", "random", "optuna"] = "grid"
+    num_samples: int = Field(1, gt=0)
+    asha: bool = True
+    grace_period: int = Field(1, gt=0)
+    reduction_factor: float = Field(2, gt=1)
+    max_t: int | None = Field(None, gt=0, description="ASHA's epoch cap; default training.epochs")
+    max_concurrent_trials: int | None = Field(None, gt=0, description="default: from the cluster")
+
+    @field_validator("space")
+    @classmethod
+    def _known_params(cls, space: dict[str, Any]) -> dict[str, Any]:
+        for name, values in space.items():
+            if name not in SWEEP_PARAMS:
+                raise ValueError(
+                    f"unknown sweep parameter {name!r}; allowed: {', '.join(SWEEP_PARAMS)}"
+                )
+            if isinstance(values, SweepRange) and name not in RANGE_PARAMS:
+                raise ValueError(f"{name} takes a list of values, not a range")
+            if isinstance(values, list) and not values:
+                raise ValueError(f"{name} needs at least one value")
+        for norm in space.get("norm", []):
+            if norm not in NORMS:
+                raise ValueError(f"unknown norm {norm!r} in sweep space; allowed: {NORMS}")
+        for dim in space.get("embedding_dim", []):
+            if not isinstance(dim, int) or dim <= 0:
+                raise ValueError(f"embedding_dim values must be positive integers, got {dim!r}")
+        return space
+
+
+class ReproduceConfig(Section):
+    """The reproduction job: Table 1's baselines, PSAT, Table 3's H_NAT, Figure 2's dimensions.
+
+    Figure 2 trains a PSAT at every dimension of `embedding_dims` and at `model.embedding_dim`
+    (Tables 1, 3 and 4's). `concurrent_trainers` bounds how many models train at once (default:
+    as many as the cluster's CPUs, or GPUs with `resources.use_gpu`, hold).
+    """
+
+    embedding_dims: list[int] = [8, 16]
+    nat_member: bool = True
+    concurrent_trainers: int | None = Field(None, gt=0)
+    output: str = "./psat_reproduce"
+
+    @field_validator("embedding_dims")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if not value or any(dim <= 0 for dim in value):
+            raise ValueError(f"needs at least one positive dimension, got {value}")
+        return value
+
+
+class JobConfig(Section):
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    attacks: AttacksConfig = AttacksConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    training: TrainingConfig = TrainingConfig()
+    resources: ResourcesConfig = ResourcesConfig()
+    storage: StorageConfig = StorageConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    registry: RegistryConfig = RegistryConfig()
+    sweep: SweepConfig = SweepConfig()
+    reproduce: ReproduceConfig = ReproduceConfig()
+
+    def attack_configs(self, phase: Literal["train", "eval"]) -> dict[str, AttackConfig]:
+        """Dataset defaults with this file's overrides applied, for every norm."""
+        overrides = getattr(self.attacks, phase)
+        return attack_defaults(
+            self.data.dataset,
+            phase,
+            {norm: o.model_dump(exclude_none=True) for norm, o in overrides.items()},
+        )
+
+    @property
+    def dataset(self):
+        return dataset_info(self.data.dataset)
+
+
+def in_ray_job(env=os.environ) -> bool:
+    """True inside a Ray Jobs entrypoint (`ray job submit`, `psat submit`)."""
+    return "RAY_JOB_CONFIG_JSON_ENV_VAR" in env
+
+
+def _durable(location: str) -> bool:
+    """An absolute local path or a URI with a scheme that is not a relative local file."""
+    scheme, sep, rest = location.partition("://")
+    if not sep:
+        return Path(location).is_absolute()
+    if scheme in ("file", "sqlite"):
+        return rest.startswith("/")  # file:///abs, sqlite:////abs (sqlite:///rel is relative)
+    return True
+
+
+def check_cluster_locations(job: JobConfig, command: str, env=os.environ) -> None:
+    """Refuse locations that would not outlive a Ray job.
+
+    A Ray job runs in Ray's temporary copy of its working dir, deleted after the job: a relative
+    `storage.path`, MLflow store or `reproduce.output` would land there and be lost. `env` is
+    the job's environment (its MLFLOW_TRACKING_URI counts when `tracking.uri` is unset).
+    """
+    fix = "give an absolute path on storage every node shares, or a URI"
+    if not _durable(job.storage.path):
+        raise ConfigError(
+            f"storage.path {job.storage.path!r} is relative; inside a Ray job it would land in "
+            f"Ray's temporary working dir and be deleted: {fix} (e.g. /mnt/psat/runs, s3://…)"
+        )
+    uri = job.tracking.uri or env.get("MLFLOW_TRACKING_URI")
+    if uri is None:
+        raise ConfigError(
+            "tracking.uri is unset and MLFLOW_TRACKING_URI is not set: inside a Ray job the "
+            "default ./mlflow.db would land in Ray's temporary working dir and be deleted; "
+            "export MLFLOW_TRACKING_URI=http://HEAD:5000 (psat submit forwards it) or set "
+            "tracking.uri"
+        )
+    if not _durable(uri):
+        raise ConfigError(
+            f"tracking.uri {uri!r} is a relative local store; inside a Ray job it would land in "
+            f"Ray's temporary working dir and be deleted: use a tracking server "
+            "(http://HEAD:5000) or an absolute sqlite:////path"
+        )
+    if command == "reproduce" and not _durable(job.reproduce.output):
+        raise ConfigError(
+            f"reproduce.output {job.reproduce.output!r} is relative; inside a Ray job it would "
+            f"land in Ray's temporary working dir and be deleted: {fix}"
+        )
+
+
+def _format(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        value = e.get("input")
+        shown = "missing" if e["type"] == "missing" else f"value {value!r}"
+        lines.append(f"field '{field}': {shown}: {e['msg']}")
+    return "; ".join(lines)
+
+
+def parse_config(data: Any, source: str = "<config>", overrides: dict | None = None) -> JobConfig:
+    """Validate a mapping (e.g. parsed YAML) into a JobConfig; `overrides` are deep-merged first."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(data).__name__}")
+    if overrides:
+        data = deep_merge(data, overrides)
+    try:
+        config = JobConfig.model_validate(data)
+        for phase in ("train", "eval"):
+            config.attack_configs(phase)  # the merged attack settings must be valid too
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_format(err)}") from None
+    except ValueError as err:
+        raise ConfigError(f"{source}: {err}") from None
+    return config
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> JobConfig:
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+    return parse_config(data, str(path), overrides)
+
+
+def parse_overrides(pairs: list[str]) -> dict:
+    """`section.field=value` pairs (from --set) -> a nested dict; values are parsed as YAML."""
+    merged: dict = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects section.field=value, got {pair!r}")
+        node = merged
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(value)
+    return merged
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged

@@ -1,0 +1,359 @@
+"""The reproduction job: the paper's comparisons under one identical budget, checked harder.
+
+    config -> `train_members` (Ray Train, MLflow; role "reproduce"): Table 1's baselines on the
+       plain ResNet (NAT, AT_ℓ∞, AT_ℓ2, AT_ℓ1, AT_max, AT_avg, AT_msd), the PSAT members at
+       `model.embedding_dim` and at every Figure 2 dimension, and Table 3's H_NAT
+    -> one Ray task per evaluated row: clean, our PGD and the third-party cross-check on every
+       model, plus the adaptive attacks on the gate of every ensemble (`final_attacks`)
+    -> Tables 1, 3 and 4 (Markdown + PNG), Figure 2 (PNG), the paper's claims checked against
+       the numbers, results.json: into ``<reproduce.output>/<name>/`` and the MLflow run
+
+Every model gets the same architecture, epochs, optimizer and attacks (`training`,
+`attacks.train`); rows are evaluated on the same images with the same seed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import ray
+from matplotlib.figure import Figure
+
+from orchestrator.aggregate import (
+    COLUMNS,
+    HEADERS,
+    accuracy_bars,
+    attack_breakdown,
+    attacks_described,
+    evaluate_row_task,
+    markdown_table,
+    percent,
+)
+from orchestrator.config import JobConfig
+from orchestrator.members import ModelPlan, psat_members
+from orchestrator.shards import materialize
+from orchestrator.tracking import Tracker
+from orchestrator.training import connect_ray, data_uri, train_members
+from psat_core.models import count_parameters, create_model
+
+ROLE = "reproduce"
+MULTI_NORM = ("max", "avg", "msd")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One evaluated line of the tables: a single model, or an ensemble under a strategy."""
+
+    key: str
+    label: str
+    models: tuple[str, ...]  # plan names
+    strategy: str | None = None  # None: a single model
+
+
+def figure_dims(job: JobConfig) -> list[int]:
+    """Figure 2's embedding dimensions: ``reproduce.embedding_dims`` and ``model.embedding_dim``."""
+    return sorted({*job.reproduce.embedding_dims, job.model.embedding_dim})
+
+
+def model_plans(job: JobConfig) -> list[ModelPlan]:
+    """Every model the job trains, with one budget: Table 1's baselines, PSAT at each Figure 2
+    dimension, and H_NAT (Table 3) at ``model.embedding_dim``; the costliest (one attack per
+    norm and step) first, so that the last models to start are quick ones."""
+    norms = tuple(job.training.members)
+    plans = [ModelPlan(f"at_{method}", method, norms, None) for method in MULTI_NORM]
+    plans += [ModelPlan(f"at_{norm}", "at", (norm,), None) for norm in norms]
+    plans.append(ModelPlan("nat", "nat", (), None))
+    for dim in figure_dims(job):
+        plans += psat_members(job, dim, prefix=f"h{dim}_")
+    if job.reproduce.nat_member:
+        dim = job.model.embedding_dim
+        plans.append(ModelPlan(f"h{dim}_nat", "nat", (), dim))
+    return plans
+
+
+def table_rows(job: JobConfig) -> dict[str, list[Row]]:
+    """The rows of Tables 1, 3 and 4 and Figure 2, by table; a row shared by tables (PSAT) is
+    the same object, evaluated once."""
+    norms = list(job.training.members)
+    dim = job.model.embedding_dim
+    members = psat_names(job, dim)
+    psat = Row(f"psat_z{dim}", "PSAT", members, "lowest_entropy")
+    baselines = [Row("nat", "NAT", ("nat",))]
+    baselines += [
+        Row(f"at_{m}", f"AT_{HEADERS[m] if m in norms else m}", (f"at_{m}",))
+        for m in [*norms, *MULTI_NORM]
+    ]
+    hyper = [Row(f"h{dim}_{n}", f"H_{HEADERS[n]}", (f"h{dim}_{n}",)) for n in norms]
+    table3 = hyper + [psat]
+    if job.reproduce.nat_member:
+        nat = f"h{dim}_nat"
+        table3 = [Row(nat, "H_NAT", (nat,)), *table3]
+        table3.append(Row(f"psat_z{dim}_nat", "+ H_NAT", (*members, nat), "lowest_entropy"))
+    figure = [
+        psat if z == dim else Row(f"psat_z{z}", f"PSAT z={z}", psat_names(job, z), psat.strategy)
+        for z in figure_dims(job)
+    ]
+    return {
+        "table1": [*baselines, psat],
+        "table3": table3,
+        "table4": [psat, Row(f"psat_z{dim}_average", "PSAT average", members, "average")],
+        "figure2": figure,
+    }
+
+
+def psat_names(job: JobConfig, dim: int) -> tuple[str, ...]:
+    """The run names of PSAT's members at embedding dimension ``dim``: ``h<dim>_<norm>``."""
+    return tuple(plan.name for plan in psat_members(job, dim, prefix=f"h{dim}_"))
+
+
+# --------------------------------------------------------------------------- the paper's claims
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One qualitative claim of the paper, checked against this run's numbers."""
+
+    table: str
+    text: str
+    holds: bool
+    evidence: str
+
+    def line(self) -> str:
+        verdict = "holds" if self.holds else "does NOT hold"
+        return f"- {self.table}: {self.text} — **{verdict}** ({self.evidence})"
+
+
+def paper_claims(rows: Mapping[str, Mapping[str, float]], tables: dict[str, list[Row]]) -> list:
+    """The paper's comparisons, each with whether it holds here (rows: key -> accuracies)."""
+    psat = tables["table1"][-1]
+    claims = []
+
+    def beats(table: str, text: str, other: Row, column: str) -> None:
+        ours, theirs = rows[psat.key][column], rows[other.key][column]
+        evidence = f"{HEADERS[column]} {percent(ours)} vs {other.label} {percent(theirs)}"
+        claims.append(Claim(table, text, ours > theirs, evidence))
+
+    members = [r for r in tables["table3"] if r.strategy is None and r.label != "H_NAT"]
+    best = max(members, key=lambda r: rows[r.key]["trade_off"])
+    beats("Table 3", "PSAT's trade-off beats its best single-norm member", best, "trade_off")
+    for row in tables["table1"]:
+        if row.key in ("at_max", "at_avg", "at_msd"):
+            beats("Table 1", f"PSAT's trade-off beats {row.label}", row, "trade_off")
+    plus_nat = next((r for r in tables["table3"] if r.label == "+ H_NAT"), None)
+    if plus_nat is not None:
+        before, after = rows[psat.key], rows[plus_nat.key]
+        claims.append(
+            Claim(
+                "Table 3",
+                "adding H_NAT collapses adversarial accuracy (avg at least halved)",
+                after["avg"] <= before["avg"] / 2,
+                f"max {percent(before['max'])} -> {percent(after['max'])}, "
+                f"avg {percent(before['avg'])} -> {percent(after['avg'])}",
+            )
+        )
+    average = tables["table4"][1]
+    beats("Table 4", "lowest-entropy beats average inference on max", average, "max")
+    return claims
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _row_cells(row: Row, values: Mapping[str, float], extra: list[str]) -> list[str]:
+    return [row.label, *(percent(values[c]) for c in COLUMNS), *extra]
+
+
+def table_markdown(
+    name: str, rows: list[Row], results: Mapping[str, dict], plain: int
+) -> list[str]:
+    """One table as Markdown; Table 1 adds parameters and the saving against the plain ResNet."""
+    header = ["Method", *(HEADERS[c] for c in COLUMNS)]
+    if name != "table1":
+        return markdown_table(header, [_row_cells(r, results[r.key]["row"], []) for r in rows])
+    cells = []
+    for row in rows:
+        parameters = results[row.key]["parameters"]
+        saving = "-" if row.strategy is None else f"↓ {percent(1 - parameters / plain)}"
+        cells.append(_row_cells(row, results[row.key]["row"], [f"{parameters:,}", saving]))
+    return markdown_table([*header, "# of Paras", "Paras Saving"], cells)
+
+
+def figure2(
+    dims: list[int],
+    rows: list[Row],
+    results: Mapping[str, dict],
+    plain: int,
+    baselines: Mapping[str, float],
+) -> Figure:
+    """Figure 2: PSAT's trade-off against its parameter share of the plain ResNet, one point
+    per embedding dimension, with the best single- and multi-perturbation baselines."""
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    share = [100 * results[r.key]["parameters"] / plain for r in rows]
+    trade = [100 * results[r.key]["row"]["trade_off"] for r in rows]
+    ax.plot(share, trade, "o-", label="PSAT")
+    for dim, x, y in zip(dims, share, trade, strict=True):
+        ax.annotate(f"z={dim}", (x, y), textcoords="offset points", xytext=(4, 4))
+    for (label, value), style in zip(baselines.items(), ("--", ":"), strict=True):
+        ax.axhline(100 * value, linestyle=style, color="gray", label=label)
+    ax.set_xlabel("parameters (% of the plain ResNet)")
+    ax.set_ylabel("trade-off accuracy (%)")
+    ax.set_title("Trade-off vs parameter share (Figure 2)")
+    ax.legend(fontsize="small")
+    return fig
+
+
+TITLES = {
+    "table1": "Table 1: baselines and PSAT",
+    "table3": "Table 3: single hypernetworks, PSAT, PSAT + H_NAT",
+    "table4": "Table 4: lowest-entropy vs average inference",
+}
+
+
+def write_report(
+    job: JobConfig, tables: dict[str, list[Row]], results: dict[str, dict], out: Path
+) -> list[Claim]:
+    """Tables 1, 3, 4 (Markdown + PNG), Figure 2 (PNG), report.md and results.json in ``out``;
+    returns the paper's claims as checked here."""
+    norms = list(job.training.members)
+    info = job.dataset
+    plain_model = create_model(
+        job.model.arch, num_classes=info.num_classes, in_channels=info.in_channels
+    )
+    plain = count_parameters(plain_model)
+    accuracies = {key: result["row"] for key, result in results.items()}
+    claims = paper_claims(accuracies, tables)
+    samples = next(iter(results.values()))["samples"]
+    lines = [
+        f"# Reproduction `{job.name}`: {job.data.dataset}, {job.model.arch}",
+        "",
+        f"Every model: {job.training.epochs} epochs, batch {job.training.batch_size}, "
+        f"lr {job.training.lr} ({job.training.schedule}), the same training attacks; "
+        f"{samples} evaluation images. Attacks (robust points only, as in AutoAttack):",
+        *attacks_described(job),
+        "",
+        "## The paper's claims, checked here",
+        "",
+        *(claim.line() for claim in claims),
+    ]
+    for name, title in TITLES.items():
+        table = table_markdown(name, tables[name], results, plain)
+        (out / f"{name}.md").write_text("\n".join([f"# {title}", "", *table]) + "\n")
+        series = [(row.label, accuracies[row.key]) for row in tables[name]]
+        accuracy_bars(series, title).savefig(out / f"{name}.png", dpi=120)
+        lines += ["", f"## {title}", "", *table, "", f"![{title}]({name}.png)"]
+
+    best = {
+        "best single-norm AT": max(accuracies[f"at_{n}"]["trade_off"] for n in norms),
+        "best multi-norm AT": max(accuracies[f"at_{m}"]["trade_off"] for m in MULTI_NORM),
+    }
+    figure_rows, dims = tables["figure2"], figure_dims(job)
+    figure2(dims, figure_rows, results, plain, best).savefig(out / "figure2.png", dpi=120)
+    cells = [
+        [
+            f"PSAT z={dim}" + (" (Table 1)" if dim == job.model.embedding_dim else ""),
+            f"{results[row.key]['parameters']:,}",
+            percent(results[row.key]["parameters"] / plain),
+            percent(accuracies[row.key]["trade_off"]),
+        ]
+        for dim, row in zip(dims, figure_rows, strict=True)
+    ]
+    cells += [[label, "-", "-", percent(value)] for label, value in best.items()]
+    lines += [
+        "",
+        "## Figure 2: trade-off vs parameter share",
+        "",
+        *markdown_table(["Model", "Parameters", f"share of {plain:,}", "Trade-off"], cells),
+        "",
+        "![Figure 2](figure2.png)",
+        "",
+        "## Every attack",
+        "",
+        *attack_breakdown({row.label: accuracies[row.key] for row in _unique(tables)}),
+    ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    payload = {
+        "job": job.name,
+        "plain_parameters": plain,
+        "tables": {name: [asdict(row) for row in rows] for name, rows in tables.items()},
+        "results": results,
+        "claims": [asdict(claim) for claim in claims],
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    return claims
+
+
+def _unique(tables: dict[str, list[Row]]) -> list[Row]:
+    seen: dict[str, Row] = {}
+    for rows in tables.values():
+        for row in rows:
+            seen.setdefault(row.key, row)
+    return list(seen.values())
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
+    """Train every model of the comparison, evaluate every row, write and log the report.
+
+    Returns ``{"output": folder, "run_id": MLflow run, "claims": [...], "results": {...}}``.
+    Relaunching with the same name resumes the training; evaluation and report are redone.
+    """
+    res = job.resources
+    plans = model_plans(job)
+    per_trainer = res.workers_per_member * (1 if res.use_gpu else res.cpus_per_worker)
+    concurrency = job.reproduce.concurrent_trainers
+    if concurrency is None:
+        connect_ray(job, per_trainer)
+        kind = "GPU" if res.use_gpu else "CPU"
+        concurrency = max(1, int(ray.cluster_resources().get(kind, 0) // per_trainer))
+    trained = train_members(job, echo, plans, concurrency, role=ROLE)
+    checkpoints = {name: result["checkpoint"] for name, result in trained.items()}
+
+    tables = table_rows(job)
+    rows = sorted(_unique(tables), key=lambda row: -len(row.models))  # ensembles cost most
+    manifest = materialize(job, data_uri(job), res.workers_per_member)
+    task = evaluate_row_task.options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0)
+    echo(f"evaluating {len(rows)} rows (Ray tasks): {', '.join(r.label for r in rows)}")
+    job_dict, eval_uri = job.model_dump(), manifest["eval"]
+    pending = {
+        row.key: task.remote(
+            job_dict, {m: checkpoints[m] for m in row.models}, row.strategy, eval_uri
+        )
+        for row in rows
+    }
+    results = {key: ray.get(ref) for key, ref in pending.items()}
+
+    output = Path(job.reproduce.output).expanduser().resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{job.name}-", dir=output))
+    try:
+        claims = write_report(job, tables, results, staging)
+        tracker = Tracker(job)
+        run_id = tracker.job_run(ROLE)
+        metrics = {
+            f"{key}.{column}": value
+            for key, result in results.items()
+            for column, value in result["row"].items()
+        }
+        metrics |= {f"{key}.parameters": result["parameters"] for key, result in results.items()}
+        tracker.log_metrics(run_id, metrics, step=0)
+        tracker.client.log_artifacts(run_id, str(staging), artifact_path=ROLE)
+        tracker.client.set_terminated(run_id, "FINISHED")
+        final = output / job.name
+        shutil.rmtree(final, ignore_errors=True)
+        staging.chmod(0o755)  # mkdtemp's 0700 was for the staging only
+        staging.rename(final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    for claim in claims:
+        echo(claim.line().removeprefix("- ").replace("**", ""))
+    echo(f"report: {final / 'report.md'}; MLflow run {run_id}")
+    return {"output": str(final), "run_id": run_id, "claims": claims, "results": results}

@@ -1,0 +1,136 @@
+"""MLflow tracking for psat jobs: a parent run per job, nested runs per member or trial.
+
+All MLflow writes go through the driver process (one writer per store, which SQLite needs);
+runs are found again by their `psat.*` tags, so a relaunched job keeps logging into its runs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Run
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import ConfigError, JobConfig
+
+JOB_TAG, ROLE_TAG, NORM_TAG, CHECKPOINT_TAG = (
+    "psat.job",
+    "psat.role",
+    "psat.norm",
+    "psat.checkpoint",
+)
+PARENT_TAG = "mlflow.parentRunId"
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat |= flatten(value, f"{name}.")
+        else:
+            flat[name] = str(value)
+    return flat
+
+
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store go to `mlartifacts/` beside the database file, not to the
+    current directory; a tracking server decides for itself (None)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
+
+
+def ensure_experiment(client: MlflowClient, name: str, location: str | None) -> str:
+    """The id of experiment `name`, created if missing; jobs that start together race for it."""
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # another job created it
+
+
+class Tracker:
+    """A job's MLflow experiment, with get-or-create helpers for its runs."""
+
+    def __init__(self, job: JobConfig):
+        self.job = job
+        self.uri = job.tracking.resolved_uri()
+        mlflow.set_tracking_uri(self.uri)
+        self.client = MlflowClient(self.uri)
+        self.experiment_id = ensure_experiment(
+            self.client, job.tracking.experiment, artifact_location(self.uri)
+        )
+
+    def find(self, **tags: str) -> Run | None:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], query, max_results=1)
+        return runs[0] if runs else None
+
+    def job_run(self, role: str) -> str:
+        """The job's parent run for `role` ("train", "sweep", ...), created or resumed.
+
+        Resuming a job under the same name with a different config is a ConfigError.
+        """
+        params = self.params()
+        tags = {JOB_TAG: self.job.name, ROLE_TAG: role}
+        existing = self.find(**tags)
+        if existing is not None:
+            changed = {
+                k: (existing.data.params.get(k), v)
+                for k, v in params.items()
+                if existing.data.params.get(k) != v
+            }
+            if changed:
+                first = ", ".join(
+                    f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changed.items())[:3]
+                )
+                raise ConfigError(
+                    f"job {self.job.name!r} already ran with a different config ({first}); "
+                    "resume with the same config or choose a new name"
+                )
+            self.client.update_run(existing.info.run_id, status="RUNNING")
+            return existing.info.run_id
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"{self.job.name}-{role}", tags=tags
+        )
+        self.log_params(run.info.run_id, params)
+        return run.info.run_id
+
+    def child_run(
+        self, parent_id: str, name: str, role: str, params: dict[str, str], **tags: str
+    ) -> str:
+        """A nested run under `parent_id`, created or resumed by its tags."""
+        tags = {JOB_TAG: self.job.name, ROLE_TAG: role, PARENT_TAG: parent_id, **tags}
+        existing = self.find(**tags)
+        if existing is not None:
+            self.client.update_run(existing.info.run_id, status="RUNNING")
+            return existing.info.run_id
+        run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
+        self.log_params(run_id, params)
+        return run_id
+
+    def params(self) -> dict[str, str]:
+        """The job's config as flat MLflow params (the Ray address is where, not what)."""
+        return flatten(self.job.model_dump(exclude={"resources": {"address"}}))
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [mlflow.entities.Param(k, v[:6000]) for k, v in params.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        items = [
+            mlflow.entities.Metric(k, float(v), int(1000 * time.time()), step)
+            for k, v in metrics.items()
+            if isinstance(v, int | float)
+        ]
+        self.client.log_batch(run_id, metrics=items)

@@ -1,0 +1,158 @@
+"""The training job: materialize data, fit the members concurrently, track them in MLflow.
+
+validate config -> connect Ray -> Parquet shards -> MLflow parent + member runs
+-> one `fit_member` thread per model (concurrent TorchTrainers) -> follow progress
+-> record checkpoints
+
+`train_members` trains the PSAT members by default; the reproduction job passes it every model
+of Tables 1 and 3 (`ModelPlan`s) and a bound on how many train at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+
+import ray
+
+from orchestrator.config import JobConfig
+from orchestrator.members import ModelPlan, ProgressBoard, fit_member, psat_members
+from orchestrator.shards import join, materialize
+from orchestrator.tracking import CHECKPOINT_TAG, NORM_TAG, Tracker
+
+log = logging.getLogger(__name__)
+PROGRESS_KEYS = ("loss", "clean", "linf", "l2", "l1", "trade_off")
+
+
+def connect_ray(job: JobConfig, cpus_needed: float) -> None:
+    """Join the configured cluster (or $RAY_ADDRESS, set inside Ray Jobs), else start one here.
+
+    A local Ray gets at least `cpus_needed` logical CPUs so that the members run concurrently
+    even where there are fewer cores; each worker keeps its torch threads to the configured
+    `resources.torch_threads`.
+    """
+    if ray.is_initialized():
+        return
+    address = job.resources.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        # worker and actor output (Ray Train's own chatter) stays in Ray's logs unless -v
+        ray.init(address=address, log_to_driver=log.isEnabledFor(logging.DEBUG))
+    else:
+        # progress comes through the ProgressBoard; worker logs stay in Ray's log files.
+        # address="local": a new Ray of our own, even if another one runs on this machine.
+        # The dashboard stays: Train's PlacementGroupCleaner asks its state API whether the
+        # controller lives, and without it every trainer's shutdown waits out a 12 s timeout.
+        # One machine is never preempted: no PreemptionWatcher process per trainer.
+        cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
+        ray.init(
+            address="local",
+            num_cpus=cpus,
+            log_to_driver=False,
+            runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
+        )
+
+
+def board_name(job: JobConfig) -> str:
+    """The named actor holding a running job's progress events (members post, driver reads)."""
+    return f"psat-progress-{job.name}"
+
+
+def data_uri(job: JobConfig) -> str:
+    return join(job.storage.resolved(), job.name, "data")
+
+
+def train_members(
+    job: JobConfig,
+    echo: Callable[[str], None] = print,
+    plans: list[ModelPlan] | None = None,
+    concurrency: int | None = None,
+    role: str = "train",
+) -> dict[str, dict]:
+    """Train every plan (default: the PSAT members of `job`) concurrently, at most
+    `concurrency` at once (default: all); return per plan name its final metrics and checkpoint.
+
+    Relaunching with the same `job.name` resumes unfinished models from their latest checkpoint
+    and keeps logging into the same MLflow runs.
+    """
+    res = job.resources
+    plans = plans or psat_members(job)
+    concurrency = min(concurrency or len(plans), len(plans))
+    connect_ray(job, concurrency * res.workers_per_member * res.cpus_per_worker)
+    manifest = materialize(job, data_uri(job), res.workers_per_member)
+    tracker = Tracker(job)
+    parent = tracker.job_run(role)
+    params = tracker.params()
+    runs = {
+        plan.name: tracker.child_run(
+            parent, f"{job.name}-{plan.name}", "member", params, **{NORM_TAG: plan.label}
+        )
+        for plan in plans
+    }
+    board = ProgressBoard.options(name=board_name(job)).remote()
+    names = ", ".join(plan.name for plan in plans)
+    echo(f"training {names}, {concurrency} at a time; MLflow {tracker.uri}")
+    results: dict[str, dict] = {}
+    errors: dict[str, BaseException] = {}
+    seen = 0
+
+    def drain() -> None:
+        nonlocal seen
+        events = ray.get(board.since.remote(seen))
+        seen += len(events)
+        for event in events:
+            _on_event(tracker, runs, event, job.training.epochs, echo)
+
+    # one driver thread per model blocks in TorchTrainer.fit(); Ray runs the workers
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="psat-member")
+    try:
+        pending = {pool.submit(fit_member, job, p, manifest, board): p.name for p in plans}
+        while pending:
+            done, _ = wait(pending, timeout=2.0)
+            drain()
+            for future in done:
+                name = pending.pop(future)
+                try:
+                    results[name] = future.result()
+                except Exception as err:  # the others train on; the job fails at the end
+                    errors[name] = err
+                    echo(f"[{name}] failed: {err}")
+        drain()
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        for run_id in (parent, *runs.values()):
+            tracker.client.set_terminated(run_id, "FAILED")
+        raise
+    finally:
+        pool.shutdown(wait=False)
+        ray.kill(board)
+    for name, result in results.items():
+        tracker.client.set_tag(runs[name], CHECKPOINT_TAG, result["checkpoint"])
+        tracker.client.set_terminated(runs[name], "FINISHED")
+        tracker.client.set_tag(parent, f"{CHECKPOINT_TAG}.{name}", result["checkpoint"])
+        result["run_id"] = runs[name]
+    for name in errors:
+        tracker.client.set_terminated(runs[name], "FAILED")
+    if errors:
+        tracker.client.set_terminated(parent, "FAILED")
+        raise next(iter(errors.values()))
+    tracker.client.set_terminated(parent, "FINISHED")
+    echo(f"members finished; MLflow parent run {parent}")
+    return results
+
+
+def _on_event(tracker: Tracker, runs: dict, event: dict, epochs: int, echo) -> None:
+    name = event["member"]
+    if event["kind"] == "start":
+        tracker.client.log_metric(runs[name], "start_epoch", event["epoch"], step=event["epoch"])
+        done = event["epoch"]  # epochs already trained; progress lines count from 1
+        where = "from scratch" if done == 0 else f"resuming at epoch {done + 1}/{epochs}"
+        echo(f"[{name}] started {where} (pid {event['pid']})")
+        return
+    epoch = event["epoch"]
+    metrics = {k: v for k, v in event.items() if k not in ("member", "kind", "epoch", "time")}
+    tracker.log_metrics(runs[name], metrics, step=epoch)
+    shown = "  ".join(f"{k} {event[k]:.3f}" for k in PROGRESS_KEYS if k in event)
+    echo(f"[{name}] epoch {epoch + 1}/{epochs}  {shown}")

@@ -1,0 +1,56 @@
+"""Parameter accounting of a PSAT ensemble against the plain ResNet (Tables 1, 2 and 6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psat_core.models import ARCHS, count_parameters, create_model
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    arch: str
+    num_classes: int
+    embedding_dim: int
+    members: int
+    member: int  # one hypernetwork member: generator + embeddings + stem, BN and FC
+    plain: int  # the plain ResNet of the same shape
+
+    @property
+    def aggregated(self) -> int:
+        """The PSAT model F_H of eq. 10: every member's parameters."""
+        return self.members * self.member
+
+    @property
+    def saving(self) -> float:
+        """Fraction of the plain ResNet's parameters saved (negative: the ensemble is larger)."""
+        return 1.0 - self.aggregated / self.plain
+
+    def lines(self) -> list[str]:
+        return [
+            f"arch {self.arch}, {self.num_classes} classes, embedding dim {self.embedding_dim}",
+            f"one member:       {self.member:>12,}",
+            f"aggregated ({self.members}):   {self.aggregated:>12,}",
+            f"plain {self.arch}: {self.plain:>12,}",
+            f"saving:           {100 * self.saving:>11.2f}%",
+        ]
+
+
+def parameter_report(
+    arch: str, num_classes: int, embedding_dim: int, members: int = 3, in_channels: int = 3
+) -> ParameterReport:
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; allowed: {', '.join(ARCHS)}")
+    if members < 1:
+        raise ValueError(f"members must be >= 1, got {members}")
+    kw = {"num_classes": num_classes, "in_channels": in_channels}
+    member = create_model(f"hyper_{arch}", embedding_dim=embedding_dim, **kw)
+    plain = create_model(arch, **kw)
+    return ParameterReport(
+        arch=arch,
+        num_classes=num_classes,
+        embedding_dim=embedding_dim,
+        members=members,
+        member=count_parameters(member),
+        plain=count_parameters(plain),
+    )

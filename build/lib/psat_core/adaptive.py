@@ -1,0 +1,123 @@
+"""Attacks that know the defence: the lowest-entropy gate (eq. 12) attacked end to end.
+
+The paper evaluates PSAT with per-norm PGD on the ensemble. Through the gate's argmin a
+gradient reaches the input only via the member chosen at the current point, and says nothing
+about making the gate switch. Two attacks aim at the gate itself:
+
+* :class:`GatePGD`: PGD whose gradient comes from a smooth gate, the members' softmax mixed with
+  weights ``softmax(-H_m / τ)`` over members (τ -> 0 is eq. 12), while every iterate is scored
+  by the true ensemble (straight-through, as in BPDA).
+* :class:`ConfidentWrongMember`: for each member, PGD that makes that member confident in a
+  wrong class (low entropy, so the gate picks it); per example the iterate the true ensemble
+  gets most wrong is kept.
+
+Both take a :class:`~psat_core.ensemble.PSATEnsemble` as the model and return ``x_adv`` in their
+threat model's ball, so the evaluator checks them like any attack; named ``"<norm>/<variant>"``
+they count under their norm and in ``max`` (see :mod:`psat_core.metrics`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from psat_core.attacks import PGD, AttackConfig, ThreatModel, _loss_and_wrong, _Worst, eval_mode
+from psat_core.ensemble import STRATEGIES, PSATEnsemble, entropy
+
+
+class SoftGate(nn.Module):
+    """The ensemble's output, with the gradient of a smooth lowest-entropy gate.
+
+    Forward value: ``ensemble(x)``. Gradient: that of ``log sum_m w_m softmax(f_m(x))`` with
+    ``w = softmax(-H(f(x)) / temperature)`` over the members, so an attack also sees how moving
+    ``x`` changes which member answers.
+    """
+
+    def __init__(self, ensemble: PSATEnsemble, temperature: float) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"SoftGate.temperature must be > 0 (got {temperature!r})")
+        self.ensemble = ensemble
+        self.temperature = temperature
+
+    def forward(self, x: Tensor) -> Tensor:
+        member_logits = self.ensemble.member_logits(x)  # M x N x C
+        log_w = F.log_softmax(-entropy(member_logits) / self.temperature, dim=0)  # M x N
+        log_p = F.log_softmax(member_logits, dim=-1)
+        soft = torch.logsumexp(log_w[..., None] + log_p, dim=0)  # N x C
+        value = STRATEGIES[self.ensemble.strategy](member_logits.detach())[0]
+        return value + (soft - soft.detach())
+
+
+class GatePGD:
+    """End-to-end PGD on the ensemble through a smooth lowest-entropy gate (:class:`SoftGate`).
+
+    Iterates, restarts and the worst-iterate bookkeeping are :class:`~psat_core.attacks.PGD`'s;
+    only the gradient differs.
+    """
+
+    def __init__(self, pgd: PGD, temperature: float = 0.1) -> None:
+        self.pgd = pgd
+        self.temperature = temperature
+
+    @classmethod
+    def from_config(cls, cfg: AttackConfig, temperature: float = 0.1) -> GatePGD:
+        return cls(PGD.from_config(cfg), temperature)
+
+    @property
+    def threat(self) -> ThreatModel:
+        return self.pgd.threat
+
+    def __call__(self, model: PSATEnsemble, x: Tensor, y: Tensor) -> Tensor:
+        return self.pgd(SoftGate(model, self.temperature), x, y)
+
+
+class ConfidentWrongMember:
+    """Make one member confidently wrong so that the gate picks it; keep what fools the gate.
+
+    For each member ``m``, PGD ascends ``log P_m(wrong) - H(f_m)``: the probability mass off the
+    true class up, the member's entropy (eq. 12's gate criterion) down. Each member's last
+    iterate is scored by the whole ensemble; per example the one it misclassifies (then the one
+    with the highest ensemble loss) is returned. Cost: one PGD run on the ensemble.
+    """
+
+    def __init__(self, threat: ThreatModel, steps: int, step_size: float) -> None:
+        self.threat = threat
+        self.steps = steps
+        self.step_size = float(step_size)
+
+    @classmethod
+    def from_config(cls, cfg: AttackConfig) -> ConfidentWrongMember:
+        return cls(PGD.from_config(cfg).threat, cfg.steps, cfg.step_size)
+
+    def __call__(self, model: PSATEnsemble, x: Tensor, y: Tensor) -> Tensor:
+        x, y = x.detach(), y.detach()
+        worst = _Worst(x)
+        with eval_mode(model), torch.enable_grad():
+            for member in model.members:
+                delta = torch.zeros_like(x)
+                for _ in range(self.steps):
+                    delta.requires_grad_(True)
+                    logits = member(x + delta)
+                    log_p = F.log_softmax(logits, dim=1)
+                    log_wrong = log_p.scatter(1, y[:, None], float("-inf")).logsumexp(dim=1)
+                    objective = (log_wrong - entropy(logits)).sum()
+                    (grad,) = torch.autograd.grad(objective, delta)
+                    delta = self.threat.step(delta.detach(), grad, self.step_size, x)
+                    delta = self.threat.project(delta, x)
+                with torch.no_grad():
+                    worst.update(delta, *_loss_and_wrong(model, x + delta, y))
+        return worst.result(x).x_adv
+
+    def __repr__(self) -> str:
+        return f"ConfidentWrongMember({self.threat!r}, steps={self.steps}, step={self.step_size:g})"
+
+
+def adaptive_attacks(configs: dict[str, AttackConfig], temperature: float = 0.1) -> dict:
+    """``{"<norm>/gate": GatePGD, "<norm>/confident": ConfidentWrongMember}`` per eval config."""
+    attacks: dict[str, GatePGD | ConfidentWrongMember] = {}
+    for norm, cfg in configs.items():
+        attacks[f"{norm}/gate"] = GatePGD.from_config(cfg, temperature)
+        attacks[f"{norm}/confident"] = ConfidentWrongMember.from_config(cfg)
+    return attacks

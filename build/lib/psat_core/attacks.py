@@ -1,0 +1,737 @@
+"""Threat models and projected-gradient attacks for multi-perturbation adversarial training.
+
+Inputs live in the pixel box [0, 1]; any normalization is the model's own first module. A
+perturbation ``delta`` has the shape of the input batch ``x`` ``(B, *)``; every threat model
+constrains it to
+
+    S_p(x) = { delta : ||delta||_p <= eps }  ∩  { delta : 0 <= x + delta <= 1 }
+
+(the paper's ball B(p, eps) of eq. 1, intersected with the image box).
+
+Layout (after MadryLab/robustness ``attack_steps.py`` / ``attacker.py``):
+
+* one small :class:`ThreatModel` per norm (:class:`LinfBall`, :class:`L2Ball`, :class:`L1Ball`),
+  each with ``random_start``, ``step`` (the steepest-ascent argmax of eq. 3) and ``project``
+  (the proj of eqs. 2-3), and the name -> class table :data:`THREAT_MODELS`;
+* one PGD loop for every norm, :class:`PGD` (eq. 3), which keeps the worst iterate per example
+  across steps and restarts;
+* the multi-perturbation attacks: :class:`WorstCase` (eq. 5, "max"), :class:`MSD` (eq. 7) and
+  :func:`adversarial_examples` (the per-norm examples whose losses eq. 6, "avg", averages);
+* validated settings, :class:`AttackConfig`, and the per-dataset defaults in one place,
+  :func:`attack_defaults`.
+
+Example::
+
+    >>> cfgs = attack_defaults("cifar10", "train")
+    >>> pgd = PGD.from_config(cfgs["linf"])
+    >>> x_adv = pgd(model, images, labels)          # images in [0, 1], shape (B, C, H, W)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "NORMS",
+    "ThreatModel",
+    "LinfBall",
+    "L2Ball",
+    "L1Ball",
+    "THREAT_MODELS",
+    "threat_model",
+    "project_l1_ball",
+    "AttackConfig",
+    "AttackResult",
+    "PGD",
+    "WorstCase",
+    "MSD",
+    "adversarial_examples",
+    "make_attacks",
+    "attack_defaults",
+    "DATASETS",
+    "PHASES",
+    "eval_mode",
+]
+
+NORMS = ("linf", "l2", "l1")
+PHASES = ("train", "eval")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _fail(owner: str, field: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"{owner}.{field} must be {allowed} (got {value!r})")
+
+
+def _check_positive(owner: str, field: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+        raise _fail(owner, field, value, "a number > 0")
+    if not math.isfinite(value):
+        raise _fail(owner, field, value, "a finite number > 0")
+
+
+def _check_count(owner: str, field: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise _fail(owner, field, value, "an integer >= 1")
+
+
+def _per_sample(t: Tensor, like: Tensor) -> Tensor:
+    """Reshape a per-sample tensor ``(B,)`` to broadcast against ``like`` ``(B, *)``."""
+    return t.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _clip_to_box(delta: Tensor, x: Tensor) -> Tensor:
+    """The part of ``delta`` that keeps ``x + delta`` inside [0, 1]."""
+    return (x + delta).clamp_(0.0, 1.0) - x
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode; restore every submodule's previous ``training`` flag on exit.
+
+    Flags are restored one by one, so a model in training mode with some submodules frozen in
+    eval mode (e.g. frozen BatchNorm) comes back exactly as it was, even if the body raises.
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+
+# --------------------------------------------------------------------------- threat models
+
+
+class ThreatModel(ABC):
+    """An ℓp ball of radius ``eps`` around ``x``, intersected with the box [0, 1].
+
+    Constraint set: ``S = {delta : ||delta||_p <= eps, 0 <= x + delta <= 1}``.
+
+    Subclasses implement the three operations of one PGD iteration (eq. 3)::
+
+        delta <- project(step(delta, grad, step_size, x), x)
+
+    All tensors are batches of shape ``(B, *)``; norms are taken per sample over all
+    non-batch dimensions.
+
+    Args:
+        eps: radius of the ball, > 0.
+    """
+
+    norm: ClassVar[str]
+    p: ClassVar[float]
+
+    def __init__(self, eps: float) -> None:
+        _check_positive(type(self).__name__, "eps", eps)
+        self.eps = float(eps)
+
+    @abstractmethod
+    def random_start(self, x: Tensor) -> Tensor:
+        """A random ``delta`` in ``S`` (already projected), same shape as ``x``."""
+
+    @abstractmethod
+    def step(
+        self, delta: Tensor, grad: Tensor, step_size: float, x: Tensor | None = None
+    ) -> Tensor:
+        """``delta + argmax_{||v||_p <= step_size} v^T grad`` (eq. 3's steepest ascent step).
+
+        ``x`` (the clean input) is optional; :class:`L1Ball` uses it to skip saturated pixels.
+        """
+
+    @abstractmethod
+    def project(self, delta: Tensor, x: Tensor) -> Tensor:
+        """Project ``delta`` onto the ball (eq. 2), then clip so that ``x + delta`` is in [0, 1]."""
+
+    def distance(self, delta: Tensor) -> Tensor:
+        """Per-sample ``||delta||_p``, shape ``(B,)``."""
+        return delta.flatten(1).norm(p=self.p, dim=1)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(eps={self.eps:g})"
+
+
+class LinfBall(ThreatModel):
+    """ℓ∞ threat model: ``S = {delta : ||delta||_∞ <= eps, 0 <= x + delta <= 1}``.
+
+    Step: ``delta + step_size * sign(grad)`` (FGSM direction). Projection: clip to the ε-box,
+    then to the image box (exact: the intersection of two boxes). Random start: uniform in the box.
+    """
+
+    norm = "linf"
+    p = math.inf
+
+    def random_start(self, x: Tensor) -> Tensor:
+        delta = torch.empty_like(x).uniform_(-self.eps, self.eps)
+        return self.project(delta, x)
+
+    def step(
+        self, delta: Tensor, grad: Tensor, step_size: float, x: Tensor | None = None
+    ) -> Tensor:
+        return delta + step_size * grad.sign()
+
+    def project(self, delta: Tensor, x: Tensor) -> Tensor:
+        return _clip_to_box(delta.clamp(-self.eps, self.eps), x)
+
+
+class L2Ball(ThreatModel):
+    """ℓ2 threat model: ``S = {delta : ||delta||_2 <= eps, 0 <= x + delta <= 1}``.
+
+    Step: ``delta + step_size * grad / ||grad||_2`` (per sample). Projection: rescale rows with
+    ``||delta||_2 > eps`` onto the sphere, then clip to the image box (clipping only shrinks
+    coordinates, so the result stays in the ball). Random start: a uniformly random direction
+    with radius ``eps * U(0, 1)``.
+    """
+
+    norm = "l2"
+    p = 2.0
+
+    def random_start(self, x: Tensor) -> Tensor:
+        direction = torch.randn_like(x)
+        norms = direction.flatten(1).norm(dim=1).clamp_min(1e-12)
+        radius = self.eps * torch.rand(x.shape[0], device=x.device, dtype=x.dtype)
+        return self.project(direction * _per_sample(radius / norms, x), x)
+
+    def step(
+        self, delta: Tensor, grad: Tensor, step_size: float, x: Tensor | None = None
+    ) -> Tensor:
+        g = grad.flatten(1)
+        # divide by the largest entry first: an exact unit direction even for tiny gradients
+        g = g / g.abs().amax(dim=1, keepdim=True).clamp_min(torch.finfo(g.dtype).tiny)
+        g = g / g.norm(dim=1, keepdim=True).clamp_min(1.0)  # norm >= 1 unless grad == 0
+        return delta + step_size * g.view_as(delta)
+
+    def project(self, delta: Tensor, x: Tensor) -> Tensor:
+        norms = delta.flatten(1).norm(dim=1).clamp_min(1e-12)
+        factor = (self.eps / norms).clamp(max=1.0)
+        return _clip_to_box(delta * _per_sample(factor, delta), x)
+
+
+def project_l1_ball(v: Tensor, eps: float) -> Tensor:
+    """Exact Euclidean projection of each row of ``v`` onto ``{w : ||w||_1 <= eps}`` (eq. 2).
+
+    Duchi, Shalev-Shwartz, Singer & Chandra (2008), sort-based, batched over dim 0: for a row
+    with ``||v||_1 > eps`` the result is ``sign(v) * max(|v| - theta, 0)`` with the unique
+    ``theta > 0`` giving ``||w||_1 = eps``. Rows already inside the ball are returned unchanged
+    (bit for bit); ``theta`` does not depend on how ties are ordered, so the result is
+    deterministic.
+
+    Args:
+        v: tensor of shape ``(B, *)``.
+        eps: radius, > 0.
+
+    Returns:
+        Tensor of the same shape and dtype as ``v``.
+    """
+    _check_positive("project_l1_ball", "eps", eps)
+    flat = v.flatten(1)
+    over = flat.abs().sum(dim=1) > eps  # only rows over budget change
+    if not bool(over.any()):
+        return v.clone()
+    rows = flat[over]
+    mu = rows.abs().sort(dim=1, descending=True, stable=True).values
+    cumsum = mu.cumsum(dim=1)
+    ranks = torch.arange(1, rows.shape[1] + 1, device=v.device, dtype=v.dtype)
+    # rho = the largest j with mu_j > (sum_{i<=j} mu_i - eps) / j
+    active = mu * ranks > cumsum - eps
+    rho = (active * torch.arange(rows.shape[1], device=v.device)).argmax(dim=1, keepdim=True)
+    theta = (cumsum.gather(1, rho) - eps) / (rho + 1).to(v.dtype)
+    out = flat.clone()
+    out[over] = rows.sign() * (rows.abs() - theta).clamp_min(0.0)
+    return out.view_as(v)
+
+
+class L1Ball(ThreatModel):
+    """ℓ1 threat model: ``S = {delta : ||delta||_1 <= eps, 0 <= x + delta <= 1}``.
+
+    Step (sparse steepest ascent, Tramèr & Boneh 2019 "SLIDE" / Maini et al. 2020): among the
+    coordinates not saturated in the gradient's direction (``x + delta`` at 1 with
+    ``grad > 0``, or at 0 with ``grad < 0``), move the ``k = max(1, ceil((1 - sparsity) * d))``
+    with the largest ``|grad|`` (those above the ``sparsity`` quantile of ``|grad|``; ``d`` = the
+    number of coordinates per sample) by ``sign(grad)``, scaled so the step's ℓ1 norm is
+    ``step_size``. Projection: exact ℓ1-ball projection of rows over budget
+    (:func:`project_l1_ball`), then clip to the image box (feasible, though not the exact
+    projection onto the intersection). Random start: ``k`` random coordinates with
+    Laplace-distributed values, rescaled to ℓ1 norm ``eps * U(0, 1)`` — sparse, like the steps.
+
+    Args:
+        eps: radius, > 0.
+        sparsity: quantile in [0, 1) of ``|grad|`` above which coordinates move (default 0.99:
+            the top 1%, e.g. 31 of CIFAR's 3072 coordinates).
+    """
+
+    norm = "l1"
+    p = 1.0
+
+    def __init__(self, eps: float, sparsity: float = 0.99) -> None:
+        super().__init__(eps)
+        if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
+            raise _fail("L1Ball", "sparsity", sparsity, "a number in [0, 1)")
+        if not 0.0 <= sparsity < 1.0:
+            raise _fail("L1Ball", "sparsity", sparsity, "a number in [0, 1)")
+        self.sparsity = float(sparsity)
+
+    def coordinates_per_step(self, d: int) -> int:
+        """``k``, how many of ``d`` coordinates one step (and the random start) moves."""
+        return max(1, min(d, math.ceil((1.0 - self.sparsity) * d - 1e-9)))
+
+    def random_start(self, x: Tensor) -> Tensor:
+        flat = x.flatten(1)
+        k = self.coordinates_per_step(flat.shape[1])
+        support = torch.rand_like(flat).topk(k, dim=1).indices
+        laplace = torch.empty(flat.shape[0], k, device=x.device, dtype=x.dtype).exponential_()
+        laplace = laplace * (torch.randint_like(laplace, 2) * 2 - 1)
+        delta = torch.zeros_like(flat).scatter_(1, support, laplace)
+        radius = self.eps * torch.rand(flat.shape[0], 1, device=x.device, dtype=x.dtype)
+        delta = delta * radius / delta.abs().sum(dim=1, keepdim=True).clamp_min(1e-12)
+        return self.project(delta.view_as(x), x)
+
+    def step(
+        self, delta: Tensor, grad: Tensor, step_size: float, x: Tensor | None = None
+    ) -> Tensor:
+        g = grad.flatten(1)
+        score = g.abs()
+        if x is not None:  # skip pixels that cannot move further in the gradient's direction
+            x_adv = (x + delta).flatten(1)
+            tol = 8 * torch.finfo(x_adv.dtype).eps
+            saturated = ((x_adv >= 1 - tol) & (g > 0)) | ((x_adv <= tol) & (g < 0))
+            score = score.masked_fill(saturated, 0.0)
+        top, idx = score.topk(self.coordinates_per_step(g.shape[1]), dim=1)
+        direction = torch.zeros_like(g).scatter_(1, idx, g.gather(1, idx).sign() * (top > 0))
+        # ||direction||_1 = number of moved coordinates; rescale to step_size (zero if none move)
+        direction = direction * (step_size / direction.abs().sum(dim=1, keepdim=True).clamp_min(1))
+        return delta + direction.view_as(delta)
+
+    def project(self, delta: Tensor, x: Tensor) -> Tensor:
+        return _clip_to_box(project_l1_ball(delta, self.eps), x)
+
+    def __repr__(self) -> str:
+        return f"L1Ball(eps={self.eps:g}, sparsity={self.sparsity:g})"
+
+
+THREAT_MODELS: dict[str, type[ThreatModel]] = {"linf": LinfBall, "l2": L2Ball, "l1": L1Ball}
+
+
+def threat_model(norm: str, eps: float, **kwargs: float) -> ThreatModel:
+    """Build the threat model named ``norm`` (one of :data:`NORMS`) with radius ``eps``.
+
+    Extra keyword arguments go to the class (e.g. ``sparsity`` for ``"l1"``).
+    """
+    if norm not in THREAT_MODELS:
+        raise ValueError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
+    return THREAT_MODELS[norm](eps, **kwargs)
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackConfig:
+    """Validated settings of one PGD attack.
+
+    Args:
+        norm: one of :data:`NORMS`.
+        eps: radius of the ℓp ball, > 0.
+        steps: PGD iterations per restart (τ of eq. 3), >= 1.
+        step_size: ℓp length of each step (α of eq. 3), > 0.
+        restarts: independent random restarts, merged per example, >= 1 (default 1).
+        random_start: start from a random point of the ball instead of 0 (default True).
+    """
+
+    norm: str
+    eps: float
+    steps: int
+    step_size: float
+    restarts: int = 1
+    random_start: bool = True
+
+    def __post_init__(self) -> None:
+        if self.norm not in NORMS:
+            raise _fail("AttackConfig", "norm", self.norm, f"one of {', '.join(NORMS)}")
+        _check_positive("AttackConfig", "eps", self.eps)
+        _check_count("AttackConfig", "steps", self.steps)
+        _check_positive("AttackConfig", "step_size", self.step_size)
+        _check_count("AttackConfig", "restarts", self.restarts)
+        if not isinstance(self.random_start, bool):
+            raise _fail("AttackConfig", "random_start", self.random_start, "True or False")
+
+
+# --------------------------------------------------------------------------- PGD
+
+
+class AttackResult(NamedTuple):
+    """What an attack found per example.
+
+    Attributes:
+        x_adv: adversarial inputs in [0, 1], shape ``(B, *)``.
+        loss: per-example cross-entropy at ``x_adv``, shape ``(B,)``.
+        misclassified: whether the model's prediction at ``x_adv`` is wrong, shape ``(B,)``.
+    """
+
+    x_adv: Tensor
+    loss: Tensor
+    misclassified: Tensor
+
+
+class _Worst:
+    """Per-example worst iterate: a misclassified iterate beats a correct one, then higher loss."""
+
+    def __init__(self, x: Tensor) -> None:
+        self.delta = torch.zeros_like(x)
+        self.loss = torch.full((x.shape[0],), -math.inf, device=x.device)
+        self.wrong = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        self.tag = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
+
+    def update(self, delta: Tensor, loss: Tensor, wrong: Tensor, tag: Tensor | int = 0) -> None:
+        loss = loss.float()
+        better = (wrong & ~self.wrong) | ((wrong == self.wrong) & (loss > self.loss))
+        self.delta = torch.where(_per_sample(better, delta), delta, self.delta)
+        self.loss = torch.where(better, loss, self.loss)
+        self.wrong = torch.where(better, wrong, self.wrong)
+        self.tag = torch.where(better, torch.as_tensor(tag, device=better.device), self.tag)
+
+    def result(self, x: Tensor) -> AttackResult:
+        return AttackResult((x + self.delta).clamp_(0.0, 1.0), self.loss, self.wrong)
+
+
+def _loss_and_wrong(model: nn.Module, x_in: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    logits = model(x_in)
+    return F.cross_entropy(logits, y, reduction="none"), logits.argmax(dim=1) != y
+
+
+class PGD:
+    """Projected gradient ascent on the per-example cross-entropy (Madry et al. 2018, eq. 3).
+
+    ``delta^{t+1} = proj_S(delta^t + argmax_{||v||_p <= alpha} v^T ∇_delta L(f(x + delta^t), y))``
+    for ``t = 0..steps-1``, from ``delta^0 = 0`` or a random point of ``S``; one loop for every
+    norm, the norm being the :class:`ThreatModel`'s. Per example it keeps the worst iterate over
+    all steps and restarts (a misclassified iterate beats a correctly classified one, then the
+    higher loss wins), reusing the forward pass of each gradient step to score that iterate.
+    The gradient is taken w.r.t. ``delta`` only (``torch.autograd.grad``): parameters' ``.grad``
+    are never touched. The model runs in eval mode; its previous mode is restored afterwards.
+
+    Args:
+        threat: the threat model (norm, ε).
+        steps: iterations per restart, >= 1.
+        step_size: ℓp length α of each step, > 0.
+        restarts: random restarts, merged per example, >= 1 (default 1).
+        random_start: start each restart at ``threat.random_start(x)`` rather than 0 (default True).
+
+    Shapes: ``x`` ``(B, *)`` in [0, 1]; ``y`` ``(B,)`` class indices; returns ``(B, *)``.
+
+    Example::
+
+        >>> pgd = PGD(LinfBall(8 / 255), steps=10, step_size=2 / 255)
+        >>> x_adv = pgd(model, x, y)
+    """
+
+    def __init__(
+        self,
+        threat: ThreatModel,
+        steps: int,
+        step_size: float,
+        restarts: int = 1,
+        random_start: bool = True,
+    ) -> None:
+        if not isinstance(threat, ThreatModel):
+            raise _fail("PGD", "threat", threat, "a ThreatModel (see THREAT_MODELS)")
+        _check_count("PGD", "steps", steps)
+        _check_positive("PGD", "step_size", step_size)
+        _check_count("PGD", "restarts", restarts)
+        self.threat = threat
+        self.steps = steps
+        self.step_size = float(step_size)
+        self.restarts = restarts
+        self.random_start = bool(random_start)
+
+    @classmethod
+    def from_config(cls, cfg: AttackConfig) -> PGD:
+        """The PGD attack described by ``cfg``."""
+        return cls(
+            threat_model(cfg.norm, cfg.eps),
+            steps=cfg.steps,
+            step_size=cfg.step_size,
+            restarts=cfg.restarts,
+            random_start=cfg.random_start,
+        )
+
+    @property
+    def norm(self) -> str:
+        return self.threat.norm
+
+    @property
+    def eps(self) -> float:
+        return self.threat.eps
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Adversarial examples ``x_adv`` (detached, in [0, 1], shape of ``x``)."""
+        return self.perturb(model, x, y).x_adv
+
+    def last_iterate(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Madry et al.'s training attack: ``x + delta^steps`` of a single run, unscored.
+
+        It saves the scoring passes of :meth:`perturb` (one forward per step's bookkeeping and
+        one for the last iterate), which only matter where the worst iterate is wanted
+        (evaluation) or restarts must be merged; with ``restarts > 1`` it is :meth:`__call__`.
+        """
+        if self.restarts > 1:
+            return self(model, x, y)
+        x, y = x.detach(), y.detach()
+        threat = self.threat
+        delta = threat.random_start(x) if self.random_start else torch.zeros_like(x)
+        x_adv = (x + delta).clamp_(0.0, 1.0)
+        with eval_mode(model), torch.enable_grad():
+            for _ in range(self.steps):
+                x_adv.requires_grad_(True)  # d loss / d x_adv = d loss / d delta
+                loss = F.cross_entropy(model(x_adv), y, reduction="sum")
+                (grad,) = torch.autograd.grad(loss, x_adv)
+                delta = threat.step(x_adv.detach() - x, grad, self.step_size, x)
+                x_adv = (x + threat.project(delta, x)).clamp_(0.0, 1.0)
+        return x_adv.detach()
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
+        """Run the attack; return ``x_adv`` with its per-example loss and misclassification."""
+        x, y = x.detach(), y.detach()
+        threat = self.threat
+        worst = _Worst(x)
+        with eval_mode(model), torch.enable_grad():
+            for _ in range(self.restarts):
+                delta = threat.random_start(x) if self.random_start else torch.zeros_like(x)
+                for _ in range(self.steps):
+                    delta.requires_grad_(True)
+                    loss, wrong = _loss_and_wrong(model, x + delta, y)
+                    (grad,) = torch.autograd.grad(loss.sum(), delta)
+                    delta = delta.detach()
+                    worst.update(delta, loss.detach(), wrong)  # score delta^t with its own pass
+                    delta = threat.project(threat.step(delta, grad, self.step_size, x), x)
+                with torch.no_grad():  # the last iterate has no gradient step to share a pass
+                    worst.update(delta, *_loss_and_wrong(model, x + delta, y))
+        return worst.result(x)
+
+    def __repr__(self) -> str:
+        return (
+            f"PGD({self.threat!r}, steps={self.steps}, step_size={self.step_size:g}, "
+            f"restarts={self.restarts}, random_start={self.random_start})"
+        )
+
+
+# --------------------------------------------------------------------------- multi-perturbation
+
+
+def _check_names(owner: str, field: str, mapping: Mapping[str, object]) -> None:
+    if not mapping:
+        raise _fail(owner, field, dict(mapping), "a non-empty mapping")
+
+
+def _pick(stacked: Tensor, index: Tensor) -> Tensor:
+    """``stacked[index[b], b]`` for every ``b``: stacked ``(A, B, *)``, index ``(B,)``."""
+    return stacked[index, torch.arange(index.shape[0], device=index.device)]
+
+
+class WorstCase:
+    """Worst case over several attacks ("max", eq. 5; Tramèr & Boneh 2019).
+
+    Runs every attack and keeps, per example, the adversarial input with the highest loss.
+
+    Args:
+        attacks: name -> :class:`PGD`, e.g. ``{"linf": ..., "l2": ..., "l1": ...}``; the order
+            of the mapping gives the indices returned by :meth:`attack_with_choice`
+            (``self.names``).
+    """
+
+    def __init__(self, attacks: Mapping[str, PGD]) -> None:
+        _check_names("WorstCase", "attacks", attacks)
+        self.attacks = dict(attacks)
+        self.names = tuple(self.attacks)
+
+    def attack_with_choice(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_adv, norm_index)``: the worst example and which attack found it, ``(B,)`` long."""
+        results = [attack.perturb(model, x, y) for attack in self.attacks.values()]
+        choice = torch.stack([r.loss for r in results]).argmax(dim=0)  # eq. 5 per example
+        return _pick(torch.stack([r.x_adv for r in results]), choice), choice
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return self.attack_with_choice(model, x, y)[0]
+
+
+class MSD:
+    """Multi steepest descent (Maini, Wong & Kolter 2020; eq. 7).
+
+    At every step, from the current ``delta`` take each threat model's steepest ascent step,
+    project it onto that model's set, and keep per example the candidate with the highest loss;
+    so ``delta`` always lies in the union of the sets. Per example the worst iterate over all
+    steps is returned (a misclassified one first, then the highest loss). Costs one
+    forward/backward pass plus one forward pass per threat model per step.
+
+    Args:
+        threats: name -> :class:`ThreatModel`; mapping order gives the returned indices.
+        steps: iterations, >= 1.
+        step_sizes: name -> step size α_p, > 0; same keys as ``threats``.
+        random_start: start each example at a random point of a randomly chosen threat model's
+            set rather than 0 (default True).
+    """
+
+    def __init__(
+        self,
+        threats: Mapping[str, ThreatModel],
+        steps: int,
+        step_sizes: Mapping[str, float],
+        random_start: bool = True,
+    ) -> None:
+        _check_names("MSD", "threats", threats)
+        _check_count("MSD", "steps", steps)
+        if set(step_sizes) != set(threats):
+            raise _fail("MSD", "step_sizes", dict(step_sizes), f"keyed by {sorted(threats)}")
+        for name, size in step_sizes.items():
+            _check_positive("MSD", f"step_sizes[{name!r}]", size)
+        self.threats = dict(threats)
+        self.names = tuple(self.threats)
+        self.steps = steps
+        self.step_sizes = {name: float(step_sizes[name]) for name in self.names}
+        self.random_start = bool(random_start)
+
+    def attack_with_choice(self, model: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """``(x_adv, norm_index)``: the worst iterate and the threat model whose step made it."""
+        x, y = x.detach(), y.detach()
+        threats = list(self.threats.values())
+        sizes = list(self.step_sizes.values())
+        worst = _Worst(x)
+        with eval_mode(model), torch.enable_grad():
+            if self.random_start:
+                pick = torch.randint(len(threats), (x.shape[0],), device=x.device)
+                delta = _pick(torch.stack([t.random_start(x) for t in threats]), pick)
+            else:
+                delta = torch.zeros_like(x)
+            for _ in range(self.steps):
+                delta.requires_grad_(True)
+                loss, _ = _loss_and_wrong(model, x + delta, y)
+                (grad,) = torch.autograd.grad(loss.sum(), delta)
+                delta = delta.detach()
+                candidates, losses, wrongs = [], [], []
+                with torch.no_grad():
+                    for threat, size in zip(threats, sizes, strict=True):
+                        cand = threat.project(threat.step(delta, grad, size, x), x)
+                        cand_loss, cand_wrong = _loss_and_wrong(model, x + cand, y)
+                        candidates.append(cand)
+                        losses.append(cand_loss.float())
+                        wrongs.append(cand_wrong)
+                choice = torch.stack(losses).argmax(dim=0)  # eq. 7: the highest-loss step wins
+                delta = _pick(torch.stack(candidates), choice)
+                worst.update(
+                    delta,
+                    _pick(torch.stack(losses), choice),
+                    _pick(torch.stack(wrongs), choice),
+                    choice,
+                )
+        return worst.result(x).x_adv, worst.tag
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        return self.attack_with_choice(model, x, y)[0]
+
+
+def adversarial_examples(
+    attacks: Mapping[str, PGD], model: nn.Module, x: Tensor, y: Tensor
+) -> dict[str, Tensor]:
+    """One adversarial batch per attack, ``{name: x_adv}`` (the terms eq. 6, "avg", averages)."""
+    return {name: attack(model, x, y) for name, attack in attacks.items()}
+
+
+def make_attacks(configs: Mapping[str, AttackConfig]) -> dict[str, PGD]:
+    """``{name: PGD.from_config(cfg)}`` for a mapping such as :func:`attack_defaults` returns."""
+    return {name: PGD.from_config(cfg) for name, cfg in configs.items()}
+
+
+# --------------------------------------------------------------------------- per-dataset defaults
+
+
+def _table(
+    eps: Mapping[str, float],
+    steps: Mapping[str, int],
+    step_size: Mapping[str, float],
+    restarts: int,
+) -> dict[str, AttackConfig]:
+    return {
+        n: AttackConfig(n, eps[n], steps[n], step_size[n], restarts=restarts, random_start=True)
+        for n in NORMS
+    }
+
+
+# CIFAR-10 / SVHN / TinyImageNet (pixels in [0, 1]). Radii: ε∞ = 8/255, ε2 = 0.5, ε1 = 12
+# (Maini et al. 2020; the paper's settings). Steps: train 10/10/20, eval 50/50/100 (Madaan et
+# al. 2021), eval with 10 restarts (Maini et al.). Step sizes: α∞ = ε∞/4 = 2/255 and
+# α2 = ε2/4 (10 steps cover 2.5ε, Madry et al.'s rule); α1 = 1.0, the total ℓ1 step of Maini et
+# al. (spread by L1Ball over the top 1% of |grad|).
+_IMAGE_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
+_IMAGE_STEP = {"linf": 2 / 255, "l2": 0.125, "l1": 1.0}
+_IMAGE = {
+    "train": _table(_IMAGE_EPS, {"linf": 10, "l2": 10, "l1": 20}, _IMAGE_STEP, restarts=1),
+    "eval": _table(_IMAGE_EPS, {"linf": 50, "l2": 50, "l1": 100}, _IMAGE_STEP, restarts=10),
+}
+
+# scikit-learn digits: 8x8 grayscale, 17 gray levels scaled to [0, 1], d = 64. ε∞ = 0.15 is
+# about 2.4 gray levels; ε2 = 1.0 < 8 * 0.15 = 1.2 (the ℓ∞ box's corner), and ε1 = 4 (about
+# four pixels fully flipped) < 8 * ε2 = 8 (the ℓ2 ball's ℓ1 reach), so no ball contains
+# another, as for CIFAR-10's radii: each norm is a distinct threat. Few steps keep CPU training
+# quick; the ℓ1 step moves one pixel (the top 1% of 64) by α1 per step.
+_DIGITS_EPS = {"linf": 0.15, "l2": 1.0, "l1": 4.0}
+_DIGITS = {
+    "train": _table(
+        _DIGITS_EPS, {"linf": 5, "l2": 5, "l1": 10}, {"linf": 0.075, "l2": 0.5, "l1": 1.0}, 1
+    ),
+    "eval": _table(
+        _DIGITS_EPS, {"linf": 20, "l2": 20, "l1": 40}, {"linf": 0.0375, "l2": 0.25, "l1": 0.5}, 3
+    ),
+}
+
+_DEFAULTS: dict[str, dict[str, dict[str, AttackConfig]]] = {
+    "cifar10": _IMAGE,
+    "svhn": _IMAGE,
+    "tinyimagenet": _IMAGE,
+    "digits": _DIGITS,
+}
+DATASETS = tuple(_DEFAULTS)
+
+
+def attack_defaults(
+    dataset: str, phase: str, overrides: Mapping[str, Mapping[str, object]] | None = None
+) -> dict[str, AttackConfig]:
+    """The attack settings of ``dataset`` for ``phase``, keyed by norm (``"linf", "l2", "l1"``).
+
+    ``"eval"`` is stronger than ``"train"`` (more steps, restarts). ``overrides`` maps a norm to
+    the :class:`AttackConfig` fields to replace, e.g. ``{"l1": {"steps": 50}}``; the result is
+    validated by :class:`AttackConfig`.
+
+    Raises:
+        ValueError: unknown dataset, phase, norm or field, or an invalid value.
+    """
+    if dataset not in _DEFAULTS:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
+    if phase not in PHASES:
+        raise ValueError(f"unknown attack phase {phase!r}; allowed: {', '.join(PHASES)}")
+    configs = dict(_DEFAULTS[dataset][phase])
+    fields = {f.name for f in dataclasses.fields(AttackConfig)} - {"norm"}
+    for norm, changes in (overrides or {}).items():
+        if norm not in configs:
+            raise ValueError(
+                f"attack override for unknown norm {norm!r}; allowed: {', '.join(NORMS)}"
+            )
+        unknown = sorted(set(changes) - fields)
+        if unknown:
+            raise ValueError(
+                f"attack override for {norm!r} has unknown field(s) {unknown}; "
+                f"allowed: {', '.join(sorted(fields))}"
+            )
+        configs[norm] = dataclasses.replace(configs[norm], **changes)
+    return configs

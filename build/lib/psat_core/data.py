@@ -1,0 +1,273 @@
+"""Datasets of the paper's "Experimental Setup" (CIFAR-10, SVHN, TinyImageNet) plus offline digits.
+
+Every loader returns :class:`ImageArrays`: uint8 images ``N x C x H x W`` and int64 labels ``N``.
+Pixels stay in [0, 255] on disk and in [0, 1] once :meth:`ImageArrays.to_float` is called; the
+per-channel ``mean``/``std`` of :class:`DatasetInfo` belong to the model's own first
+(normalization) module, so attacks work in [0, 1] pixel space.
+
+Example::
+
+    info = dataset_info("cifar10")
+    train = load_dataset("cifar10", "train", "~/data", download=True).subset(1000, seed=0)
+    x = random_crop_flip(train.to_float()) if info.augment else train.to_float()
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """Static facts about one dataset.
+
+    Attributes:
+        name: registry key.
+        num_classes: number of labels; labels are ``0 .. num_classes - 1``.
+        in_channels: image channels C.
+        image_size: height = width of every image.
+        mean, std: per-channel statistics of the train split in [0, 1] pixel units, for the
+            model's normalization layer.
+        augment: whether :func:`random_crop_flip` suits the dataset (False where a horizontal
+            flip changes the label's meaning, i.e. digits and house numbers).
+    """
+
+    name: str
+    num_classes: int
+    in_channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    augment: bool
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    info.name: info
+    for info in (
+        DatasetInfo(
+            name="cifar10",
+            num_classes=10,
+            in_channels=3,
+            image_size=32,
+            mean=(0.4914, 0.4822, 0.4465),
+            std=(0.2470, 0.2435, 0.2616),
+            augment=True,
+        ),
+        DatasetInfo(
+            name="svhn",
+            num_classes=10,
+            in_channels=3,
+            image_size=32,
+            mean=(0.4377, 0.4438, 0.4728),
+            std=(0.1980, 0.2010, 0.1970),
+            augment=False,
+        ),
+        DatasetInfo(
+            name="tinyimagenet",
+            num_classes=200,
+            in_channels=3,
+            image_size=64,
+            mean=(0.4802, 0.4481, 0.3975),
+            std=(0.2770, 0.2691, 0.2821),
+            augment=True,
+        ),
+        DatasetInfo(
+            name="digits",
+            num_classes=10,
+            in_channels=1,
+            image_size=8,
+            mean=(0.3054,),
+            std=(0.3760,),
+            augment=False,
+        ),
+    )
+}
+
+
+def dataset_info(name: str) -> DatasetInfo:
+    """Return the :class:`DatasetInfo` registered as ``name``; ValueError if unknown."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}") from None
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not under ``data_dir``; the message says where and how to get them."""
+
+
+@dataclass(frozen=True)
+class ImageArrays:
+    """A whole split in memory.
+
+    Attributes:
+        images: uint8 tensor ``N x C x H x W`` with values in [0, 255].
+        labels: int64 tensor ``N``.
+    """
+
+    images: torch.Tensor
+    labels: torch.Tensor
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(
+                f"images must be uint8 N x C x H x W, got {self.images.dtype} "
+                f"{tuple(self.images.shape)}"
+            )
+        if self.labels.dtype != torch.int64 or self.labels.shape != self.images.shape[:1]:
+            raise ValueError(
+                f"labels must be int64 of shape ({self.images.shape[0]},), got "
+                f"{self.labels.dtype} {tuple(self.labels.shape)}"
+            )
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def to_float(self) -> torch.Tensor:
+        """Images as float32 ``N x C x H x W`` in [0, 1]."""
+        return self.images.float().div_(255.0)
+
+    def subset(self, n: int, seed: int = 0) -> ImageArrays:
+        """``n`` distinct samples drawn uniformly at random; the same ``seed`` gives the same ones.
+
+        Raises ValueError unless ``0 <= n <= len(self)``.
+        """
+        if not 0 <= n <= len(self):
+            raise ValueError(f"subset size {n} is outside [0, {len(self)}]")
+        index = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        return ImageArrays(self.images[index], self.labels[index])
+
+
+def load_dataset(
+    name: str, split: str, data_dir: str | os.PathLike[str], download: bool = False
+) -> ImageArrays:
+    """Load split ``"train"`` or ``"test"`` of dataset ``name`` into memory.
+
+    Args:
+        name: a key of :data:`DATASETS`.
+        split: ``"train"`` or ``"test"`` (for tinyimagenet, "test" is the labelled ``val`` folder,
+            since the official test images carry no labels).
+        data_dir: folder holding the dataset as its official archive extracts it:
+            ``cifar-10-batches-py/``, ``train_32x32.mat``/``test_32x32.mat`` (SVHN),
+            ``tiny-imagenet-200/``. Ignored for digits, which ships inside scikit-learn.
+        download: fetch the official archive into ``data_dir`` first when it is not there yet.
+
+    Returns:
+        :class:`ImageArrays` with ``images`` of shape ``N x C x S x S`` where C and S are the
+        dataset's ``in_channels`` and ``image_size``.
+
+    Raises:
+        ValueError: unknown ``name`` or ``split``.
+        DatasetNotFoundError: files missing and ``download`` is False.
+    """
+    dataset_info(name)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+    return _LOADERS[name](Path(data_dir).expanduser(), split, download)
+
+
+def random_crop_flip(
+    x: torch.Tensor,
+    padding: int = 4,
+    generator: torch.Generator | None = None,
+    padding_mode: str = "constant",
+) -> torch.Tensor:
+    """Train-time augmentation: per sample, a random ``H x W`` crop of the padded image, then a
+    horizontal flip with probability 1/2 (the standard CIFAR recipe).
+
+    Not meant for digits or SVHN (``DatasetInfo.augment`` is False there): a flip changes a
+    digit's identity.
+
+    Args:
+        x: float tensor ``N x C x H x W`` on any device; not modified.
+        padding: pixels added on each side before cropping (default 4); 0 leaves only the flip.
+        generator: random source (on ``x``'s device or the CPU) for reproducible draws; default
+            the global one.
+        padding_mode: ``"constant"`` (zeros, default) or ``"reflect"`` (needs padding < H, W).
+
+    Returns:
+        A new tensor of ``x``'s shape, dtype and device; values come from ``x`` (or zeros of
+        constant padding).
+    """
+    if x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"expected a float N x C x H x W batch, got {x.dtype} {tuple(x.shape)}")
+    if padding < 0:
+        raise ValueError(f"padding must be >= 0, got {padding}")
+    if padding_mode not in ("constant", "reflect"):
+        raise ValueError(f"padding_mode must be 'constant' or 'reflect', got {padding_mode!r}")
+    n, _, h, w = x.shape
+    draw_device = generator.device if generator is not None else x.device
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator, device=draw_device)
+    flip = torch.rand(n, generator=generator, device=draw_device) < 0.5
+    offsets, flip = offsets.to(x.device), flip.to(x.device)
+
+    padded = F.pad(x, (padding,) * 4, mode=padding_mode)
+    rows = offsets[0, :, None] + torch.arange(h, device=x.device)  # N x H
+    cols = offsets[1, :, None] + torch.arange(w, device=x.device)  # N x W
+    batch = torch.arange(n, device=x.device)[:, None, None]
+    crops = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # N x H x W x C
+    crops = crops.permute(0, 3, 1, 2)
+    return torch.where(flip[:, None, None, None], crops.flip(-1), crops).contiguous()
+
+
+# --- loaders ------------------------------------------------------------------------------------
+
+
+def require_files(paths: Iterable[Path], name: str, how: str) -> None:
+    """Raise one DatasetNotFoundError listing every missing path of dataset ``name``."""
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise DatasetNotFoundError(
+            f"{name} not found: missing {', '.join(missing)}. Pass download=True (CLI: --download) "
+            f"or {how}"
+        )
+
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_SPLIT_SEED = 0
+
+
+def _load_digits(root: Path, split: str, download: bool) -> ImageArrays:
+    """scikit-learn's 1797 8 x 8 digits (values 0..16, rescaled to 0..255), split 80/20,
+    stratified by label with a fixed seed, so train and test are disjoint and always the same."""
+    # Imported here: scikit-learn is slow to import and only digits needs it.
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    train_index, test_index = train_test_split(
+        np.arange(len(digits.target)),
+        test_size=DIGITS_TEST_FRACTION,
+        stratify=digits.target,
+        random_state=DIGITS_SPLIT_SEED,
+    )
+    index = train_index if split == "train" else test_index
+    images = np.rint(digits.images[index] * (255.0 / 16.0)).astype(np.uint8)[:, None]
+    return ImageArrays(torch.from_numpy(images), torch.from_numpy(digits.target[index]).long())
+
+
+def _torchvision_loader(name: str) -> Callable[[Path, str, bool], ImageArrays]:
+    def load(root: Path, split: str, download: bool) -> ImageArrays:
+        # torchvision takes a second to import; only the on-disk datasets need it
+        from psat_core import vision_sets
+
+        return getattr(vision_sets, f"load_{name}")(root, split, download)
+
+    return load
+
+
+_LOADERS: dict[str, Callable[[Path, str, bool], ImageArrays]] = {
+    "cifar10": _torchvision_loader("cifar10"),
+    "svhn": _torchvision_loader("svhn"),
+    "tinyimagenet": _torchvision_loader("tinyimagenet"),
+    "digits": _load_digits,
+}

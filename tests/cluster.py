@@ -1,0 +1,201 @@
+"""Real processes for the cluster tests: a two-node Ray cluster with token auth, an
+`mlflow server`, and a fresh venv with psat installed non-editable.
+
+Everything listens on 127.0.0.1 on free ports, keeps its files under the test's temp folder and
+is stopped by process group (never `ray stop`, which stops every Ray on the machine).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 120) -> None:
+    """Until `url` answers (any HTTP status, a 401 included)."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError as err:
+            if getattr(err, "code", None):
+                return
+            if time.time() > deadline:
+                raise TimeoutError(f"{url} did not answer in {timeout} s") from err
+            time.sleep(1)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process started with start_new_session=True and everything it started."""
+    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def make_venv(path: Path, with_psat: bool) -> Path:
+    """A fresh venv that sees this interpreter's third-party packages (through a .pth file) but
+    not its psat; with `with_psat`, psat is installed into it from a wheel (non-editable)."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
+    python = path / "bin" / "python"
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True, capture_output=True, text=True,
+    ).stdout.strip()  # fmt: skip
+    (Path(purelib) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    for script in ("ray", "mlflow"):  # console scripts of the shared packages
+        (path / "bin" / script).write_text(
+            Path(sys.executable)
+            .parent.joinpath(script)
+            .read_text()
+            .replace(Path(sys.executable).as_posix(), python.as_posix(), 1)
+        )
+        (path / "bin" / script).chmod(0o755)
+    if with_psat:
+        wheels = path / "wheels"
+        subprocess.run(
+            [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+             "-w", str(wheels), str(ROOT)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        subprocess.run(
+            # --ignore-installed: never uninstall the psat this interpreter sees through deps.pth
+            [sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps",
+             "--ignore-installed", "--no-compile", *map(str, wheels.glob("psat-*.whl"))],
+            check=True, capture_output=True,
+        )  # fmt: skip
+    return path / "bin"
+
+
+@dataclass
+class RayCluster:
+    """Head + one worker node of a token-auth Ray cluster on 127.0.0.1."""
+
+    bin: Path
+    root: Path
+    cpus_per_node: int = 2
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
+        return env | {
+            "RAY_AUTH_MODE": "token",
+            "RAY_AUTH_TOKEN": self.token,
+            "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": "",
+        }
+
+    def _node(self, name: str, *args: str) -> subprocess.Popen:
+        (self.root / name).mkdir(parents=True, exist_ok=True)
+        ports = {
+            "--node-manager-port": free_port(),
+            "--object-manager-port": free_port(),
+            "--dashboard-agent-listen-port": free_port(),
+            "--dashboard-agent-grpc-port": free_port(),
+            "--metrics-export-port": free_port(),
+            "--runtime-env-agent-port": free_port(),
+        }
+        worker_ports = free_port() // 100 * 100
+        command = [
+            str(self.bin / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
+            f"--num-cpus={self.cpus_per_node}", "--disable-usage-stats",
+            f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 99}",
+            *(f"{k}={v}" for k, v in ports.items()), *args,
+        ]  # fmt: skip
+        log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 (lives as long as the node)
+        proc = subprocess.Popen(
+            command, cwd=self.root / name, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> RayCluster:
+        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self._node(
+            "head", "--head", f"--port={self.gcs_port}", "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}", f"--temp-dir={self.root / 'tmp-head'}",
+        )  # fmt: skip
+        wait_http(self.address)
+        self._node("worker", f"--address=127.0.0.1:{self.gcs_port}")
+        self.wait_nodes(2)
+        return self
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def wait_nodes(self, count: int, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        script = (
+            "import ray; from ray.util.state import list_nodes; "
+            f"print(sum(n.state == 'ALIVE' for n in list_nodes(address='{self.address}')))"
+        )
+        while time.time() < deadline:
+            out = subprocess.run(
+                [str(self.bin / "python"), "-c", script], env=self.env, capture_output=True,
+                text=True, cwd=self.root,
+            )  # fmt: skip
+            if out.returncode == 0 and out.stdout.strip() == str(count):
+                return
+            time.sleep(2)
+        raise TimeoutError(f"the Ray cluster did not reach {count} nodes: {out.stderr[-2000:]}")
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            stop(proc)
+
+
+@dataclass
+class MlflowServer:
+    bin: Path
+    root: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> MlflowServer:
+        self.port = free_port()
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "server.log", "w")  # noqa: SIM115 (lives as long as the server)
+        self.proc = subprocess.Popen(
+            [str(self.bin / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        wait_http(f"{self.uri}/health")
+        return self
+
+    @property
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc)
