@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -282,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.verbose:  # their INFO chatter (uploads, "View run" links) drowns psat's progress
         for name in QUIET_LIBRARIES:
             logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     try:
         return args.run(args)
     except USER_ERRORS as err:

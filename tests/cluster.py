@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import sysconfig
+import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -28,10 +30,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float = 120) -> None:
-    """Until `url` answers (any HTTP status, a 401 included)."""
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Until `url` answers (any HTTP status, a 401 included); `proc` must live meanwhile."""
     deadline = time.time() + timeout
     while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args[:3]} exited {proc.returncode}:\n{log.read_text()}")
         try:
             urllib.request.urlopen(url, timeout=2)
             return
@@ -138,12 +142,14 @@ class RayCluster:
 
     def start(self) -> RayCluster:
         self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self._node(
+        # Ray's sockets live in its temp dir, and a socket path has at most 107 bytes
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="psat-ray-", dir="/tmp"))
+        head = self._node(
             "head", "--head", f"--port={self.gcs_port}", "--include-dashboard=true",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={free_port()}", f"--temp-dir={self.root / 'tmp-head'}",
+            f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
         )  # fmt: skip
-        wait_http(self.address)
+        wait_http(self.address, head, self.root / "head.log")
         self._node("worker", f"--address=127.0.0.1:{self.gcs_port}")
         self.wait_nodes(2)
         return self
@@ -171,6 +177,7 @@ class RayCluster:
     def stop(self) -> None:
         for proc in reversed(self.procs):
             stop(proc)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @dataclass
@@ -189,7 +196,7 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
             cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        wait_http(f"{self.uri}/health")
+        wait_http(f"{self.uri}/health", self.proc, self.root / "server.log")
         return self
 
     @property

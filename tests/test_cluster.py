@@ -1,0 +1,234 @@
+"""psat on a Ray cluster as a user meets it.
+
+A two-node Ray cluster on 127.0.0.1 with token auth, a real `mlflow server`, psat installed
+non-editable (from a wheel) in a fresh venv, and every command run from a folder outside the
+checkout. The cluster's own Python has psat's dependencies but not psat: a job runs only if
+psat's code travelled with it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cluster import ROOT, MlflowServer, RayCluster, free_port, make_venv
+from mlflow.tracking import MlflowClient
+
+NORMS = ("linf", "l2", "l1")
+TINY = {
+    "training.epochs": 1,
+    "data.train_size": 96,
+    "data.val_size": 16,
+    "data.eval_size": 16,
+    "model.embedding_dim": 4,
+    **{f"attacks.{phase}.{n}.steps": 1 for phase in ("train", "eval") for n in NORMS},
+    **{f"attacks.eval.{n}.restarts": 1 for n in NORMS},
+    "evaluation.crosscheck": "false",
+    "evaluation.adaptive": "false",
+}
+
+
+def sets(values: dict) -> list[str]:
+    return [word for k, v in values.items() for word in ("--set", f"{k}={v}")]
+
+
+class Site:
+    """The cluster, the tracking server and a user's shell outside the checkout."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.cluster = RayCluster(make_venv(root / "cluster-venv", with_psat=False), root / "ray")
+        self.user_bin = make_venv(root / "user-venv", with_psat=True)
+        self.home = root / "user"  # the user's folder: no checkout here
+        self.home.mkdir()
+        shutil.copy(ROOT / "jobs" / "configs" / "quickstart.yaml", self.home / "mine.yaml")
+        self.storage = root / "shared" / "runs"  # "shared": both nodes are on this machine
+        self.cluster.start()
+        self.mlflow = MlflowServer(self.cluster.bin, root / "mlflow").start()
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return self.cluster.env | {
+            "PATH": f"{self.user_bin}:{self.cluster.env['PATH']}",
+            "MLFLOW_TRACKING_URI": self.mlflow.uri,
+            "HOME": str(self.home),  # no ~/.ray/auth_token: the token comes from the env
+        } | extra  # fmt: skip
+
+    def psat(self, *args: str, env=None, timeout=600) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [str(self.user_bin / "psat"), *args], cwd=self.home, env=env or self.env(),
+            capture_output=True, text=True, timeout=timeout,
+        )  # fmt: skip
+
+    def runs(self, job: str) -> list:
+        client = MlflowClient(self.mlflow.uri)
+        experiment = client.get_experiment_by_name("psat-quickstart")
+        if experiment is None:
+            return []
+        return client.search_runs([experiment.experiment_id], f"tags.`psat.job` = '{job}'")
+
+    def worker_nodes(self, submission_id: str) -> set[str]:
+        """Nodes of the Ray Train workers of one submitted job (Ray's state API)."""
+        script = (
+            "import sys; from ray.job_submission import JobSubmissionClient; "
+            "from ray.util.state import list_actors; "
+            f"a = '{self.cluster.address}'; "
+            f"job = JobSubmissionClient(a).get_job_info('{submission_id}').job_id; "
+            "actors = list_actors(address=a, filters=[('class_name', '=', 'RayTrainWorker'), "
+            "('job_id', '=', job)], limit=1000); "
+            "print(' '.join(sorted({x.node_id for x in actors})))"
+        )
+        out = subprocess.run(
+            [str(self.cluster.bin / "python"), "-c", script], env=self.cluster.env,
+            capture_output=True, text=True, cwd=self.root, check=True,
+        )  # fmt: skip
+        return set(out.stdout.split())
+
+    def stop(self) -> None:
+        self.mlflow.stop()
+        self.cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    site = Site(tmp_path_factory.mktemp("site"))
+    yield site
+    site.stop()
+
+
+def submission_id(stdout: str) -> str:
+    return re.search(r"submitted (raysubmit_\w+)", stdout)[1]
+
+
+@pytest.mark.slow
+def test_submit_train_aggregate_pull_on_two_nodes(site):
+    config = {"name": "two-nodes", "storage.path": site.storage, **TINY}
+    train = site.psat("submit", "train", "--config", "mine.yaml", "--address",
+                      site.cluster.address, *sets(config))  # fmt: skip
+    print(train.stdout)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    assert re.search(r"job raysubmit_\w+ SUCCEEDED", train.stdout)
+    assert "[l1] epoch 1/1" in train.stdout
+    assert "INFO dashboard_sdk" not in train.stdout + train.stderr  # Ray's chatter stays out
+    runs = {r.data.tags["psat.role"] + ":" + r.data.tags.get("psat.norm", ""): r
+            for r in site.runs("two-nodes")}  # fmt: skip
+    assert {k for k in runs if k.startswith("member")} == {f"member:{n}" for n in NORMS}
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    for norm in NORMS:  # checkpoints under the configured absolute path, not Ray's temp dir
+        checkpoint = Path(runs[f"member:{norm}"].data.tags["psat.checkpoint"])
+        assert checkpoint.is_relative_to(site.storage / "two-nodes" / norm)
+        assert (checkpoint / "member.json").is_file()
+    nodes = site.worker_nodes(submission_id(train.stdout))
+    assert len(nodes) == 2, nodes  # 3 members, 2 CPUs per node: both nodes train
+
+    aggregate = site.psat("submit", "aggregate", "--config", "mine.yaml", "--address",
+                          site.cluster.address, *sets(config))  # fmt: skip
+    print(aggregate.stdout)
+    assert aggregate.returncode == 0, aggregate.stdout[-3000:] + aggregate.stderr[-3000:]
+    assert "registered models:/psat-digits/1" in aggregate.stdout
+
+    pull = site.psat("pull", "models:/psat-digits@champion", "--dst", str(site.home / "pulled"))
+    print(pull.stdout)
+    assert pull.returncode == 0, pull.stderr
+    assert "psat-digits version 1" in pull.stdout and "members: linf, l2, l1" in pull.stdout
+    assert not list(site.home.glob("mlflow.db")) and not (site.home / "psat_runs").exists()
+
+
+@pytest.mark.slow
+def test_ray_job_submit_as_the_readme_writes_it(site):
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- ray-job-submit")[1].split("```bash\n")[1].split("```")[0]
+    storage = site.root / "shared" / "readme-runs"
+    script = (
+        block.replace("http://<head>:5000", site.mlflow.uri)
+        .replace("http://127.0.0.1:8265", site.cluster.address)
+        .replace("/mnt/psat/runs", str(storage))
+        .rstrip()
+    )
+    script += " " + shlex.join(sets({"name": "readme", "training.members": "[linf]", **TINY}))
+    proc = subprocess.run(
+        ["bash", "-euc", script], cwd=ROOT, env=site.env(MLFLOW_TRACKING_URI="unset"),
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (member,) = [r for r in site.runs("readme") if r.data.tags["psat.role"] == "member"]
+    assert member.info.status == "FINISHED"
+    assert Path(member.data.tags["psat.checkpoint"]).is_relative_to(storage / "readme" / "linf")
+
+
+def _ray_job(site, *entrypoint: str) -> subprocess.CompletedProcess:
+    """`ray job submit` of a psat job from the checkout, without a tracking URI in the job."""
+    command = ["ray", "job", "submit", "--address", site.cluster.address, "--working-dir", ".",
+               "--", *entrypoint]  # fmt: skip
+    return subprocess.run(command, cwd=ROOT, env=site.cluster.env, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, storage, message",
+    [
+        ("relative", "./psat_runs", "storage.path './psat_runs' is relative"),
+        ("no-tracking", "ABSOLUTE", "tracking.uri is unset and MLFLOW_TRACKING_URI is not set"),
+    ],
+)
+def test_temporary_locations_are_refused_before_any_work(site, name, storage, message):
+    storage = str(site.root / "shared" / name) if storage == "ABSOLUTE" else storage
+    config = {"name": name, "storage.path": storage, **TINY}
+    # psat submit refuses on the client: one line, exit 2, nothing submitted
+    env = site.env()
+    if name == "no-tracking":
+        del env["MLFLOW_TRACKING_URI"]
+    proc = site.psat("submit", "train", "--config", "mine.yaml", "--address",
+                     site.cluster.address, *sets(config), env=env)  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("psat submit: error: ") and message in line
+    # the job refuses too, when submitted by hand: failed, before any run or checkpoint
+    proc = _ray_job(site, "python", "-m", "jobs.train_members", "--config",
+                    "jobs/configs/quickstart.yaml", *sets(config))  # fmt: skip
+    assert proc.returncode != 0
+    assert f"psat train: error: {message}" in proc.stdout + proc.stderr
+    assert "training linf" not in proc.stdout
+    assert site.runs(name) == []
+    assert not Path(storage).is_absolute() or not Path(storage).exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("token", ["wrong", None])
+def test_auth_errors_are_one_line(site, token):
+    args = ["--token", token] if token else []
+    env = {k: v for k, v in site.env().items() if k != "RAY_AUTH_TOKEN"}
+    config = {"name": "auth", "storage.path": site.storage}
+    proc = site.psat("submit", "train", "--config", "mine.yaml", "--address",
+                     site.cluster.address, *args, *sets(config), env=env)  # fmt: skip
+    assert proc.returncode == 2 and proc.stdout == ""
+    (line,) = proc.stderr.strip().splitlines()
+    if token:
+        assert "refused the auth token from --token" in line
+    else:
+        assert "requires an auth token and none was found" in line
+        assert str(site.home / ".ray" / "auth_token") in line
+    assert "RAY_AUTH_MODE=token ray get-auth-token" in line
+
+
+@pytest.mark.slow
+def test_unreachable_address_is_one_line_and_writes_nothing(tmp_path):
+    config = tmp_path / "mine.yaml"
+    shutil.copy(ROOT / "jobs" / "configs" / "quickstart.yaml", config)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "psat"), "submit", "train", "--config", str(config),
+         "--address",
+         f"http://127.0.0.1:{free_port()}", "--set", f"storage.path={tmp_path / 'runs'}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=120,
+        env={"PATH": os.environ["PATH"], "HOME": str(tmp_path / "home"),
+             "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "cannot reach the Ray cluster" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == ["mine.yaml"]
