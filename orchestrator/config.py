@@ -257,8 +257,10 @@ def _durable(location: str) -> bool:
     scheme, sep, rest = location.partition("://")
     if not sep:
         return Path(location).is_absolute()
-    if scheme in ("file", "sqlite"):
-        return rest.startswith("/")  # file:///abs, sqlite:////abs (sqlite:///rel is relative)
+    if scheme == "file":
+        return rest.startswith("/")  # file:///abs
+    if scheme == "sqlite":
+        return rest.startswith("//")  # sqlite:////abs (sqlite:///rel.db is relative)
     return True
 
 

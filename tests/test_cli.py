@@ -94,3 +94,50 @@ def test_quickstart_runs_end_to_end_and_its_model_loads(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     rows = [line for line in evaluated.stdout.splitlines() if line.startswith("PSAT ")]
     assert len(rows) == 2 and all(line.count("%") == 7 for line in rows)
+
+
+@pytest.mark.parametrize(
+    ("argv", "forwarded"),
+    [
+        (["aggregate", "--from-sweep", "--force-champion"], ["--from-sweep", "--force-champion"]),
+        (["aggregate", "--train-run", "abc123", "--allow-partial"],
+         ["--train-run", "abc123", "--allow-partial"]),
+        (["aggregate"], []),
+        (["train"], []),
+    ],
+)  # fmt: skip
+def test_submit_forwards_every_job_option(argv, forwarded):
+    """`psat submit JOB` parses the job's own options and hands them on unchanged."""
+    from orchestrator.cli import JOBS, build_parser, job_arguments
+
+    job, *options = argv
+    args = build_parser().parse_args(
+        ["submit", job, "--config", "c.yaml", "--set", "a.b=1", *options, "--address", "http://h"]
+    )
+    assert job_arguments(args, JOBS[job].options) == forwarded
+    local = build_parser().parse_args([job, "--config", "c.yaml", *forwarded])
+    assert job_arguments(local, JOBS[job].options) == forwarded  # the same words locally
+
+
+def _options(*path: str) -> set[str]:
+    """The option strings of `psat PATH...` (e.g. ("submit", "aggregate"))."""
+    import argparse
+
+    from orchestrator.cli import build_parser
+
+    parser = build_parser()
+    for name in path:
+        (commands,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = commands.choices[name]
+    return {option for action in parser._actions for option in action.option_strings}
+
+
+def test_submit_takes_what_each_job_takes():
+    """Every option of `psat JOB` is an option of `psat submit JOB`, plus the cluster's."""
+    for job in ("train", "sweep", "aggregate", "run", "reproduce"):
+        local, remote = _options(job), _options("submit", job)
+        assert local <= remote, (job, local - remote)
+        assert remote - local == {"--address", "--token", "--env", "--no-follow"}
+    assert {"--from-sweep", "--train-run", "--force-champion", "--allow-partial"} <= _options(
+        "submit", "aggregate"
+    )

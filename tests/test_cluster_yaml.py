@@ -1,3 +1,4 @@
+import shlex
 from pathlib import Path
 
 import yaml
@@ -25,6 +26,17 @@ def test_cluster_yaml_has_cpu_head_and_scaling_gpu_workers():
     assert cluster["file_mounts"]["~/psat"] == "."
     assert "mount" in setup and "/mnt/psat" in setup  # shared checkpoint storage
     assert any("--head" in c for c in cluster["head_start_ray_commands"])
+
+
+def test_cluster_yaml_starts_every_node_with_token_auth_and_installs_psat():
+    cluster = yaml.safe_load((ROOT / "ray_cluster.yaml").read_text())
+    assert cluster["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        starts = [shlex.split(c) for c in cluster[key] if "ray start" in c]
+        assert len(starts) == 1 and starts[0][:3] == ["RAY_AUTH_MODE=token", "ray", "start"]
+    installs = [shlex.split(c) for c in cluster["setup_commands"] if "install" in c]
+    psat = [words for words in installs if "~/psat" in words]
+    assert psat and "-e" not in psat[0]  # a real install: psat's pinned dependencies
 
 
 def test_cluster_configs_use_gpus_and_the_shared_storage():

@@ -1,6 +1,15 @@
+import re
+
 import pytest
 
-from orchestrator.config import ConfigError, load_config, parse_config, parse_overrides
+from orchestrator.config import (
+    ConfigError,
+    check_cluster_locations,
+    deep_merge,
+    load_config,
+    parse_config,
+    parse_overrides,
+)
 
 QUICKSTART = "jobs/configs/quickstart.yaml"
 
@@ -58,3 +67,41 @@ def test_missing_and_malformed_files(tmp_path):
 def test_set_needs_key_and_value():
     with pytest.raises(ConfigError, match="section.field=value"):
         parse_overrides(["training.epochs"])
+
+
+SERVER = {"MLFLOW_TRACKING_URI": "http://h:5000"}
+
+
+@pytest.mark.parametrize(
+    ("sections", "env", "refused"),
+    [
+        ({"storage": {"path": "./psat_runs"}}, SERVER, "storage.path"),
+        ({"storage": {"path": "~/runs"}}, SERVER, "storage.path"),
+        ({"storage": {"path": "file://runs"}}, SERVER, "storage.path"),
+        ({}, {}, "tracking.uri is unset"),
+        ({"tracking": {"uri": "sqlite:///mlflow.db"}}, {}, "tracking.uri 'sqlite:///mlflow.db'"),
+        ({}, {"MLFLOW_TRACKING_URI": "./mlruns"}, "tracking.uri './mlruns'"),
+        ({}, {"MLFLOW_TRACKING_URI": "file:mlruns"}, "tracking.uri 'file:mlruns'"),
+        ({"reproduce": {"output": "out"}}, SERVER, "reproduce.output"),
+    ],
+)  # fmt: skip
+def test_cluster_jobs_refuse_locations_in_rays_temporary_dir(sections, env, refused):
+    data = {"name": "x", "storage": {"path": "/mnt/psat/runs"}, "reproduce": {"output": "/o"}}
+    job = parse_config(deep_merge(data, sections))
+    with pytest.raises(ConfigError, match=re.escape(refused)):
+        check_cluster_locations(job, "reproduce", env)
+
+
+@pytest.mark.parametrize(
+    ("storage", "uri"),
+    [
+        ("/mnt/psat/runs", "http://head:5000"),
+        ("s3://bucket/psat", "sqlite:////mnt/psat/mlflow.db"),
+        ("file:///mnt/psat/runs", "postgresql://u@db/mlflow"),
+    ],
+)
+def test_cluster_jobs_accept_absolute_paths_and_uris(storage, uri):
+    job = parse_config({"name": "x", "storage": {"path": storage}, "tracking": {"uri": uri}})
+    check_cluster_locations(job, "train", {})
+    with pytest.raises(ConfigError, match="reproduce.output"):  # relative by default
+        check_cluster_locations(job, "reproduce", {})
