@@ -10,10 +10,17 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
 from psat_core.attacks import NORMS, AttackConfig, attack_defaults
 from psat_core.data import DATASETS, dataset_info
@@ -34,7 +41,17 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # no inf/nan anywhere; `true` is not a number (pydantic's lax mode would take it as 1)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _bool_is_not_a_number(cls, value: Any, info: ValidationInfo) -> Any:
+        kinds = get_args(cls.model_fields[info.field_name].annotation)
+        kinds = kinds or (cls.model_fields[info.field_name].annotation,)
+        if isinstance(value, bool) and bool not in kinds and {int, float} & set(kinds):
+            raise ValueError("expected a number, not a boolean")
+        return value
 
 
 class DataConfig(Section):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -33,25 +34,53 @@ def _warn_if_not_official(files: Iterable[tuple[Path, str]], name: str) -> None:
         )
 
 
-class _CIFAR10Files(CIFAR10):
-    """torchvision's CIFAR10 that accepts the extracted files when present, whatever their md5.
+class _CIFAR10Unpickler(pickle.Unpickler):
+    """Admits only what CIFAR-10's batches are made of: builtins and numpy arrays.
 
-    torchvision compares every extracted pickle with the md5 of the official release and refuses
-    a copy that was re-pickled (same format, other bytes) with a generic "not found or
-    corrupted". Here presence is checked instead (by :func:`load_cifar10`, which names what is
-    missing), differing checksums are logged as a warning, and ``download=True`` still verifies
-    the downloaded archive against ``tgz_md5``.
+    A pickle can name any callable to run while loading; files in `data_dir` are data, so any
+    other global is refused before it is looked up.
     """
 
-    train_list = [[file, None] for file, _ in CIFAR10.train_list]
-    test_list = [[file, None] for file, _ in CIFAR10.test_list]
-    meta = {**CIFAR10.meta, "md5": None}
+    ALLOWED = {
+        (module, name)
+        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
+        for name in ("_reconstruct", "scalar")
+    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_cifar10_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """One batch file: images N x 3 x 32 x 32 (rows R(1024) G(1024) B(1024)) and labels.
+
+    Raises:
+        ValueError: not a CIFAR-10 batch (corrupt, another format, or a pickle that would run
+            code), naming the file.
+    """
+    try:
+        with open(path, "rb") as f:
+            batch = _CIFAR10Unpickler(f, encoding="latin1").load()
+        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = [int(label) for label in batch.get("labels", batch.get("fine_labels"))]
+    except Exception as err:  # any failure to parse is the same user fault: a bad file
+        raise ValueError(
+            f"{path}: not a CIFAR-10 python batch ({type(err).__name__}: {err}); "
+            f"replace it with the file from {CIFAR10.url}"
+        ) from None
+    if len(labels) != len(data):
+        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data, labels
 
 
 class _SVHNFile(SVHN):
     """torchvision's SVHN that accepts ``<split>_32x32.mat`` when present, whatever its md5.
 
-    Same reason as :class:`_CIFAR10Files`; ``download=True`` still verifies the downloaded file.
+    torchvision compares the file with the md5 of the official release and refuses a copy that
+    was re-saved (same format, other bytes) with a generic "not found or corrupted"; a differing
+    md5 is logged as a warning instead. ``download=True`` still verifies the downloaded file.
     """
 
     def _check_integrity(self) -> bool:
@@ -59,20 +88,22 @@ class _SVHNFile(SVHN):
 
 
 def load_cifar10(root: Path, split: str, download: bool) -> ImageArrays:
+    """The python batches of CIFAR-10 (torchvision's layout and download, which checks the
+    archive's md5), read with :class:`_CIFAR10Unpickler`: no file in `root` can run code."""
     folder = root / CIFAR10.base_folder
-    # torchvision reads the meta file and needs every batch present, whichever split is asked.
     official = [(folder / file, md5) for file, md5 in CIFAR10.train_list + CIFAR10.test_list]
     official.append((folder / CIFAR10.meta["filename"], CIFAR10.meta["md5"]))
-    if not download:
-        require_files(
-            (path for path, _ in official),
-            "cifar10",
-            f"extract {CIFAR10.url} into {root}",
+    if download and not all(path.is_file() for path, _ in official):
+        download_and_extract_archive(
+            CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
         )
-    ds = _CIFAR10Files(root=root, train=split == "train", download=download)
+    require_files((path for path, _ in official), "cifar10", f"extract {CIFAR10.url} into {root}")
     _warn_if_not_official(official, "cifar10")
-    images = torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous()  # N x H x W x C on disk
-    return ImageArrays(images, torch.tensor(ds.targets, dtype=torch.int64))
+    files = CIFAR10.train_list if split == "train" else CIFAR10.test_list
+    batches = [read_cifar10_batch(folder / file) for file, _ in files]
+    images = torch.from_numpy(np.concatenate([data for data, _ in batches]))
+    labels = torch.tensor([label for _, batch in batches for label in batch], dtype=torch.int64)
+    return ImageArrays(images.contiguous(), labels)
 
 
 def load_svhn(root: Path, split: str, download: bool) -> ImageArrays:

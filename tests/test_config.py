@@ -105,3 +105,19 @@ def test_cluster_jobs_accept_absolute_paths_and_uris(storage, uri):
     check_cluster_locations(job, "train", {})
     with pytest.raises(ConfigError, match="reproduce.output"):  # relative by default
         check_cluster_locations(job, "reproduce", {})
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("training.lr", ".inf", "finite number"),
+        ("training.lr", ".nan", "finite number"),
+        ("attacks.eval.l2.eps", "-.inf", "finite number"),
+        ("training.epochs", "true", "not a boolean"),
+        ("data.train_size", "false", "not a boolean"),
+        ("resources.cpus_per_worker", "true", "not a boolean"),
+    ],
+)
+def test_non_finite_and_boolean_numbers_are_refused(field, value, message):
+    with pytest.raises(ConfigError, match=f"field '{re.escape(field)}'.*{message}"):
+        load_config(QUICKSTART, parse_overrides([f"{field}={value}"]))

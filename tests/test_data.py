@@ -1,6 +1,7 @@
 """psat_core.data: loaders read tiny files written here in each dataset's real on-disk format."""
 
 import logging
+import os
 import pickle
 
 import numpy as np
@@ -300,3 +301,29 @@ def test_random_crop_flip_reflect_and_no_padding():
         random_crop_flip(x, padding_mode="circular")
     with pytest.raises(ValueError, match="float"):
         random_crop_flip(x[0])
+
+
+class _RunsCode:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("kind", ["runs_code", "corrupt"])
+def test_cifar10_files_are_data_never_code(tmp_path, kind):
+    _write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
+    marker = tmp_path / "pwned"
+    if kind == "runs_code":
+        batch.write_bytes(pickle.dumps({"data": _RunsCode(marker), "labels": [0]}))
+    else:
+        batch.write_bytes(batch.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"data_batch_2: not a CIFAR-10 python batch") as error:
+        load_dataset("cifar10", "train", tmp_path)
+    assert "\n" not in str(error.value)
+    if kind == "runs_code":
+        assert "refusing global posix.system" in str(error.value)
+    assert not marker.exists()  # the command never ran
+    assert load_dataset("cifar10", "test", tmp_path).labels.numel() == 3  # other files still load
