@@ -20,6 +20,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from psat_core.attacks import NORMS, AttackConfig, attack_defaults
@@ -263,6 +264,28 @@ class JobConfig(Section):
     def dataset(self):
         return dataset_info(self.data.dataset)
 
+    @model_validator(mode="after")
+    def _sizes_fit_the_dataset(self) -> JobConfig:
+        data, info = self.data, dataset_info(self.data.dataset)
+        train = info.train_images
+        if data.val_size >= train:
+            raise ValueError(
+                f"data.val_size {data.val_size} leaves no training images: {info.name}'s "
+                f"train split has {train}; lower it"
+            )
+        if data.train_size is not None and data.train_size + data.val_size > train:
+            raise ValueError(
+                f"data.train_size {data.train_size} + data.val_size {data.val_size} exceed the "
+                f"{train} images of {info.name}'s train split; at most {train - data.val_size} "
+                "train images, or leave train_size unset for all"
+            )
+        if data.eval_size is not None and data.eval_size > info.test_images:
+            raise ValueError(
+                f"data.eval_size {data.eval_size} exceeds the {info.test_images} images of "
+                f"{info.name}'s test split; lower it or leave it unset for all"
+            )
+        return self
+
 
 def in_ray_job(env=os.environ) -> bool:
     """True inside a Ray Jobs entrypoint (`ray job submit`, `psat submit`)."""
@@ -318,7 +341,10 @@ def check_cluster_locations(job: JobConfig, command: str, env=os.environ) -> Non
 def _format(err: ValidationError) -> str:
     lines = []
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        if not e["loc"]:  # a check across fields: its message names them
+            lines.append(e["msg"].removeprefix("Value error, "))
+            continue
+        field = ".".join(str(p) for p in e["loc"])
         value = e.get("input")
         shown = "missing" if e["type"] == "missing" else f"value {value!r}"
         lines.append(f"field '{field}': {shown}: {e['msg']}")

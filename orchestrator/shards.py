@@ -79,17 +79,23 @@ def materialize(config: JobConfig, data_uri: str, num_shards: int) -> dict:
         return manifest
     train = load_dataset(config.data.dataset, "train", config.data.data_dir, config.data.download)
     test = load_dataset(config.data.dataset, "test", config.data.data_dir, config.data.download)
-    if config.data.val_size >= len(train):
-        raise ValueError(
-            f"data.val_size={config.data.val_size} leaves no training data "
-            f"({config.data.dataset} train split has {len(train)} images)"
-        )
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.data.seed))
-    val_idx, train_idx = order[: config.data.val_size], order[config.data.val_size :]
-    if config.data.train_size is not None:
-        train_idx = train_idx[: config.data.train_size]
-    if config.data.eval_size is not None:
-        test = test.subset(min(config.data.eval_size, len(test)), seed=config.data.seed)
+    # the config checked the official split sizes; files on disk may hold fewer images
+    data = config.data
+    wanted = {"data.val_size": (data.val_size + 1, len(train), "train"),
+              "data.train_size": ((data.train_size or 0) + data.val_size, len(train), "train"),
+              "data.eval_size": (data.eval_size or 0, len(test), "test")}  # fmt: skip
+    for field, (needed, present, split) in wanted.items():
+        if needed > present:
+            raise ValueError(
+                f"{field} asks for more images than the {present} of {data.dataset}'s "
+                f"{split} split in {data.data_dir}; lower it"
+            )
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(data.seed))
+    val_idx, train_idx = order[: data.val_size], order[data.val_size :]
+    if data.train_size is not None:
+        train_idx = train_idx[: data.train_size]
+    if data.eval_size is not None:
+        test = test.subset(data.eval_size, seed=data.seed)
     fs, root = pafs.FileSystem.from_uri(data_uri)
     fs.create_dir(root, recursive=True)
     shards, shard_sizes = [], []

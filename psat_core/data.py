@@ -39,6 +39,7 @@ class DatasetInfo:
             model's normalization layer.
         augment: whether :func:`random_crop_flip` suits the dataset (False where a horizontal
             flip changes the label's meaning, i.e. digits and house numbers).
+        train_images, test_images: the sizes of the official splits.
     """
 
     name: str
@@ -48,6 +49,8 @@ class DatasetInfo:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     augment: bool
+    train_images: int
+    test_images: int
 
 
 DATASETS: dict[str, DatasetInfo] = {
@@ -61,6 +64,8 @@ DATASETS: dict[str, DatasetInfo] = {
             mean=(0.4914, 0.4822, 0.4465),
             std=(0.2470, 0.2435, 0.2616),
             augment=True,
+            train_images=50000,
+            test_images=10000,
         ),
         DatasetInfo(
             name="svhn",
@@ -70,6 +75,8 @@ DATASETS: dict[str, DatasetInfo] = {
             mean=(0.4377, 0.4438, 0.4728),
             std=(0.1980, 0.2010, 0.1970),
             augment=False,
+            train_images=73257,
+            test_images=26032,
         ),
         DatasetInfo(
             name="tinyimagenet",
@@ -79,6 +86,8 @@ DATASETS: dict[str, DatasetInfo] = {
             mean=(0.4802, 0.4481, 0.3975),
             std=(0.2770, 0.2691, 0.2821),
             augment=True,
+            train_images=100000,
+            test_images=10000,
         ),
         DatasetInfo(
             name="digits",
@@ -88,6 +97,8 @@ DATASETS: dict[str, DatasetInfo] = {
             mean=(0.3054,),
             std=(0.3760,),
             augment=False,
+            train_images=1437,
+            test_images=360,
         ),
     )
 }

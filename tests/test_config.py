@@ -121,3 +121,19 @@ def test_cluster_jobs_accept_absolute_paths_and_uris(storage, uri):
 def test_non_finite_and_boolean_numbers_are_refused(field, value, message):
     with pytest.raises(ConfigError, match=f"field '{re.escape(field)}'.*{message}"):
         load_config(QUICKSTART, parse_overrides([f"{field}={value}"]))
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ({"train_size": 100000}, "data.train_size 100000 + data.val_size 200 exceed the 1437"),
+        ({"val_size": 1437}, "data.val_size 1437 leaves no training images"),
+        ({"eval_size": 361}, "data.eval_size 361 exceeds the 360 images"),
+    ],
+)
+def test_sizes_larger_than_the_dataset_are_refused(sizes, message):
+    overrides = parse_overrides([f"data.{k}={v}" for k, v in sizes.items()])
+    with pytest.raises(ConfigError, match=re.escape(message)) as error:
+        load_config(QUICKSTART, overrides)
+    assert "{" not in str(error.value)  # the fields and sizes, not the whole section
+    load_config(QUICKSTART, parse_overrides(["data.train_size=1237", "data.eval_size=360"]))
