@@ -554,7 +554,7 @@ def aggregate(
         run_id = tracker.client.create_run(
             tracker.experiment_id, run_name=f"{job.name}-aggregate", tags=tags
         ).info.run_id
-        try:
+        with tracker.ending(run_id):
             tracker.log_params(
                 run_id, tracker.params() | {f"member.{n}": loc for n, loc in members.items()}
             )
@@ -583,10 +583,6 @@ def aggregate(
             report = markdown_report(job, members, evaluation, parameters, registration)
             tracker.client.log_text(run_id, report, "report.md")
             tracker.client.set_tag(run_id, VERSION_TAG, str(registration.version))
-        except BaseException:
-            tracker.client.set_terminated(run_id, "FAILED")
-            raise
-        tracker.client.set_terminated(run_id, "FINISHED")
     result = AggregateResult(
         run_id=run_id,
         members=members,

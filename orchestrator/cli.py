@@ -9,20 +9,24 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
 
 from orchestrator.config import (
     ConfigError,
+    JobConfig,
     TrackingConfig,
     check_cluster_locations,
     in_ray_job,
     load_config,
     parse_overrides,
 )
+from orchestrator.locking import job_lock
 from psat_core.accounting import parameter_report
 from psat_core.data import DatasetNotFoundError
 
@@ -38,27 +42,26 @@ USER_ERRORS = (
 )
 
 
-def _job_config(args: argparse.Namespace):
+def _job_config(args: argparse.Namespace) -> JobConfig:
     job = load_config(args.config, parse_overrides(args.set))
     if in_ray_job():  # Ray's working dir is temporary: nothing may be written relative to it
         check_cluster_locations(job, args.command)
     return job
 
 
-def _train(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace, job: JobConfig) -> int:
     from orchestrator.training import train_members
 
-    results = train_members(_job_config(args))
+    results = train_members(job)
     for norm, result in results.items():
         print(f"{norm}: checkpoint {result['checkpoint']}")
     return 0
 
 
-def _aggregate(args: argparse.Namespace) -> int:
+def _aggregate(args: argparse.Namespace, job: JobConfig) -> int:
     from orchestrator.aggregate import aggregate
     from orchestrator.sweep import best_checkpoints
 
-    job = _job_config(args)
     members = best_checkpoints(job) if args.from_sweep else None
     force = True if args.force_champion else None
     aggregate(
@@ -67,29 +70,43 @@ def _aggregate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, job: JobConfig) -> int:
     """End to end: data -> members trained concurrently -> aggregate -> register."""
     from orchestrator.aggregate import aggregate
     from orchestrator.training import train_members
 
-    job = _job_config(args)
     results = train_members(job)
     aggregate(job, {norm: results[norm]["checkpoint"] for norm in job.training.members})
     return 0
 
 
-def _reproduce(args: argparse.Namespace) -> int:
+def _reproduce(args: argparse.Namespace, job: JobConfig) -> int:
     from orchestrator.reproduce import reproduce
 
-    reproduce(_job_config(args))
+    reproduce(job)
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _evaluate(args: argparse.Namespace, job: JobConfig) -> int:
     from orchestrator.aggregate import evaluate_registered
 
-    evaluate_registered(_job_config(args), args.model)
+    evaluate_registered(job, args.model)
     return 0
+
+
+def _sweep(args: argparse.Namespace, job: JobConfig) -> int:
+    from orchestrator.sweep import run_sweep
+
+    run_sweep(job)
+    return 0
+
+
+def _run_job(args: argparse.Namespace) -> int:
+    """Validate the config, hold the job's name (writing jobs), run the job."""
+    command = JOBS[args.command]
+    job = _job_config(args)
+    with job_lock(job, args.command) if command.writes else nullcontext():
+        return command.run(args, job)
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -153,10 +170,11 @@ def _evaluate_options(parser: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class JobCommand:
-    run: Callable[[argparse.Namespace], int]
+    run: Callable[[argparse.Namespace, JobConfig], int]
     help: str
     module: str | None = None  # what Ray Jobs run: `python -m MODULE`; None: not submittable
     options: Callable[[argparse.ArgumentParser], None] | None = None  # the job's own flags
+    writes: bool = True  # holds the job's name while it runs (orchestrator.locking)
 
 
 JOBS = {
@@ -184,6 +202,7 @@ JOBS = {
         _evaluate,
         "Table-1 metrics of a registered ensemble on the job data",
         options=_evaluate_options,
+        writes=False,
     ),
 }
 
@@ -254,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, command in JOBS.items():
         job = commands.add_parser(name, help=command.help, description=command.help)
         _add_job_arguments(job, command.options)
-        job.set_defaults(run=command.run)
+        job.set_defaults(run=_run_job)
     pull = commands.add_parser("pull", help="download and verify a registered ensemble")
     pull.add_argument("uri", help="models:/NAME@champion, models:/NAME/3, ...")
     pull.add_argument("--dst", help="download folder (default ~/.psat/models/NAME/vN)")
@@ -284,8 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in QUIET_LIBRARIES:
             logging.getLogger(name).setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    # SIGTERM ends the job like Ctrl-C: its MLflow runs are marked KILLED on the way out
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         return args.run(args)
+    except KeyboardInterrupt:
+        print(f"psat {args.command}: interrupted", file=sys.stderr)
+        return 130
     except USER_ERRORS as err:
         log.debug("psat %s failed", args.command, exc_info=True)
         print(f"psat {args.command}: error: {err}", file=sys.stderr)

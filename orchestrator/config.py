@@ -238,7 +238,8 @@ class ReproduceConfig(Section):
 
 
 class JobConfig(Section):
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    # a folder name and MLflow tags: letters, digits, '_', '.', '-', at most 100 of them
+    name: str = Field(min_length=1, max_length=100, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     attacks: AttacksConfig = AttacksConfig()

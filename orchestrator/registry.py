@@ -58,6 +58,7 @@ MODEL_PATH = "ensemble"  # the model's name inside its run
 CANDIDATE, CHAMPION = "candidate", "champion"
 TRADE_OFF_TAG, STRATEGY_TAG = "psat.trade_off", "psat.strategy"
 MEMBERS_TAG, RUN_TAG, PARTIAL_TAG = "psat.members", "psat.run_id", "psat.partial"
+DIGEST_TAG = "psat.sha256"
 EXAMPLE_SIZE = 4
 PREDICT_BATCH = 256
 OUTPUT_COLUMNS = ("class", "probability", "member")
@@ -195,15 +196,22 @@ class PSATModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: np.ndarray, params: dict | None = None):
         """``model_input``: float ``N x C x H x W`` in [0, 1]; ``params``: optional
         ``{"strategy": ...}``. Returns the DataFrame of :func:`predict_frame`."""
+        # a bad request is MLflow's INVALID_PARAMETER_VALUE: the scoring server answers 400
+        # with this reason (any other exception is its generic "unexpected error")
+        bad_request = MlflowException.invalid_parameter_value
         images = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         if images.dim() != 4 or tuple(images.shape[1:]) != self.input_shape:
-            raise ValueError(
+            raise bad_request(
                 f"expected images N x {' x '.join(map(str, self.input_shape))}, "
                 f"got shape {tuple(images.shape)}"
             )
+        if not torch.isfinite(images).all():
+            raise bad_request("pixels must be finite floats in [0, 1]; got NaN or infinity")
         if images.numel() and not (images.min() >= 0 and images.max() <= 1):
-            raise ValueError("pixels must be floats in [0, 1] (divide 8-bit images by 255)")
+            raise bad_request("pixels must be floats in [0, 1] (divide 8-bit images by 255)")
         strategy = (params or {}).get("strategy") or self.ensemble.strategy
+        if strategy not in STRATEGIES:
+            raise bad_request(f"unknown strategy {strategy!r}; allowed: {sorted(STRATEGIES)}")
         return predict_frame(self.ensemble, images.to(self.device), strategy)
 
 
@@ -363,7 +371,10 @@ def register_ensemble(
     """
     with tracking(tracking_uri), _in_run(run_id):
         info, _ = log_ensemble(member_dirs, strategy=strategy, input_example=input_example)
+        # the registry keeps the digests where the artifact store cannot rewrite them
+        digests = {f"{DIGEST_TAG}.{name}": member_digest(d) for name, d in member_dirs.items()}
         version_tags = {
+            **digests,
             TRADE_OFF_TAG: repr(float(trade_off)),
             STRATEGY_TAG: strategy,
             MEMBERS_TAG: ",".join(member_dirs),
@@ -437,24 +448,19 @@ def resolve(uri: str, client: MlflowClient | None = None) -> ModelVersion:
         raise ValueError(f"registered model {name!r} has no version {version}") from None
 
 
-def _pinned(uri: str) -> str:
-    """``models:/name@alias`` -> ``models:/name/<version>`` (an alias may move meanwhile)."""
-    if not uri.startswith("models:/"):
-        return uri
-    version = resolve(uri)
-    return f"models:/{version.name}/{version.version}"
-
-
 def load_ensemble(uri: str, tracking_uri: str | None = None) -> PSATEnsemble:
     """A ready :class:`PSATEnsemble` (eval mode, CPU, registered strategy) from a registered
-    version (``models:/<name>@<alias>``, ``models:/<name>/<version>``) or any pyfunc model URI.
+    version (``models:/<name>@<alias>``, ``models:/<name>/<version>``), verified and built as
+    :func:`pull` does, or from any other pyfunc model URI (a path, ``runs:/``) you trust.
 
-    Member digests are verified on the way. Raises ValueError for an unknown model or alias.
+    Raises ValueError for an unknown model or alias, or artifacts that fail verification.
     """
+    if uri.startswith("models:/"):
+        with tempfile.TemporaryDirectory(prefix="psat-load-") as tmp:
+            return pull(uri, tmp, echo=lambda line: None, tracking_uri=tracking_uri).ensemble
     with tracking(tracking_uri):
-        pinned = _pinned(uri)
         try:
-            python_model = mlflow.pyfunc.load_model(pinned).unwrap_python_model()
+            python_model = mlflow.pyfunc.load_model(uri).unwrap_python_model()
         except MlflowException as err:
             raise ValueError(f"cannot load a psat ensemble from {uri!r}: {err.message}") from err
     if not isinstance(python_model, PSATModel):
@@ -515,10 +521,11 @@ def pull(
 ) -> PulledModel:
     """Download a registered version, verify it and say what it is.
 
-    Verification: every member's sha256 matches the one recorded at registration, the
-    members load with ``weights_only=True`` into their architecture, and the model answers
-    the stored input example as the registering process did (classes and members exactly,
-    probabilities to 1e-5).
+    Verification, before anything stored runs: every member's sha256 matches the one the
+    registry recorded in the version's tags (the artifact store cannot rewrite those); the
+    members load with ``weights_only=True`` into this installed psat's architectures; and the
+    ensemble answers the stored input example as the registering process did (classes and
+    members exactly, probabilities to 1e-5). The stored ``psat_model.py`` is never run.
 
     Args:
         uri: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``.
@@ -529,6 +536,7 @@ def pull(
     Raises:
         ValueError: unknown model, alias or version; artifacts that fail verification.
     """
+    _require_store(tracking_uri or mlflow.get_tracking_uri())
     with tracking(tracking_uri):
         client = MlflowClient()
         version = resolve(uri, client)
@@ -538,15 +546,28 @@ def pull(
         target = Path(dst or default)
         target.mkdir(parents=True, exist_ok=True)
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(target)))
-    model = mlflow.pyfunc.load_model(str(path))  # verifies the digests
-    _check_example(path, model)
-    psat_model = model.unwrap_python_model()
-    ensemble = psat_model.ensemble.cpu()
-    config = model.model_config
-    specs = {
-        name: read_spec(path / relative)
-        for name, relative in _member_artifacts(path, config["members"]).items()
-    }
+    # verified against the registry's digests before anything is loaded; built by this
+    # installed psat (the stored psat_model.py never runs here)
+    meta = Model.load(str(path))
+    config = meta.flavors["python_function"].get("model_config") or {}
+    names = (version.tags.get(MEMBERS_TAG) or "").split(",")
+    dirs = {name: path / relative for name, relative in _member_artifacts(meta, names).items()}
+    for name, directory in dirs.items():
+        recorded = version.tags.get(f"{DIGEST_TAG}.{name}")
+        if recorded is None:
+            raise ValueError(
+                f"{pinned} records no sha256 for member {name!r} in the registry (registered "
+                "by an older psat); register it again to pull it"
+            )
+        if member_digest(directory) != recorded:
+            raise ValueError(
+                f"{pinned}: member {name!r} at {directory} does not match the sha256 the "
+                "registry recorded; the artifacts were damaged or replaced"
+            )
+    strategy = version.tags.get(STRATEGY_TAG) or config.get("strategy", "lowest_entropy")
+    ensemble = build_ensemble(dirs, strategy)
+    _check_example(path, meta, ensemble)
+    specs = {name: read_spec(directory) for name, directory in dirs.items()}
     spec = next(iter(specs.values()))
     plain = create_model(spec.arch, num_classes=spec.num_classes, in_channels=spec.in_channels)
     recorded = version.tags.get(TRADE_OFF_TAG)
@@ -558,7 +579,7 @@ def pull(
         run_id=version.run_id,
         path=path,
         specs=specs,
-        strategy=config["strategy"],
+        strategy=strategy,
         trade_off=None if recorded is None else float(recorded),
         member_parameters={
             n: count_parameters(m) for n, m in zip(ensemble.names, ensemble.members, strict=True)
@@ -571,18 +592,29 @@ def pull(
     return pulled
 
 
-def _member_artifacts(path: Path, names: list[str]) -> dict[str, str]:
-    artifacts = Model.load(str(path)).flavors["python_function"]["artifacts"]
+def _require_store(uri: str) -> None:
+    """A SQLite tracking URI must name an existing file: reading never creates a store."""
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ValueError(
+            f"no MLflow store at {uri}; set --tracking-uri or MLFLOW_TRACKING_URI to the "
+            "store the model was registered in"
+        )
+
+
+def _member_artifacts(meta: Model, names: list[str]) -> dict[str, str]:
+    artifacts = meta.flavors["python_function"].get("artifacts", {})
+    missing = [name for name in names if f"member_{name}" not in artifacts]
+    if missing or not names:
+        raise ValueError(f"the registered model has no artifacts for member(s) {missing}")
     return {name: artifacts[f"member_{name}"]["path"] for name in names}
 
 
-def _check_example(path: Path, model) -> None:
-    meta = Model.load(str(path))
+def _check_example(path: Path, meta: Model, ensemble: PSATEnsemble) -> None:
     example = meta.load_input_example(str(path))
     expected = (meta.metadata or {}).get("psat", {}).get("example_output")
     if example is None or expected is None:
         raise ValueError(f"{path}: no input example or recorded answers; not a psat ensemble?")
-    got = model.predict(np.asarray(example, dtype=np.float32))
+    got = predict_frame(ensemble, torch.from_numpy(np.asarray(example, dtype=np.float32)))
     same = (
         got["class"].tolist() == expected["class"]
         and got["member"].tolist() == expected["member"]

@@ -233,17 +233,13 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
                 name="sweep", storage_path=storage, callbacks=[MlflowTrials(job, parent)]
             ),
         )
-    try:
+    with tracker.ending(parent):
         grid = tuner.fit()
-    except BaseException:
-        tracker.client.set_terminated(parent, "FAILED")
-        raise
-    rows = _rows(job, grid)
-    if not rows:
-        raise RuntimeError(f"the sweep in {experiment} produced no results; see Ray's logs")
-    best = _best_per_norm(rows)
-    _write_outputs(job, experiment, rows, best, tracker, parent)
-    tracker.client.set_terminated(parent, "FINISHED")
+        rows = _rows(job, grid)
+        if not rows:
+            raise RuntimeError(f"the sweep in {experiment} produced no results; see Ray's logs")
+        best = _best_per_norm(rows)
+        _write_outputs(job, experiment, rows, best, tracker, parent)
     for norm, row in best.items():
         echo(f"best {norm}: {row['params']} -> {OBJECTIVE} {row['metrics'][OBJECTIVE]:.3f}")
     return best

@@ -7,6 +7,8 @@ runs are found again by their `psat.*` tags, so a relaunched job keeps logging i
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ConfigError, JobConfig
+from orchestrator.locking import file_lock
 
 JOB_TAG, ROLE_TAG, NORM_TAG, CHECKPOINT_TAG = (
     "psat.job",
@@ -45,6 +48,20 @@ def artifact_location(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
 
 
+def open_store(uri: str) -> MlflowClient:
+    """A client of `uri`; a SQLite store is created (schema and migrations) by one process at
+    a time: jobs that start together on a fresh file would otherwise race in the migration."""
+    client = MlflowClient(uri)
+    if uri.startswith("sqlite:///"):
+        database = Path(uri.removeprefix("sqlite:///"))
+        if not database.parent.is_dir():
+            raise ConfigError(f"tracking.uri {uri}: folder {database.parent} does not exist")
+        with file_lock(database.with_name(database.name + ".lock")):
+            client.search_experiments(max_results=1)  # creates or migrates the tracking tables
+            client.search_registered_models(max_results=1)  # and the registry's
+    return client
+
+
 def ensure_experiment(client: MlflowClient, name: str, location: str | None) -> str:
     """The id of experiment `name`, created if missing; jobs that start together race for it."""
     experiment = client.get_experiment_by_name(name)
@@ -58,6 +75,11 @@ def ensure_experiment(client: MlflowClient, name: str, location: str | None) -> 
         return client.get_experiment_by_name(name).experiment_id  # another job created it
 
 
+def ended_status(err: BaseException) -> str:
+    """The MLflow status of a run its job left by `err`: interrupted (Ctrl-C, SIGTERM) or not."""
+    return "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
+
+
 class Tracker:
     """A job's MLflow experiment, with get-or-create helpers for its runs."""
 
@@ -65,10 +87,22 @@ class Tracker:
         self.job = job
         self.uri = job.tracking.resolved_uri()
         mlflow.set_tracking_uri(self.uri)
-        self.client = MlflowClient(self.uri)
+        self.client = open_store(self.uri)
         self.experiment_id = ensure_experiment(
             self.client, job.tracking.experiment, artifact_location(self.uri)
         )
+
+    @contextmanager
+    def ending(self, *run_ids: str) -> Iterator[None]:
+        """End `run_ids` with the block: FINISHED, else KILLED or FAILED (`ended_status`)."""
+        try:
+            yield
+        except BaseException as err:
+            for run_id in run_ids:
+                self.client.set_terminated(run_id, ended_status(err))
+            raise
+        for run_id in run_ids:
+            self.client.set_terminated(run_id, "FINISHED")
 
     def find(self, **tags: str) -> Run | None:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())

@@ -21,7 +21,7 @@ import ray
 from orchestrator.config import JobConfig
 from orchestrator.members import ModelPlan, ProgressBoard, fit_member, psat_members
 from orchestrator.shards import join, materialize
-from orchestrator.tracking import CHECKPOINT_TAG, NORM_TAG, Tracker
+from orchestrator.tracking import CHECKPOINT_TAG, NORM_TAG, Tracker, ended_status
 
 log = logging.getLogger(__name__)
 PROGRESS_KEYS = ("loss", "clean", "linf", "l2", "l1", "trade_off")
@@ -120,10 +120,10 @@ def train_members(
                     errors[name] = err
                     echo(f"[{name}] failed: {err}")
         drain()
-    except BaseException:
+    except BaseException as err:
         pool.shutdown(wait=False, cancel_futures=True)
         for run_id in (parent, *runs.values()):
-            tracker.client.set_terminated(run_id, "FAILED")
+            tracker.client.set_terminated(run_id, ended_status(err))
         raise
     finally:
         pool.shutdown(wait=False)

@@ -8,6 +8,7 @@ A checkpoint directory holds
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -79,10 +80,30 @@ def read_spec(directory: str | Path) -> MemberSpec:
 
 
 def load_state(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The tensors of a checkpoint, loaded with `weights_only=True` (no code runs).
+
+    Raises:
+        FileNotFoundError: no state file.
+        ValueError: a truncated or corrupt file, or one `weights_only` refuses, naming it.
+    """
     path = Path(directory) / STATE_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no state file in this checkpoint")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"{path}: holds objects other than tensors, which psat never loads (weights_only); "
+            "not a psat checkpoint, or tampered with"
+        ) from None
+    except Exception as err:  # truncated (OSError), corrupt
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(
+            f"{path}: not a loadable psat checkpoint ({reason[:200]}); retrain or restore the file"
+        ) from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise ValueError(f"{path}: holds no model state_dict; not a psat checkpoint")
+    return state
 
 
 def load_member(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,7 @@ import pandas as pd
 import pytest
 import torch
 from helpers import write_member
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.registry import (
@@ -34,6 +36,7 @@ from orchestrator.registry import (
     TRADE_OFF_TAG,
     build_ensemble,
     load_ensemble,
+    member_digest,
     predict_frame,
     pull,
     register_ensemble,
@@ -276,6 +279,34 @@ def test_pull_downloads_verifies_and_describes(store, tmp_path, members, request
         mlflow.pyfunc.load_model(str(tmp_path / "pulled"))
 
 
+def test_pull_refuses_tampering_the_artifact_store_can_hide(tmp_path, members, monkeypatch):
+    """Weights replaced and MLmodel's digest rewritten to match: the registry's digest tags
+    still refuse them, before the stored psat_model.py runs."""
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    register(uri, tmp_path, members, "psat-tamper", 0.5)
+    (stored,) = (tmp_path / "artifacts").rglob("MLmodel")  # the store's copy of the model
+    other = write_member(tmp_path / "other", "l2", 99)
+    target = stored.parent / "artifacts" / "member_l2"
+    shutil.copyfile(other / "state.pt", target / "state.pt")
+    text = stored.read_text()
+    recorded = MlflowClient(uri).get_model_version("psat-tamper", "1").tags["psat.sha256.l2"]
+    stored.write_text(text.replace(recorded, member_digest(target)))
+    marker = tmp_path / "code-ran"
+    code = stored.parent / "psat_model.py"
+    code.write_text(f"open({str(marker)!r}, 'w').close()\n" + code.read_text())
+    with pytest.raises(ValueError, match="member 'l2' .* does not match the sha256 the registry"):
+        pull("models:/psat-tamper/1", dst=tmp_path / "pulled", tracking_uri=uri)
+    assert not marker.exists()  # the stored code never ran
+
+
+def test_pull_never_creates_a_tracking_store(tmp_path):
+    missing = tmp_path / "nope" / "mlflow.db"
+    with pytest.raises(ValueError, match="no MLflow store at"):
+        pull("models:/x@champion", dst=tmp_path / "x", tracking_uri=f"sqlite:///{missing}")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_model_alias_or_version_is_one_clear_error(tmp_path, members, monkeypatch):
     monkeypatch.chdir(tmp_path)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -320,8 +351,10 @@ def test_predict_rejects_pixels_outside_unit_range(tmp_path, members, images, mo
     register(uri, tmp_path, members, "psat-range", 0.5)
     with tracking(uri):
         model = mlflow.pyfunc.load_model("models:/psat-range@champion")
-    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+    with pytest.raises(MlflowException, match=r"in \[0, 1\]"):
         model.predict((images * 255).numpy())
+    with pytest.raises(MlflowException, match="NaN or infinity"):
+        model.predict(torch.full_like(images, float("nan")).numpy())
     with pytest.raises(Exception, match="does not match expected shape"):
         model.predict(images[:, :, :4].numpy())
 
@@ -362,6 +395,22 @@ def test_served_model_answers_like_predict(server, tmp_path, members, images, mo
                 served = pd.DataFrame(json.load(response)["predictions"])
             expected = predict_frame(ensemble, images, strategy)
             pd.testing.assert_frame_equal(served, expected, check_exact=True)
+        nan = torch.full_like(images, float("nan")).tolist()
+        for body, reason in [
+            ({"inputs": nan}, "NaN or infinity"),
+            ({"inputs": (images * 255).tolist()}, "in [0, 1]"),
+            ({"inputs": images.tolist(), "params": {"strategy": "vote"}}, "unknown strategy"),
+        ]:
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with pytest.raises(urllib.error.HTTPError) as answer:
+                urllib.request.urlopen(request, timeout=60)
+            assert answer.value.code == 400
+            error = json.load(answer.value)
+            assert reason in error["message"] and "stack_trace" not in error
     finally:
         stop(proc)
 
