@@ -535,7 +535,7 @@ def aggregate(
     with staged(members) as dirs:
         specs = check_members(job, dirs)
         parameters = parameter_counts(specs)
-        connect_ray(job, job.resources.cpus_per_worker)
+        connect_ray(job, job.resources.cpus_per_worker, job.resources.cpus_per_worker)
         manifest = materialize(job, data_uri(job), job.resources.workers_per_member)
         task = evaluate_row_task.options(
             num_cpus=job.resources.cpus_per_worker, num_gpus=1 if job.resources.use_gpu else 0
@@ -548,16 +548,10 @@ def aggregate(
             for key, (checkpoints, row_strategy) in evaluation_rows(members).items()
         }
         evaluation = collect({key: ray.get(ref) for key, ref in refs.items()})
-        tags = {JOB_TAG: job.name, ROLE_TAG: "aggregate"}
-        if train_run is not None:
-            tags[TRAIN_RUN_TAG] = train_run
-        run_id = tracker.client.create_run(
-            tracker.experiment_id, run_name=f"{job.name}-aggregate", tags=tags
-        ).info.run_id
+        params = tracker.params() | {f"member.{n}": loc for n, loc in members.items()}
+        run_id = _aggregate_run(job, tracker, params, train_run, echo)
         with tracker.ending(run_id):
-            tracker.log_params(
-                run_id, tracker.params() | {f"member.{n}": loc for n, loc in members.items()}
-            )
+            tracker.log_params(run_id, params)
             tracker.log_metrics(run_id, flat_metrics(evaluation, parameters, strategy), step=0)
             names = list(members)
             for fig, file in (
@@ -598,6 +592,32 @@ def aggregate(
     return result
 
 
+def _aggregate_run(
+    job: JobConfig, tracker: Tracker, params: dict[str, str], train_run: str | None, echo
+) -> str:
+    """A new aggregate run, or the one an interrupted aggregation of the same members left
+    RUNNING (the job's lock says its driver is gone): it is resumed, so a version it already
+    registered is completed rather than registered again."""
+    stale = tracker.client.search_runs(
+        [tracker.experiment_id],
+        f"tags.`{JOB_TAG}` = '{job.name}' and tags.`{ROLE_TAG}` = 'aggregate' "
+        "and attributes.status = 'RUNNING'",
+    )
+    for run in stale:
+        # (MLflow adds the logged model's config to the run's params: compare ours only)
+        if all(run.data.params.get(key) == value for key, value in params.items()):
+            echo(f"resuming aggregate run {run.info.run_id}, left RUNNING by an interrupted job")
+            return run.info.run_id
+        tracker.client.set_terminated(run.info.run_id, "KILLED")  # other members or config
+    tags = {JOB_TAG: job.name, ROLE_TAG: "aggregate"}
+    if train_run is not None:
+        tags[TRAIN_RUN_TAG] = train_run
+    run = tracker.client.create_run(
+        tracker.experiment_id, run_name=f"{job.name}-aggregate", tags=tags
+    )
+    return run.info.run_id
+
+
 def evaluate_registered(
     job: JobConfig, uri: str, echo: Callable[[str], None] = print
 ) -> dict[str, dict[str, float]]:
@@ -605,7 +625,7 @@ def evaluate_registered(
     from orchestrator.registry import load_ensemble
 
     ensemble = load_ensemble(uri, tracking_uri=job.tracking.resolved_uri())
-    connect_ray(job, job.resources.cpus_per_worker)
+    connect_ray(job, job.resources.cpus_per_worker, job.resources.cpus_per_worker)
     manifest = materialize(job, data_uri(job), job.resources.workers_per_member)
     data = read_arrays(manifest["eval"])
     rows = {}

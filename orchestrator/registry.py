@@ -370,26 +370,42 @@ def register_ensemble(
     they read; the later alias write wins.
     """
     with tracking(tracking_uri), _in_run(run_id):
-        info, _ = log_ensemble(member_dirs, strategy=strategy, input_example=input_example)
-        # the registry keeps the digests where the artifact store cannot rewrite them
-        digests = {f"{DIGEST_TAG}.{name}": member_digest(d) for name, d in member_dirs.items()}
-        version_tags = {
-            **digests,
-            TRADE_OFF_TAG: repr(float(trade_off)),
-            STRATEGY_TAG: strategy,
-            MEMBERS_TAG: ",".join(member_dirs),
-            RUN_TAG: run_id,
-            PARTIAL_TAG: str(partial).lower(),
-            **(tags or {}),
-        }
-        registered = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
         client = MlflowClient()
-        version = int(registered.version)
+        done = _registered_by(client, model_name, run_id)
+        if done is not None:  # an interrupted run registered it: complete, never duplicate
+            version = int(done.version)
+        else:
+            info, _ = log_ensemble(member_dirs, strategy=strategy, input_example=input_example)
+            # the registry keeps the digests where the artifact store cannot rewrite them
+            digests = {f"{DIGEST_TAG}.{n}": member_digest(d) for n, d in member_dirs.items()}
+            version_tags = {
+                **digests,
+                TRADE_OFF_TAG: repr(float(trade_off)),
+                STRATEGY_TAG: strategy,
+                MEMBERS_TAG: ",".join(member_dirs),
+                RUN_TAG: run_id,
+                PARTIAL_TAG: str(partial).lower(),
+                **(tags or {}),
+            }
+            registered = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
+            version = int(registered.version)
         client.set_registered_model_alias(model_name, CANDIDATE, str(version))
         champion, previous = _promote(
             client, model_name, version, trade_off, force_champion, partial
         )
     return Registration(model_name, version, run_id, float(trade_off), champion, previous)
+
+
+def _registered_by(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+    """The version of `name` that run `run_id` registered, if any (one run, one version)."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+    found = client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+    return found[0] if found else None
 
 
 def _promote(

@@ -198,7 +198,8 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
     check_space(job)
     search = _search(job)
     res = job.resources
-    connect_ray(job, 3 * (1 + res.workers_per_member * res.cpus_per_worker))
+    trial = 1 + res.workers_per_member * res.cpus_per_worker  # the trial's driver + its workers
+    connect_ray(job, 3 * trial, trial)
     manifest = materialize(job, data_uri(job), res.workers_per_member)
     tracker = Tracker(job)
     parent = tracker.job_run("sweep")

@@ -51,14 +51,15 @@ def artifact_location(uri: str) -> str | None:
 def open_store(uri: str) -> MlflowClient:
     """A client of `uri`; a SQLite store is created (schema and migrations) by one process at
     a time: jobs that start together on a fresh file would otherwise race in the migration."""
-    client = MlflowClient(uri)
-    if uri.startswith("sqlite:///"):
-        database = Path(uri.removeprefix("sqlite:///"))
-        if not database.parent.is_dir():
-            raise ConfigError(f"tracking.uri {uri}: folder {database.parent} does not exist")
-        with file_lock(database.with_name(database.name + ".lock")):
-            client.search_experiments(max_results=1)  # creates or migrates the tracking tables
-            client.search_registered_models(max_results=1)  # and the registry's
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri)
+    database = Path(uri.removeprefix("sqlite:///"))
+    if not database.parent.is_dir():
+        raise ConfigError(f"tracking.uri {uri}: folder {database.parent} does not exist")
+    with file_lock(database.with_name(database.name + ".lock")):
+        client = MlflowClient(uri)
+        client.search_experiments(max_results=1)  # creates or migrates the tracking tables
+        client.search_registered_models(max_results=1)  # and the registry's
     return client
 
 

@@ -17,8 +17,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 
 import ray
+import torch
 
-from orchestrator.config import JobConfig
+from orchestrator.config import ConfigError, JobConfig
 from orchestrator.members import ModelPlan, ProgressBoard, fit_member, psat_members
 from orchestrator.shards import join, materialize
 from orchestrator.tracking import CHECKPOINT_TAG, NORM_TAG, Tracker, ended_status
@@ -27,32 +28,58 @@ log = logging.getLogger(__name__)
 PROGRESS_KEYS = ("loss", "clean", "linf", "l2", "l1", "trade_off")
 
 
-def connect_ray(job: JobConfig, cpus_needed: float) -> None:
+LOCAL_CPU_OVERSUBSCRIPTION = 2  # a local Ray gets at most this many logical CPUs per core
+
+
+def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None = None) -> None:
     """Join the configured cluster (or $RAY_ADDRESS, set inside Ray Jobs), else start one here.
 
-    A local Ray gets at least `cpus_needed` logical CPUs so that the members run concurrently
-    even where there are fewer cores; each worker keeps its torch threads to the configured
-    `resources.torch_threads`.
+    A local Ray gets `cpus_wanted` logical CPUs (so that the members run concurrently even
+    where there are fewer cores), but at least the cores and at most
+    LOCAL_CPU_OVERSUBSCRIPTION per core; each worker keeps its torch threads to
+    `resources.torch_threads`. What one model needs at once (`cpus_required`, default
+    workers_per_member × cpus_per_worker) must fit in that, and its GPUs in this machine's:
+    else a ConfigError naming the fields, before Ray starts.
     """
     if ray.is_initialized():
         return
-    address = job.resources.address or os.environ.get("RAY_ADDRESS")
+    res = job.resources
+    address = res.address or os.environ.get("RAY_ADDRESS")
     if address:
         # worker and actor output (Ray Train's own chatter) stays in Ray's logs unless -v
         ray.init(address=address, log_to_driver=log.isEnabledFor(logging.DEBUG))
-    else:
-        # progress comes through the ProgressBoard; worker logs stay in Ray's log files.
-        # address="local": a new Ray of our own, even if another one runs on this machine.
-        # The dashboard stays: Train's PlacementGroupCleaner asks its state API whether the
-        # controller lives, and without it every trainer's shutdown waits out a 12 s timeout.
-        # One machine is never preempted: no PreemptionWatcher process per trainer.
-        cpus = max(os.cpu_count() or 1, math.ceil(cpus_needed))
-        ray.init(
-            address="local",
-            num_cpus=cpus,
-            log_to_driver=False,
-            runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
+        return
+    cores = os.cpu_count() or 1
+    limit = LOCAL_CPU_OVERSUBSCRIPTION * cores
+    required = cpus_required or res.workers_per_member * res.cpus_per_worker
+    fields = (
+        f"resources.workers_per_member={res.workers_per_member} x "
+        f"resources.cpus_per_worker={res.cpus_per_worker:g}"
+    )
+    if required > limit:
+        raise ConfigError(
+            f"one model needs {required:g} CPUs at once ({fields}); a local Ray on this "
+            f"machine's {cores} cores offers at most {limit}: lower them, or run on a cluster "
+            "(resources.address, psat submit)"
         )
+    gpus = torch.cuda.device_count()
+    if res.use_gpu and res.workers_per_member > gpus:
+        raise ConfigError(
+            f"resources.use_gpu asks for {res.workers_per_member} GPU(s) per model "
+            f"(resources.workers_per_member), and this machine has {gpus}: set "
+            "resources.use_gpu=false, fewer workers, or run on a cluster"
+        )
+    # progress comes through the ProgressBoard; worker logs stay in Ray's log files.
+    # address="local": a new Ray of our own, even if another one runs on this machine.
+    # The dashboard stays: Train's PlacementGroupCleaner asks its state API whether the
+    # controller lives, and without it every trainer's shutdown waits out a 12 s timeout.
+    # One machine is never preempted: no PreemptionWatcher process per trainer.
+    ray.init(
+        address="local",
+        num_cpus=min(limit, max(cores, math.ceil(cpus_wanted))),
+        log_to_driver=False,
+        runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
+    )
 
 
 def board_name(job: JobConfig) -> str:
@@ -124,6 +151,8 @@ def train_members(
         pool.shutdown(wait=False, cancel_futures=True)
         for run_id in (parent, *runs.values()):
             tracker.client.set_terminated(run_id, ended_status(err))
+        if ended_status(err) == "KILLED":
+            ray.shutdown()  # the threads blocked in fit() return, so the process can exit
         raise
     finally:
         pool.shutdown(wait=False)

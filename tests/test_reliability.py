@@ -1,0 +1,247 @@
+"""Careless or hostile input, faults and concurrent jobs, as `psat` meets them in processes of
+their own: one clear line and exit 2, or nothing lost (issue 14's probes)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import write_member
+from mlflow.tracking import MlflowClient
+
+from orchestrator.config import deep_merge, parse_config
+from orchestrator.locking import job_lock
+
+ROOT = Path(__file__).parents[1]
+NORMS = ("linf", "l2", "l1")
+ENV = os.environ | {"PYTHONPATH": str(ROOT)}
+
+
+def job_file(tmp_path: Path, tiny_job, name: str = "probe", **sections) -> Path:
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(deep_merge(tiny_job(name), sections)))
+    return config
+
+
+def psat(*args, cwd, timeout=300, env=None):
+    return subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
+        text=True, timeout=timeout, env=env or ENV,
+    )  # fmt: skip
+
+
+def one_line(proc) -> str:
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    return line
+
+
+def runs(uri: str, experiment: str = "test") -> list:
+    client = MlflowClient(uri)
+    found = client.get_experiment_by_name(experiment)
+    return [] if found is None else client.search_runs([found.experiment_id])
+
+
+@pytest.fixture
+def sweep_of(tmp_path):
+    """A finished-looking sweep of job `name` whose best members are given checkpoints."""
+
+    def make(name: str, members: dict[str, Path]) -> None:
+        folder = tmp_path / "runs" / name / "sweep"
+        folder.mkdir(parents=True)
+        best = {norm: {"checkpoint": str(path)} for norm, path in members.items()}
+        (folder / "best.json").write_text(json.dumps(best))
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("training.lr", ".inf", "field 'training.lr': value inf: Input should be a finite number"),
+        ("training.epochs", "true", "field 'training.epochs': value True"),
+        ("name", "x" * 300, "field 'name'"),
+        ("data.train_size", "100000", "data.train_size 100000 + data.val_size 32 exceed"),
+        ("resources.workers_per_member", "64", "one model needs 64 CPUs at once"),
+    ],
+)
+def test_bad_values_are_one_line_before_any_work(tmp_path, tiny_job, field, value, message):
+    config = job_file(tmp_path, tiny_job)
+    proc = psat("train", "--config", str(config), "--set", f"{field}={value}", cwd=tmp_path)
+    assert message in one_line(proc)
+    written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()}
+    assert written <= {"probe.yaml", "runs/probe/job.lock"}  # no data, no MLflow, no Ray
+
+
+def test_storage_path_that_is_a_file_is_one_line(tmp_path, tiny_job):
+    config = job_file(tmp_path, tiny_job)
+    (tmp_path / "runs").write_text("not a folder")
+    line = one_line(psat("train", "--config", str(config), cwd=tmp_path))
+    assert "storage.path" in line and "is a file; expected a folder" in line
+
+
+@pytest.mark.parametrize("damage", ["truncated", "not_weights"])
+def test_bad_checkpoints_are_one_line_and_register_nothing(tmp_path, tiny_job, sweep_of, damage):
+    members = {n: write_member(tmp_path / "ckpt" / n, n, i) for i, n in enumerate(NORMS)}
+    state = members["l2"] / "state.pt"
+    if damage == "truncated":
+        state.write_bytes(state.read_bytes()[:300])
+    else:  # what weights_only refuses: pickled objects, here one that would run a command
+        marker = tmp_path / "ran"
+        torch.save({"model": _RunsCommand(f"touch {marker}")}, state)
+    sweep_of("probe", members)
+    config = job_file(tmp_path, tiny_job)
+    line = one_line(psat("aggregate", "--config", str(config), "--from-sweep", cwd=tmp_path))
+    assert str(state) in line
+    if damage == "not_weights":
+        assert "objects other than tensors" in line and not marker.exists()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert MlflowClient(uri).search_registered_models() == []
+
+
+class _RunsCommand:
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def test_second_job_with_a_running_name_is_refused(tmp_path, tiny_job):
+    config = job_file(tmp_path, tiny_job)
+    job = parse_config(tiny_job("probe"))
+    with job_lock(job, "train"):  # this process is the first job
+        line = one_line(psat("train", "--config", str(config), cwd=tmp_path))
+        assert "job 'probe' is running: `psat train` (pid" in line
+        assert f"pid {os.getpid()}" in line and "choose another name" in line
+        line = one_line(psat("aggregate", "--config", str(config), cwd=tmp_path))
+        assert "job 'probe' is running" in line
+    # a holder that dies (SIGKILL) leaves no stale lock behind
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import sys, time
+            from orchestrator.config import load_config
+            from orchestrator.locking import job_lock
+            with job_lock(load_config({str(config)!r}), "train"):
+                print("held", flush=True)
+                time.sleep(600)
+        """)],
+        stdout=subprocess.PIPE, text=True, env=ENV, cwd=tmp_path,
+    )  # fmt: skip
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ValueError, match="is running"), job_lock(job, "train"):
+        pass
+    holder.kill()
+    holder.wait()
+    with job_lock(job, "train"):
+        pass
+
+
+FRESH_STORE = textwrap.dedent(
+    """
+    import sys, time
+    from orchestrator.config import parse_config
+    from orchestrator.tracking import Tracker
+    start = float(sys.argv[2])
+    time.sleep(max(0.0, start - time.time()))
+    tracking = {"uri": sys.argv[1], "experiment": "e"}
+    job = parse_config({"name": "s" + sys.argv[3], "tracking": tracking})
+    Tracker(job).job_run("train")
+    """
+)
+
+
+def test_jobs_that_start_together_on_a_fresh_store_all_succeed(tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    start = time.time() + 8  # after every interpreter has imported MLflow
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FRESH_STORE, uri, str(start), str(i)],
+            env=ENV,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for i in range(3)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], errors
+    assert len(runs(uri, "e")) == 3
+
+
+KILLED_AFTER_REGISTER = textwrap.dedent(
+    """
+    import os, signal, sys
+    import mlflow
+    from orchestrator.aggregate import aggregate
+    from orchestrator.config import load_config
+
+    if sys.argv[2] == "kill":  # fault injection: die right after the version is created
+        register = mlflow.register_model
+        def register_then_die(*args, **kwargs):
+            register(*args, **kwargs)
+            os.kill(os.getpid(), signal.SIGKILL)
+        mlflow.register_model = register_then_die
+    aggregate(load_config(sys.argv[1]), dict(zip(("linf", "l2", "l1"), sys.argv[3:])))
+    """
+)
+
+
+@pytest.mark.slow
+def test_aggregation_killed_after_registering_is_completed_not_repeated(tmp_path, tiny_job):
+    members = [str(write_member(tmp_path / "ckpt" / n, n, i)) for i, n in enumerate(NORMS)]
+    config = job_file(tmp_path, tiny_job, resources={"address": "local"},
+                      registry={"model_name": "psat-killed"},
+                      evaluation={"crosscheck": False, "adaptive": False})  # fmt: skip
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    for mode in ("kill", "relaunch"):
+        proc = subprocess.run(
+            [sys.executable, "-c", KILLED_AFTER_REGISTER, str(config), mode, *members],
+            cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        if mode == "kill":
+            assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+            client = MlflowClient(uri)
+            (version,) = client.search_model_versions("name = 'psat-killed'")
+            assert client.get_registered_model("psat-killed").aliases == {}
+        else:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            assert "resuming aggregate run" in proc.stdout
+    client = MlflowClient(uri)
+    (version,) = client.search_model_versions("name = 'psat-killed'")  # still one version
+    assert client.get_registered_model("psat-killed").aliases == {"candidate": 1, "champion": 1}
+    (run,) = [r for r in runs(uri) if r.data.tags["psat.role"] == "aggregate"]
+    assert run.info.status == "FINISHED" and run.data.tags["psat.registered_version"] == "1"
+
+
+@pytest.mark.slow
+def test_sigterm_marks_the_jobs_runs_killed(tmp_path, tiny_job):
+    config = job_file(tmp_path, tiny_job, training={"epochs": 50})
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "train", "--config", str(config)],
+        cwd=tmp_path, env=ENV | {"PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if "epoch 1/50" in line:  # members are training, their runs RUNNING
+            break
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)
+    assert proc.returncode != 0, "".join(seen)
+    statuses = {r.data.tags["psat.role"] + r.data.tags.get("psat.norm", ""): r.info.status
+                for r in runs(uri)}  # fmt: skip
+    assert statuses == {"train": "KILLED", **{f"member{n}": "KILLED" for n in NORMS}}
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left in the session
