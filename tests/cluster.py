@@ -79,11 +79,17 @@ def make_venv(path: Path, with_psat: bool) -> Path:
             .replace(Path(sys.executable).as_posix(), python.as_posix(), 1)
         )
         (path / "bin" / script).chmod(0o755)
-    if with_psat:
-        wheels = path / "wheels"
+    if with_psat:  # built from a copy: no build/ folder in the checkout, nothing stale in it
+        source, wheels = path / "source", path / "wheels"
+        for name in ("pyproject.toml", "README.md"):
+            source.mkdir(exist_ok=True)
+            shutil.copy(ROOT / name, source / name)
+        for package in ("psat_core", "orchestrator", "jobs"):
+            shutil.copytree(ROOT / package, source / package,
+                            ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
         subprocess.run(
             [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-             "-w", str(wheels), str(ROOT)],
+             "-w", str(wheels), str(source)],
             check=True, capture_output=True,
         )  # fmt: skip
         subprocess.run(
