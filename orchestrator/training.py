@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 
 import ray
 import torch
+from ray._private.state import state as ray_state  # the cluster's ceiling, as Train reads it
 
 from orchestrator.config import ConfigError, JobConfig
 from orchestrator.members import ModelPlan, ProgressBoard, fit_member, psat_members
@@ -38,37 +39,27 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
     where there are fewer cores), but at least the cores and at most
     LOCAL_CPU_OVERSUBSCRIPTION per core; each worker keeps its torch threads to
     `resources.torch_threads`. What one model needs at once (`cpus_required`, default
-    workers_per_member × cpus_per_worker) must fit in that, and its GPUs in this machine's:
-    else a ConfigError naming the fields, before Ray starts.
+    workers_per_member × cpus_per_worker, and its GPUs) must fit in what the Ray can ever
+    offer: else a ConfigError naming the fields, before any Ray work.
     """
     if ray.is_initialized():
         return
     res = job.resources
+    required = {
+        "CPU": cpus_required or res.workers_per_member * res.cpus_per_worker,
+        "GPU": res.workers_per_member if res.use_gpu else 0,
+    }
     address = res.address or os.environ.get("RAY_ADDRESS")
     if address:
         # worker and actor output (Ray Train's own chatter) stays in Ray's logs unless -v
         ray.init(address=address, log_to_driver=log.isEnabledFor(logging.DEBUG))
+        # an autoscaling cluster's ceiling (what Ray Train checks too), else what it has now
+        capacity = ray_state.get_max_resources_from_cluster_config() or ray.cluster_resources()
+        _check_capacity(job, required, capacity, f"the Ray cluster at {address}")
         return
     cores = os.cpu_count() or 1
-    limit = LOCAL_CPU_OVERSUBSCRIPTION * cores
-    required = cpus_required or res.workers_per_member * res.cpus_per_worker
-    fields = (
-        f"resources.workers_per_member={res.workers_per_member} x "
-        f"resources.cpus_per_worker={res.cpus_per_worker:g}"
-    )
-    if required > limit:
-        raise ConfigError(
-            f"one model needs {required:g} CPUs at once ({fields}); a local Ray on this "
-            f"machine's {cores} cores offers at most {limit}: lower them, or run on a cluster "
-            "(resources.address, psat submit)"
-        )
-    gpus = torch.cuda.device_count()
-    if res.use_gpu and res.workers_per_member > gpus:
-        raise ConfigError(
-            f"resources.use_gpu asks for {res.workers_per_member} GPU(s) per model "
-            f"(resources.workers_per_member), and this machine has {gpus}: set "
-            "resources.use_gpu=false, fewer workers, or run on a cluster"
-        )
+    capacity = {"CPU": LOCAL_CPU_OVERSUBSCRIPTION * cores, "GPU": torch.cuda.device_count()}
+    _check_capacity(job, required, capacity, f"a local Ray on this machine's {cores} cores")
     # progress comes through the ProgressBoard; worker logs stay in Ray's log files.
     # address="local": a new Ray of our own, even if another one runs on this machine.
     # The dashboard stays: Train's PlacementGroupCleaner asks its state API whether the
@@ -76,10 +67,27 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
     # One machine is never preempted: no PreemptionWatcher process per trainer.
     ray.init(
         address="local",
-        num_cpus=min(limit, max(cores, math.ceil(cpus_wanted))),
+        num_cpus=min(capacity["CPU"], max(cores, math.ceil(cpus_wanted))),
         log_to_driver=False,
         runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
     )
+
+
+def _check_capacity(job: JobConfig, required: dict, capacity: dict, where: str) -> None:
+    res = job.resources
+    if required["CPU"] > capacity.get("CPU", 0):
+        raise ConfigError(
+            f"one model needs {required['CPU']:g} CPUs at once (resources.workers_per_member="
+            f"{res.workers_per_member} x resources.cpus_per_worker={res.cpus_per_worker:g}); "
+            f"{where} offers at most {capacity.get('CPU', 0):g}: lower them, or run on a "
+            "larger cluster (resources.address, psat submit)"
+        )
+    if required["GPU"] > capacity.get("GPU", 0):
+        raise ConfigError(
+            f"resources.use_gpu asks for {required['GPU']} GPU(s) per model "
+            f"(resources.workers_per_member); {where} offers {capacity.get('GPU', 0):g}: set "
+            "resources.use_gpu=false, fewer workers, or run on a cluster with GPUs"
+        )
 
 
 def board_name(job: JobConfig) -> str:

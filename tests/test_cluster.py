@@ -232,3 +232,14 @@ def test_unreachable_address_is_one_line_and_writes_nothing(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "cannot reach the Ray cluster" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "home") == ["mine.yaml"]
+
+
+@pytest.mark.slow
+def test_a_model_larger_than_the_cluster_is_refused(site):
+    config = {"name": "too-big", "storage.path": site.storage, "resources.workers_per_member": 5}
+    proc = site.psat("submit", "train", "--config", "mine.yaml", "--address",
+                     site.cluster.address, *sets(config | TINY))  # fmt: skip
+    assert proc.returncode == 1  # the job failed, with the reason in its log
+    assert "one model needs 5 CPUs at once (resources.workers_per_member=5" in proc.stdout
+    assert "offers at most 4" in proc.stdout  # two nodes of 2 CPUs
+    assert site.runs("too-big") == []
