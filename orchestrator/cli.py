@@ -116,13 +116,6 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
-    from orchestrator.sweep import run_sweep
-
-    run_sweep(_job_config(args))
-    return 0
-
-
 def _submit(args: argparse.Namespace) -> int:
     from orchestrator.submit import submit
 

@@ -581,8 +581,8 @@ def pull(
                 "registry recorded; the artifacts were damaged or replaced"
             )
     strategy = version.tags.get(STRATEGY_TAG) or config.get("strategy", "lowest_entropy")
-    ensemble = build_ensemble(dirs, strategy)
-    _check_example(path, meta, ensemble)
+    _check_example(path, meta, build_ensemble(dirs, strategy))
+    ensemble = build_ensemble(dirs, strategy)  # fresh: the check ran it in inference mode
     specs = {name: read_spec(directory) for name, directory in dirs.items()}
     spec = next(iter(specs.values()))
     plain = create_model(spec.arch, num_classes=spec.num_classes, in_channels=spec.in_channels)
