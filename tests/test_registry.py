@@ -11,11 +11,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -25,6 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from cluster import free_port, wait_http
 from helpers import write_member
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -60,25 +59,6 @@ def members(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
     return load_dataset("digits", "test", "unused").to_float()[:6]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[:3]} exited with {proc.returncode}:\n{log.read_text()}")
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} not up after {timeout} s:\n{log.read_text()}")
 
 
 def start(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
