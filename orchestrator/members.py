@@ -19,7 +19,7 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchTrainer
 
 from orchestrator.config import JobConfig
@@ -219,8 +219,18 @@ def trainer_for(
 
 
 def fit_member(job: JobConfig, plan: ModelPlan, manifest: dict, board) -> dict:
-    """Fit one model's TorchTrainer (blocking; the jobs run one per driver thread)."""
-    result = trainer_for(job, plan, manifest, board).fit()
+    """Fit one model's TorchTrainer (blocking; the jobs run one per driver thread).
+
+    A ValueError on a worker is a user fault (a damaged checkpoint or data file): it comes back
+    as one ValueError naming the model, not as Ray Train's multi-line report.
+    """
+    try:
+        result = trainer_for(job, plan, manifest, board).fit()
+    except WorkerGroupError as err:
+        faults = [e for e in err.worker_failures.values() if isinstance(e, ValueError)]
+        if faults:
+            raise ValueError(f"{plan.name}: {faults[0]}") from err
+        raise
     return {
         "member": plan.name,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,

@@ -50,9 +50,11 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
         "GPU": res.workers_per_member if res.use_gpu else 0,
     }
     address = res.address or os.environ.get("RAY_ADDRESS")
+    verbose = log.isEnabledFor(logging.DEBUG)
+    ray_logging = logging.INFO if verbose else logging.WARNING  # ray.init resets Ray's logger
     if address:
         # worker and actor output (Ray Train's own chatter) stays in Ray's logs unless -v
-        ray.init(address=address, log_to_driver=log.isEnabledFor(logging.DEBUG))
+        ray.init(address=address, log_to_driver=verbose, logging_level=ray_logging)
         # an autoscaling cluster's ceiling (what Ray Train checks too), else what it has now
         capacity = ray_state.get_max_resources_from_cluster_config() or ray.cluster_resources()
         _check_capacity(job, required, capacity, f"the Ray cluster at {address}")
@@ -69,6 +71,7 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
         address="local",
         num_cpus=min(capacity["CPU"], max(cores, math.ceil(cpus_wanted))),
         log_to_driver=False,
+        logging_level=ray_logging,
         runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
     )
 
@@ -185,8 +188,12 @@ def _on_event(tracker: Tracker, runs: dict, event: dict, epochs: int, echo) -> N
     if event["kind"] == "start":
         tracker.client.log_metric(runs[name], "start_epoch", event["epoch"], step=event["epoch"])
         done = event["epoch"]  # epochs already trained; progress lines count from 1
-        where = "from scratch" if done == 0 else f"resuming at epoch {done + 1}/{epochs}"
-        echo(f"[{name}] started {where} (pid {event['pid']})")
+        state = (
+            "started from scratch" if done == 0
+            else f"started resuming at epoch {done + 1}/{epochs}" if done < epochs
+            else f"already trained ({done}/{epochs} epochs)"
+        )  # fmt: skip
+        echo(f"[{name}] {state} (pid {event['pid']})")
         return
     epoch = event["epoch"]
     metrics = {k: v for k, v in event.items() if k not in ("member", "kind", "epoch", "time")}

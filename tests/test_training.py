@@ -139,6 +139,14 @@ def test_interrupted_job_relaunched_with_the_same_name_resumes(local_ray, tiny_j
     _, runs_after = _member_runs(job)
     assert runs_after["l2"].info.run_id == runs["l2"].info.run_id
     assert runs_after["l2"].info.status == "FINISHED"
+    # a damaged checkpoint on resume: one ValueError naming the model and file, not Ray's report
+    state = Path(results["l2"]["checkpoint"]) / "state.pt"
+    state.write_bytes(state.read_bytes()[:300])
+    lines = []
+    with pytest.raises(ValueError, match=f"^l2: {state}: not a loadable psat checkpoint") as err:
+        train_members(job, echo=lines.append)
+    assert "\n" not in str(err.value)
+    assert "[linf] already trained (4/4 epochs)" in " ".join(lines), lines
 
 
 def test_bad_config_fails_fast_and_leaves_nothing(tmp_path):
