@@ -109,10 +109,23 @@ def _run_job(args: argparse.Namespace) -> int:
         return command.run(args, job)
 
 
+def _tracking_uri(args: argparse.Namespace) -> str:
+    return args.tracking_uri or TrackingConfig().resolved_uri()
+
+
 def _pull(args: argparse.Namespace) -> int:
     from orchestrator.registry import pull
 
-    pull(args.uri, args.dst, tracking_uri=args.tracking_uri or TrackingConfig().resolved_uri())
+    pull(args.uri, args.dst, tracking_uri=_tracking_uri(args))
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from orchestrator.registry import pull
+    from orchestrator.serve import serve
+
+    pulled = pull(args.uri, args.dst, tracking_uri=_tracking_uri(args))
+    serve(pulled, args.host, args.port, verbose=args.verbose)
     return 0
 
 
@@ -272,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--dst", help="download folder (default ~/.psat/models/NAME/vN)")
     pull.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
     pull.set_defaults(run=_pull)
+    serve = commands.add_parser(
+        "serve", help="serve a registered ensemble after verifying it (MLflow's scoring API)"
+    )
+    serve.add_argument("uri", help="models:/NAME@champion, models:/NAME/3, ...")
+    serve.add_argument("--host", default="127.0.0.1", help="default 127.0.0.1")
+    serve.add_argument("--port", type=int, default=5001, help="default 5001")
+    serve.add_argument("--dst", help="download folder (default ~/.psat/models/NAME/vN)")
+    serve.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
+    serve.set_defaults(run=_serve)
     _add_submit(commands)
 
     params = commands.add_parser(

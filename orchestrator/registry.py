@@ -188,10 +188,13 @@ class PSATModel(mlflow.pyfunc.PythonModel):
                     f"member {name!r} at {directory} does not match the digest recorded at "
                     "registration; the model's artifacts are damaged or were replaced"
                 )
-        self.ensemble = build_ensemble(dirs, config["strategy"])
+        self.serve(build_ensemble(dirs, config["strategy"]), tuple(config["input_shape"]))
+
+    def serve(self, ensemble: PSATEnsemble, shape: tuple[int, int, int]) -> None:
+        """Answer with `ensemble` (moved to the GPU when there is one) on images of `shape`."""
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.ensemble.to(self.device)
-        self.input_shape = tuple(config["input_shape"])
+        self.ensemble = ensemble.to(self.device)
+        self.input_shape = shape
 
     def predict(self, context, model_input: np.ndarray, params: dict | None = None):
         """``model_input``: float ``N x C x H x W`` in [0, 1]; ``params``: optional

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -339,60 +340,78 @@ def test_predict_rejects_pixels_outside_unit_range(tmp_path, members, images, mo
         model.predict(images[:, :, :4].numpy())
 
 
+SERVERS = {
+    "mlflow": [str(BIN / "mlflow"), "models", "serve", "--env-manager", "local", "-m"],
+    "psat": [str(BIN / "psat"), "serve"],
+}
+
+
+def post(port: int, body: dict):
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    return urllib.request.urlopen(request, timeout=60)
+
+
 @pytest.mark.slow
-def test_served_model_answers_like_predict(server, tmp_path, members, images, monkeypatch):
+@pytest.mark.parametrize("command", SERVERS)
+def test_served_model_answers_like_predict(server, tmp_path, members, images, monkeypatch, command):
     monkeypatch.chdir(tmp_path)
     register(server, tmp_path, members, "psat-served", 0.5)
     ensemble = build_ensemble(members)
     port = free_port()
     proc = start(
-        [
-            str(BIN / "mlflow"),
-            "models",
-            "serve",
-            "-m",
-            "models:/psat-served@champion",
-            "--env-manager",
-            "local",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(port),
-        ],
+        [*SERVERS[command], "models:/psat-served@champion", "--host", "127.0.0.1", "-p", str(port)]
+        if command == "mlflow"
+        else [*SERVERS[command], "models:/psat-served@champion", "--port", str(port)],
         tmp_path / "serve.log",
-        env={"MLFLOW_TRACKING_URI": server},
+        env={"MLFLOW_TRACKING_URI": server, "HOME": str(tmp_path)},  # psat pulls to ~/.psat
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc, tmp_path / "serve.log")
         for strategy in ("lowest_entropy", "average"):
             body = {"inputs": images.tolist(), "params": {"strategy": strategy}}
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/invocations",
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-            with urllib.request.urlopen(request, timeout=60) as response:
+            with post(port, body) as response:
                 served = pd.DataFrame(json.load(response)["predictions"])
             expected = predict_frame(ensemble, images, strategy)
             pd.testing.assert_frame_equal(served, expected, check_exact=True)
         nan = torch.full_like(images, float("nan")).tolist()
-        for body, reason in [
+        bad = [
             ({"inputs": nan}, "NaN or infinity"),
             ({"inputs": (images * 255).tolist()}, "in [0, 1]"),
             ({"inputs": images.tolist(), "params": {"strategy": "vote"}}, "unknown strategy"),
-        ]:
-            request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/invocations",
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-            )
+        ]
+        if command == "psat":  # MLflow's server drops undeclared params with a logged warning
+            params = {"strategy": "average", "temperature": 2}
+            bad.append(({"inputs": images.tolist(), "params": params}, "['temperature']"))
+        for body, reason in bad:
             with pytest.raises(urllib.error.HTTPError) as answer:
-                urllib.request.urlopen(request, timeout=60)
+                post(port, body)
             assert answer.value.code == 400
             error = json.load(answer.value)
             assert reason in error["message"] and "stack_trace" not in error
     finally:
         stop(proc)
+
+
+def test_serve_refuses_a_port_in_use(server, tmp_path, members):
+    register(server, tmp_path, members, "psat-busy", 0.5)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.run(
+            [str(BIN / "psat"), "serve", "models:/psat-busy/1", "--port", str(port)],
+            capture_output=True, text=True, timeout=120, cwd=tmp_path,
+            env=os.environ | {"MLFLOW_TRACKING_URI": server, "HOME": str(tmp_path)},
+        )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == (
+        f"psat serve: error: cannot listen on 127.0.0.1:{port}: Address already in use; "
+        "choose --port"
+    )
 
 
 AGGREGATE = textwrap.dedent(
