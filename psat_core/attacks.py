@@ -219,38 +219,53 @@ class L2Ball(ThreatModel):
         return _clip_to_box(delta * _per_sample(factor, delta), x)
 
 
-def project_l1_ball(v: Tensor, eps: float) -> Tensor:
-    """Exact Euclidean projection of each row of ``v`` onto ``{w : ||w||_1 <= eps}`` (eq. 2).
+def project_l1_ball(
+    v: Tensor, eps: float, lower: Tensor | None = None, upper: Tensor | None = None
+) -> Tensor:
+    """Exact Euclidean projection of each row of ``v`` onto ``{w : ||w||_1 <= eps}`` (eq. 2),
+    intersected with the box ``lower <= w <= upper`` when given (``lower <= 0 <= upper``).
 
-    Duchi, Shalev-Shwartz, Singer & Chandra (2008), sort-based, batched over dim 0: for a row
-    with ``||v||_1 > eps`` the result is ``sign(v) * max(|v| - theta, 0)`` with the unique
-    ``theta > 0`` giving ``||w||_1 = eps``. Rows already inside the ball are returned unchanged
-    (bit for bit); ``theta`` does not depend on how ties are ordered, so the result is
-    deterministic.
+    The solution is ``w_i = sign(v_i) * min(max(|v_i| - theta, 0), c_i)``, ``c_i`` the box's
+    bound on the side of ``v_i``: the ℓ1 norm ``f(theta)`` of that is piecewise linear and
+    decreasing, with kinks at ``|v_i| - c_i`` and ``|v_i|``, so sorting the kinks gives the
+    ``theta`` with ``f(theta) = eps`` exactly (Duchi et al. 2008 without the box; Croce & Hein
+    2021, "Mind the box", with it). Rows already inside are only clipped to the box (bit for bit
+    unchanged when inside it too).
 
     Args:
         v: tensor of shape ``(B, *)``.
         eps: radius, > 0.
+        lower, upper: box bounds of the shape of ``v`` (for a perturbation of ``x`` in the image
+            box: ``-x`` and ``1 - x``); default unbounded.
 
     Returns:
         Tensor of the same shape and dtype as ``v``.
     """
     _check_positive("project_l1_ball", "eps", eps)
-    flat = v.flatten(1)
-    over = flat.abs().sum(dim=1) > eps  # only rows over budget change
-    if not bool(over.any()):
-        return v.clone()
-    rows = flat[over]
-    mu = rows.abs().sort(dim=1, descending=True, stable=True).values
-    cumsum = mu.cumsum(dim=1)
-    ranks = torch.arange(1, rows.shape[1] + 1, device=v.device, dtype=v.dtype)
-    # rho = the largest j with mu_j > (sum_{i<=j} mu_i - eps) / j
-    active = mu * ranks > cumsum - eps
-    rho = (active * torch.arange(rows.shape[1], device=v.device)).argmax(dim=1, keepdim=True)
-    theta = (cumsum.gather(1, rho) - eps) / (rho + 1).to(v.dtype)
-    out = flat.clone()
-    out[over] = rows.sign() * (rows.abs() - theta).clamp_min(0.0)
-    return out.view_as(v)
+    flat = v.flatten(1).double()  # theta from cumulative sums: float64 keeps float32 exact
+    magnitude = flat.abs()
+    cap = torch.full_like(flat, math.inf)
+    if lower is not None and upper is not None:
+        cap = torch.where(flat >= 0, upper.flatten(1), -lower.flatten(1)).double().clamp_min(0.0)
+    clipped = torch.minimum(magnitude, cap)
+    over = clipped.sum(dim=1) > eps  # only rows over budget shrink
+    out = flat.sign() * clipped
+    if bool(over.any()):
+        a, c = magnitude[over], cap[over]
+        kinks = torch.cat([(a - c).clamp_min(0.0), a], dim=1)  # -inf cap: starts at 0
+        change = torch.cat([-torch.ones_like(a), torch.ones_like(a)], dim=1)
+        kinks, order = kinks.sort(dim=1, stable=True)
+        slope = change.gather(1, order).cumsum(dim=1)  # f's slope right after each kink
+        # f at each kink: f(first kink) = sum(min(a, c)), then linear with the slope before it
+        steps = slope[:, :-1] * kinks.diff(dim=1)
+        f = clipped[over].sum(dim=1, keepdim=True) + torch.cat(
+            [torch.zeros_like(steps[:, :1]), steps.cumsum(dim=1)], dim=1
+        )
+        last = (f > eps).sum(dim=1, keepdim=True) - 1  # the last kink still over budget
+        f0, k0, s0 = f.gather(1, last), kinks.gather(1, last), slope.gather(1, last)
+        theta = k0 + (f0 - eps) / (-s0).clamp_min(1.0)
+        out[over] = flat[over].sign() * torch.minimum((a - theta).clamp_min(0.0), c)
+    return out.to(v.dtype).view_as(v)
 
 
 class L1Ball(ThreatModel):
@@ -261,9 +276,10 @@ class L1Ball(ThreatModel):
     ``grad > 0``, or at 0 with ``grad < 0``), move the ``k = max(1, ceil((1 - sparsity) * d))``
     with the largest ``|grad|`` (those above the ``sparsity`` quantile of ``|grad|``; ``d`` = the
     number of coordinates per sample) by ``sign(grad)``, scaled so the step's ℓ1 norm is
-    ``step_size``. Projection: exact ℓ1-ball projection of rows over budget
-    (:func:`project_l1_ball`), then clip to the image box (feasible, though not the exact
-    projection onto the intersection). Random start: ``k`` random coordinates with
+    ``step_size``; at least :attr:`MIN_COORDINATES` move, since the top 1% of a small input
+    (digits' 64 pixels) is a single pixel. Projection: the exact projection onto the ℓ1 ball
+    intersected with the image box (:func:`project_l1_ball` with the box: clipping after the
+    ball projection would waste budget). Random start: ``k`` random coordinates with
     Laplace-distributed values, rescaled to ℓ1 norm ``eps * U(0, 1)`` — sparse, like the steps.
 
     Args:
@@ -271,6 +287,8 @@ class L1Ball(ThreatModel):
         sparsity: quantile in [0, 1) of ``|grad|`` above which coordinates move (default 0.99:
             the top 1%, e.g. 31 of CIFAR's 3072 coordinates).
     """
+
+    MIN_COORDINATES: ClassVar[int] = 8
 
     norm = "l1"
     p = 1.0
@@ -285,7 +303,7 @@ class L1Ball(ThreatModel):
 
     def coordinates_per_step(self, d: int) -> int:
         """``k``, how many of ``d`` coordinates one step (and the random start) moves."""
-        return max(1, min(d, math.ceil((1.0 - self.sparsity) * d - 1e-9)))
+        return min(d, max(self.MIN_COORDINATES, math.ceil((1.0 - self.sparsity) * d - 1e-9)))
 
     def random_start(self, x: Tensor) -> Tensor:
         flat = x.flatten(1)
@@ -315,7 +333,7 @@ class L1Ball(ThreatModel):
         return delta + direction.view_as(delta)
 
     def project(self, delta: Tensor, x: Tensor) -> Tensor:
-        return _clip_to_box(project_l1_ball(delta, self.eps), x)
+        return project_l1_ball(delta, self.eps, lower=-x, upper=1.0 - x)
 
     def __repr__(self) -> str:
         return f"L1Ball(eps={self.eps:g}, sparsity={self.sparsity:g})"
@@ -684,7 +702,7 @@ _IMAGE = {
 # about 2.4 gray levels; ε2 = 1.0 < 8 * 0.15 = 1.2 (the ℓ∞ box's corner), and ε1 = 4 (about
 # four pixels fully flipped) < 8 * ε2 = 8 (the ℓ2 ball's ℓ1 reach), so no ball contains
 # another, as for CIFAR-10's radii: each norm is a distinct threat. Few steps keep CPU training
-# quick; the ℓ1 step moves one pixel (the top 1% of 64) by α1 per step.
+# quick; the ℓ1 step moves L1Ball.MIN_COORDINATES = 8 pixels (the top 1% of 64 would be one).
 _DIGITS_EPS = {"linf": 0.15, "l2": 1.0, "l1": 4.0}
 _DIGITS = {
     "train": _table(
