@@ -37,13 +37,11 @@ from orchestrator.registry import (
 from orchestrator.shards import materialize, read_arrays
 from orchestrator.tracking import CHECKPOINT_TAG, JOB_TAG, ROLE_TAG, Tracker
 from orchestrator.training import connect_ray, data_uri
-from psat_core.adaptive import adaptive_attacks
-from psat_core.attacks import make_attacks
 from psat_core.checkpoint import MemberSpec, read_spec
-from psat_core.crosscheck import crosscheck_attacks
 from psat_core.ensemble import STRATEGIES, PSATEnsemble
 from psat_core.metrics import TABLE1_KEYS, evaluate_per_sample, summarize
 from psat_core.models import count_parameters, create_model
+from psat_core.protocol import AUTOATTACK, attack_suite
 
 TRAIN_RUN_TAG = "psat.train_run"
 VERSION_TAG = "psat.registered_version"
@@ -256,16 +254,18 @@ def eval_device(job: JobConfig) -> torch.device:
 
 
 def final_attacks(job: JobConfig, ensemble: bool) -> dict:
-    """The attacks of a final evaluation, by ``"<norm>/<attack>"``: our eval PGD, plus the
-    third-party cross-check and, on an ensemble, the adaptive attacks on its gate, as
-    ``job.evaluation`` asks. Every norm's accuracy is the per-example worst over its attacks."""
-    configs = job.attack_configs("eval")
-    attacks = {f"{norm}/pgd": attack for norm, attack in make_attacks(configs).items()}
-    if job.evaluation.crosscheck:
-        attacks |= crosscheck_attacks(configs)
-    if ensemble and job.evaluation.adaptive:
-        attacks |= adaptive_attacks(configs, job.evaluation.gate_temperature)
-    return attacks
+    """The attacks of a final evaluation, by ``"<norm>/<attack>"``: `evaluation.suite`
+    (psat_core.protocol) at the `attacks.eval` radii and budgets. Every norm's accuracy is the
+    per-example worst over its attacks."""
+    evaluation = job.evaluation
+    return attack_suite(
+        evaluation.suite,
+        job.attack_configs("eval"),
+        ensemble=ensemble,
+        apgd_steps=evaluation.apgd_steps,
+        gate_temperature=evaluation.gate_temperature,
+        seed=job.data.seed,
+    )
 
 
 def evaluate_ensemble(
@@ -323,17 +323,18 @@ def attacks_described(job: JobConfig) -> list[str]:
         f"{cfg.restarts} restart(s)"
         for n, cfg in job.attack_configs("eval").items()
     ]
-    if job.evaluation.crosscheck:
-        lines.append(
+    if job.evaluation.suite == "strong":
+        restarts = ", ".join(f"{HEADERS[n]} {r}/{t}" for n, (r, t) in AUTOATTACK.items())
+        lines += [
+            f"- APGD-CE and APGD-T (DLR, targeted), {job.evaluation.apgd_steps} steps, "
+            f"AutoAttack's restarts/targets ({restarts}); ℓ1: ℓ1-APGD with the 3ε-2ε-ε schedule",
             "- cross-check, same ε and steps: torchattacks PGD / PGDL2 and APGD (ℓ∞, ℓ2), "
-            "foolbox SparseL1DescentAttack (ℓ1)"
-        )
-    if job.evaluation.adaptive:
-        lines.append(
-            "- adaptive, on ensembles: `gate` = PGD through a smooth lowest-entropy gate "
+            "foolbox SparseL1DescentAttack (ℓ1)",
+            "- on ensembles: `gate` = PGD through a smooth lowest-entropy gate "
             f"(τ={job.evaluation.gate_temperature:g}); `confident` = each member made confidently "
-            "wrong, keeping what fools the gate"
-        )
+            "wrong, keeping what fools the gate; `transfer` = every member's own PGD, APGD-CE and "
+            "APGD-T examples, scored by the ensemble",
+        ]
     lines.append(
         "- a point counts as robust for a norm only if it withstands every attack of that norm; "
         "Max counts every attack"

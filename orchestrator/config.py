@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from psat_core.attacks import NORMS, AttackConfig, attack_defaults
+from psat_core.attacks import NORMS, PHASES, AttackConfig, attack_defaults
 from psat_core.data import DATASETS, dataset_info
 from psat_core.models import ARCHS
 from psat_core.train import SCHEDULES
@@ -90,22 +90,24 @@ class AttackOverride(Section):
 
 
 class AttacksConfig(Section):
-    """Per-norm overrides of `psat_core.attacks.attack_defaults` for training and evaluation."""
+    """Per-norm overrides of `psat_core.attacks.attack_defaults`: `train` (the training attack),
+    `validation` (per-epoch validation) and `eval` (the final evaluation's PGD and radii)."""
 
     train: dict[Norm, AttackOverride] = {}
+    validation: dict[Norm, AttackOverride] = {}
     eval: dict[Norm, AttackOverride] = {}
 
 
 class EvaluationConfig(Section):
-    """What a final evaluation (aggregation, reproduction) attacks with, besides our own PGD.
+    """What a final evaluation (aggregation, reproduction) attacks with (psat_core.protocol).
 
-    `adaptive`: attacks on the lowest-entropy gate, in every ensemble evaluation
-    (psat_core.adaptive); `crosscheck`: torchattacks and foolbox attacks on every model
-    (psat_core.crosscheck). Both count under their norm and in `max`.
+    `suite`: `strong` (PGD, APGD-CE/APGD-T, the third-party cross-check and, on ensembles, the
+    gate and transfer attacks) or `paper` (per-norm PGD only, as the paper evaluates);
+    `apgd_steps`: APGD's iterations (AutoAttack: 100).
     """
 
-    adaptive: bool = True
-    crosscheck: bool = True
+    suite: Literal["paper", "strong"] = "strong"
+    apgd_steps: int = Field(100, gt=0)
     gate_temperature: float = Field(0.1, gt=0, description="SoftGate's τ (entropy in nats)")
 
 
@@ -252,7 +254,9 @@ class JobConfig(Section):
     sweep: SweepConfig = SweepConfig()
     reproduce: ReproduceConfig = ReproduceConfig()
 
-    def attack_configs(self, phase: Literal["train", "eval"]) -> dict[str, AttackConfig]:
+    def attack_configs(
+        self, phase: Literal["train", "validation", "eval"]
+    ) -> dict[str, AttackConfig]:
         """Dataset defaults with this file's overrides applied, for every norm."""
         overrides = getattr(self.attacks, phase)
         return attack_defaults(
@@ -360,7 +364,7 @@ def parse_config(data: Any, source: str = "<config>", overrides: dict | None = N
         data = deep_merge(data, overrides)
     try:
         config = JobConfig.model_validate(data)
-        for phase in ("train", "eval"):
+        for phase in PHASES:
             config.attack_configs(phase)  # the merged attack settings must be valid too
     except ValidationError as err:
         raise ConfigError(f"{source}: {_format(err)}") from None

@@ -126,7 +126,7 @@ def member_loop(loop_config: dict[str, Any]) -> None:
     scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch)
     train_attacks = job.attack_configs("train")
     inputs = training_inputs(plan.method, {n: train_attacks[n] for n in plan.norms})
-    eval_attacks = make_attacks(job.attack_configs("eval"))
+    eval_attacks = make_attacks(job.attack_configs("validation"))
 
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()

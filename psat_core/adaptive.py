@@ -10,6 +10,7 @@ about making the gate switch. Two attacks aim at the gate itself:
 * :class:`ConfidentWrongMember`: for each member, PGD that makes that member confident in a
   wrong class (low entropy, so the gate picks it); per example the iterate the true ensemble
   gets most wrong is kept.
+* :class:`MemberTransfer`: each member's own adversarial examples, scored by the ensemble.
 
 Both take a :class:`~psat_core.ensemble.PSATEnsemble` as the model and return ``x_adv`` in their
 threat model's ball, so the evaluator checks them like any attack; named ``"<norm>/<variant>"``
@@ -112,6 +113,36 @@ class ConfidentWrongMember:
 
     def __repr__(self) -> str:
         return f"ConfidentWrongMember({self.threat!r}, steps={self.steps}, step={self.step_size:g})"
+
+
+class MemberTransfer:
+    """Each member's own adversarial examples, scored by the ensemble (a transfer attack).
+
+    The gate answers with one member; an example crafted against that member alone often
+    fools it through the ensemble too, where gradients through the gate's argmin are
+    uninformative. Every ``attack`` runs on every member; per example the candidate the
+    ensemble misclassifies (then the one with its highest loss) is kept.
+    """
+
+    def __init__(self, attacks: list) -> None:
+        if not attacks:
+            raise ValueError("MemberTransfer.attacks must name at least one attack")
+        self.attacks = attacks
+        self.threat = attacks[0].threat
+
+    def __call__(self, model: PSATEnsemble, x: Tensor, y: Tensor) -> Tensor:
+        x, y = x.detach(), y.detach()
+        worst = _Worst(x)
+        with eval_mode(model):
+            for member in model.members:
+                for attack in self.attacks:
+                    x_adv = attack(member, x, y)
+                    with torch.no_grad():
+                        worst.update(x_adv - x, *_loss_and_wrong(model, x_adv, y))
+        return worst.result(x).x_adv
+
+    def __repr__(self) -> str:
+        return f"MemberTransfer({', '.join(map(repr, self.attacks))})"
 
 
 def adaptive_attacks(configs: dict[str, AttackConfig], temperature: float = 0.1) -> dict:

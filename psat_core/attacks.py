@@ -64,7 +64,7 @@ __all__ = [
 ]
 
 NORMS = ("linf", "l2", "l1")
-PHASES = ("train", "eval")
+PHASES = ("train", "validation", "eval")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -687,14 +687,15 @@ def _table(
 
 
 # CIFAR-10 / SVHN / TinyImageNet (pixels in [0, 1]). Radii: ε∞ = 8/255, ε2 = 0.5, ε1 = 12
-# (Maini et al. 2020; the paper's settings). Steps: train 10/10/20, eval 50/50/100 (Madaan et
-# al. 2021), eval with 10 restarts (Maini et al.). Step sizes: α∞ = ε∞/4 = 2/255 and
+# (Maini et al. 2020; the paper's settings). Steps: train and validation 10/10/20, eval 50/50/100
+# (Madaan et al. 2021), eval with 10 restarts (Maini et al.). Step sizes: α∞ = ε∞/4 = 2/255 and
 # α2 = ε2/4 (10 steps cover 2.5ε, Madry et al.'s rule); α1 = 1.0, the total ℓ1 step of Maini et
 # al. (spread by L1Ball over the top 1% of |grad|).
 _IMAGE_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
 _IMAGE_STEP = {"linf": 2 / 255, "l2": 0.125, "l1": 1.0}
 _IMAGE = {
     "train": _table(_IMAGE_EPS, {"linf": 10, "l2": 10, "l1": 20}, _IMAGE_STEP, restarts=1),
+    "validation": _table(_IMAGE_EPS, {"linf": 10, "l2": 10, "l1": 20}, _IMAGE_STEP, restarts=1),
     "eval": _table(_IMAGE_EPS, {"linf": 50, "l2": 50, "l1": 100}, _IMAGE_STEP, restarts=10),
 }
 
@@ -707,6 +708,9 @@ _DIGITS_EPS = {"linf": 0.15, "l2": 1.0, "l1": 4.0}
 _DIGITS = {
     "train": _table(
         _DIGITS_EPS, {"linf": 5, "l2": 5, "l1": 10}, {"linf": 0.075, "l2": 0.5, "l1": 1.0}, 1
+    ),
+    "validation": _table(
+        _DIGITS_EPS, {"linf": 20, "l2": 20, "l1": 40}, {"linf": 0.0375, "l2": 0.25, "l1": 0.5}, 1
     ),
     "eval": _table(
         _DIGITS_EPS, {"linf": 20, "l2": 20, "l1": 40}, {"linf": 0.0375, "l2": 0.25, "l1": 0.5}, 3
@@ -727,9 +731,10 @@ def attack_defaults(
 ) -> dict[str, AttackConfig]:
     """The attack settings of ``dataset`` for ``phase``, keyed by norm (``"linf", "l2", "l1"``).
 
-    ``"eval"`` is stronger than ``"train"`` (more steps, restarts). ``overrides`` maps a norm to
-    the :class:`AttackConfig` fields to replace, e.g. ``{"l1": {"steps": 50}}``; the result is
-    validated by :class:`AttackConfig`.
+    ``"eval"`` (the final evaluation) is stronger than ``"validation"`` (per-epoch validation: one
+    restart, and fewer steps on full-size images), itself at least ``"train"``. ``overrides``
+    maps a norm to the :class:`AttackConfig` fields to replace, e.g. ``{"l1": {"steps": 50}}``;
+    the result is validated by :class:`AttackConfig`.
 
     Raises:
         ValueError: unknown dataset, phase, norm or field, or an invalid value.

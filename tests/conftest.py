@@ -6,8 +6,10 @@ TINY = {
     "training": {"epochs": 2, "batch_size": 64, "lr": 0.05, "amp": False},
     "attacks": {
         "train": {n: {"steps": 1} for n in ("linf", "l2", "l1")},
+        "validation": {n: {"steps": 2} for n in ("linf", "l2", "l1")},
         "eval": {n: {"steps": 2, "restarts": 1} for n in ("linf", "l2", "l1")},
     },
+    "evaluation": {"apgd_steps": 2},
     "resources": {"workers_per_member": 1, "cpus_per_worker": 1, "torch_threads": 1},
 }
 

@@ -61,6 +61,7 @@ def tiny_job(tmp_path, name: str = "agg", **sections):
             "data": {"dataset": "digits", "eval_size": EVAL, "val_size": 16},
             "model": {"arch": "resnet10", "embedding_dim": 4},
             "attacks": {"eval": {n: {"steps": 1, "restarts": 1} for n in NORMS}},
+            "evaluation": {"apgd_steps": 2},
             # a Ray of its own, even where another cluster runs on this machine
             "resources": {"address": "local"},
             "storage": {"path": str(tmp_path / "runs")},
@@ -90,11 +91,12 @@ def test_evaluation_has_tables_3_and_4(evaluation):
     rows, choice = result["rows"], result["choice"]
     assert set(rows) == {"member.linf", "member.l2", "member.l1", "lowest_entropy", "average"}
     crosscheck = {"linf/torchattacks.PGD", "l2/torchattacks.APGD", "l1/foolbox.SparseL1Descent"}
-    adaptive = {f"{n}/{a}" for n in NORMS for a in ("gate", "confident")}
+    adaptive = {f"{n}/{a}" for n in NORMS for a in ("gate", "confident", "transfer")}
+    ours = {f"{n}/{a}" for n in NORMS for a in ("pgd", "apgd-ce", "apgd-t")}
     for key, row in rows.items():
         attacks = {k for k in row if "/" in k}
         # ours and the cross-check on every model; the gate's attacks on ensembles only
-        assert {f"{n}/pgd" for n in NORMS} | crosscheck <= attacks
+        assert ours | crosscheck <= attacks
         assert (adaptive <= attacks) == (not key.startswith("member."))
         assert set(COLUMNS) <= set(row)
         assert all(0.0 <= row[c] <= 1.0 for c in row)

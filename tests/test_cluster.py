@@ -29,8 +29,7 @@ TINY = {
     "model.embedding_dim": 4,
     **{f"attacks.{phase}.{n}.steps": 1 for phase in ("train", "eval") for n in NORMS},
     **{f"attacks.eval.{n}.restarts": 1 for n in NORMS},
-    "evaluation.crosscheck": "false",
-    "evaluation.adaptive": "false",
+    "evaluation.suite": "paper",
 }
 
 

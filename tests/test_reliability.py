@@ -201,7 +201,7 @@ def test_aggregation_killed_after_registering_is_completed_not_repeated(tmp_path
     members = [str(write_member(tmp_path / "ckpt" / n, n, i)) for i, n in enumerate(NORMS)]
     config = job_file(tmp_path, tiny_job, resources={"address": "local"},
                       registry={"model_name": "psat-killed"},
-                      evaluation={"crosscheck": False, "adaptive": False})  # fmt: skip
+                      evaluation={"suite": "paper"})  # fmt: skip
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     for mode in ("kill", "relaunch"):
         proc = subprocess.run(
