@@ -42,22 +42,18 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
     workers_per_member × cpus_per_worker, and its GPUs) must fit in what the Ray can ever
     offer: else a ConfigError naming the fields, before any Ray work.
     """
-    if ray.is_initialized():
-        return
     res = job.resources
     required = {
         "CPU": cpus_required or res.workers_per_member * res.cpus_per_worker,
         "GPU": res.workers_per_member if res.use_gpu else 0,
     }
-    address = res.address or os.environ.get("RAY_ADDRESS")
-    verbose = log.isEnabledFor(logging.DEBUG)
-    ray_logging = logging.INFO if verbose else logging.WARNING  # ray.init resets Ray's logger
+    address = join_cluster(job)
     if address:
-        # worker and actor output (Ray Train's own chatter) stays in Ray's logs unless -v
-        ray.init(address=address, log_to_driver=verbose, logging_level=ray_logging)
         # an autoscaling cluster's ceiling (what Ray Train checks too), else what it has now
         capacity = ray_state.get_max_resources_from_cluster_config() or ray.cluster_resources()
         _check_capacity(job, required, capacity, f"the Ray cluster at {address}")
+        return
+    if ray.is_initialized():  # a Ray this process started itself
         return
     cores = os.cpu_count() or 1
     capacity = {"CPU": LOCAL_CPU_OVERSUBSCRIPTION * cores, "GPU": torch.cuda.device_count()}
@@ -71,9 +67,25 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
         address="local",
         num_cpus=min(capacity["CPU"], max(cores, math.ceil(cpus_wanted))),
         log_to_driver=False,
-        logging_level=ray_logging,
+        logging_level=logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING,
         runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
     )
+
+
+def join_cluster(job: JobConfig) -> str | None:
+    """Connect to `resources.address` (else $RAY_ADDRESS, set inside Ray Jobs) once; return it,
+    or None where there is no cluster to join."""
+    address = job.resources.address or os.environ.get("RAY_ADDRESS")
+    if address and not ray.is_initialized():
+        verbose = log.isEnabledFor(logging.DEBUG)
+        # worker and actor output (Ray Train's own chatter) stays in Ray's logs unless -v;
+        # ray.init resets Ray's logger to logging_level
+        ray.init(
+            address=address,
+            log_to_driver=verbose,
+            logging_level=logging.INFO if verbose else logging.WARNING,
+        )
+    return address
 
 
 def _check_capacity(job: JobConfig, required: dict, capacity: dict, where: str) -> None:

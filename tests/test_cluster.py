@@ -14,9 +14,11 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 from cluster import ROOT, MlflowServer, RayCluster, free_port, make_venv
 from mlflow.tracking import MlflowClient
 
@@ -242,3 +244,53 @@ def test_a_model_larger_than_the_cluster_is_refused(site):
     assert "one model needs 5 CPUs at once (resources.workers_per_member=5" in proc.stdout
     assert "offers at most 4" in proc.stdout  # two nodes of 2 CPUs
     assert site.runs("too-big") == []
+
+
+HOLD = """
+import sys, time
+from orchestrator.config import load_config
+from orchestrator.locking import job_lock
+with job_lock(load_config(sys.argv[1]), "train"):
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+@pytest.mark.slow
+def test_uri_storage_is_guarded_by_a_named_actor_on_the_cluster(site):
+    config = site.home / "uri.yaml"
+    text = yaml.safe_load((site.home / "mine.yaml").read_text())
+    text |= {"name": "uri-lock"}
+    text["storage"] = {"path": f"file://{site.root / 'shared' / 'uri'}"}
+    text["resources"] |= {"address": f"127.0.0.1:{site.cluster.gcs_port}"}
+    config.write_text(yaml.safe_dump(text))
+    python = str(site.user_bin / "python")
+
+    def hold(seconds: float) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            [python, "-c", HOLD, str(config), str(seconds)], cwd=site.home, env=site.env(),
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        assert proc.stdout.readline().strip() == "held", proc.stdout.read()
+        return proc
+
+    first = hold(300)
+    try:
+        proc = site.psat("train", "--config", "uri.yaml")
+        assert proc.returncode == 2, proc.stderr
+        (line,) = proc.stderr.strip().splitlines()
+        assert line.startswith("psat train: error: job 'uri-lock' is running: `psat train` (pid ")
+        assert "holds the Ray actor psat-jobs/psat-job-uri-lock" in line
+    finally:
+        first.kill()  # SIGKILL: Ray ends the actor with its driver
+        first.wait()
+    deadline = time.time() + 60
+    while True:  # the name comes free once Ray has noticed the dead driver
+        try:
+            second = hold(0)
+            break
+        except AssertionError:
+            if time.time() > deadline:
+                raise
+            time.sleep(2)
+    assert second.wait(timeout=60) == 0

@@ -425,7 +425,7 @@ AGGREGATE = textwrap.dedent(
         "data": {"dataset": "digits", "eval_size": 8, "val_size": 16},
         "model": {"arch": "resnet10", "embedding_dim": 4},
         "attacks": {"eval": {n: {"steps": 1} for n in ("linf", "l2", "l1")}},
-        "evaluation": {"apgd_steps": 2},
+        "evaluation": {"suite": "paper"},  # registration is under test, not the attacks
         "resources": {"cpus_per_worker": 1, "address": "local"},
         "storage": {"path": storage},
         "tracking": {"uri": uri, "experiment": "concurrent"},
