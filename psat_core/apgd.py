@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from psat_core.attacks import (
     AttackResult,
+    ThreatAttack,
     ThreatModel,
     _check_count,
     _fail,
@@ -63,7 +64,7 @@ def dlr_loss(logits: Tensor, y: Tensor, target: Tensor | None = None) -> Tensor:
     return -(z_y - z_t) / (top[:, 0] - (top[:, 2] + top[:, 3]) / 2 + 1e-12)
 
 
-class APGD:
+class APGD(ThreatAttack):
     """Auto-PGD with the cross-entropy or DLR loss; APGD-T with ``targets > 0``.
 
     Args:
@@ -98,17 +99,6 @@ class APGD:
         self.threat, self.steps, self.restarts = threat, steps, restarts
         self.loss = "dlr" if targets else loss
         self.targets, self.seed = targets, seed
-
-    @property
-    def norm(self) -> str:
-        return self.threat.norm
-
-    @property
-    def eps(self) -> float:
-        return self.threat.eps
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        return self.perturb(model, x, y).x_adv
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
         """Every restart (and target) on the examples still classified correctly."""

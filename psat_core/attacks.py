@@ -429,7 +429,29 @@ def _loss_and_wrong(model: nn.Module, x_in: Tensor, y: Tensor) -> tuple[Tensor, 
     return F.cross_entropy(logits, y, reduction="none"), logits.argmax(dim=1) != y
 
 
-class PGD:
+class ThreatAttack(ABC):
+    """An attack within ``self.threat`` whose :meth:`perturb` reports per-example results."""
+
+    threat: ThreatModel
+
+    @property
+    def norm(self) -> str:
+        return self.threat.norm
+
+    @property
+    def eps(self) -> float:
+        return self.threat.eps
+
+    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Adversarial examples ``x_adv`` (detached, in [0, 1], shape of ``x``)."""
+        return self.perturb(model, x, y).x_adv
+
+    @abstractmethod
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
+        """Run the attack; return ``x_adv`` with its per-example loss and misclassification."""
+
+
+class PGD(ThreatAttack):
     """Projected gradient ascent on the per-example cross-entropy (Madry et al. 2018, eq. 3).
 
     ``delta^{t+1} = proj_S(delta^t + argmax_{||v||_p <= alpha} v^T ∇_delta L(f(x + delta^t), y))``
@@ -484,18 +506,6 @@ class PGD:
             restarts=cfg.restarts,
             random_start=cfg.random_start,
         )
-
-    @property
-    def norm(self) -> str:
-        return self.threat.norm
-
-    @property
-    def eps(self) -> float:
-        return self.threat.eps
-
-    def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
-        """Adversarial examples ``x_adv`` (detached, in [0, 1], shape of ``x``)."""
-        return self.perturb(model, x, y).x_adv
 
     def last_iterate(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Madry et al.'s training attack: ``x + delta^steps`` of a single run, unscored.
