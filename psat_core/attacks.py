@@ -52,6 +52,7 @@ __all__ = [
     "project_l1_ball",
     "AttackConfig",
     "AttackResult",
+    "ThreatAttack",
     "PGD",
     "WorstCase",
     "MSD",
