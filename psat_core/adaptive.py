@@ -6,7 +6,7 @@ about making the gate switch. Two attacks aim at the gate itself:
 
 * :class:`GatePGD`: PGD whose gradient comes from a smooth gate, the members' softmax mixed with
   weights ``softmax(-H_m / τ)`` over members (τ -> 0 is eq. 12), while every iterate is scored
-  by the true ensemble (straight-through, as in BPDA).
+  by the true ensemble (straight-through, as in BPDA), merged with plain PGD per example.
 * :class:`ConfidentWrongMember`: for each member, PGD that makes that member confident in a
   wrong class (low entropy, so the gate picks it); per example the iterate the true ensemble
   gets most wrong is kept.
@@ -54,8 +54,9 @@ class SoftGate(nn.Module):
 class GatePGD:
     """End-to-end PGD on the ensemble through a smooth lowest-entropy gate (:class:`SoftGate`).
 
-    Iterates, restarts and the worst-iterate bookkeeping are :class:`~psat_core.attacks.PGD`'s;
-    only the gradient differs.
+    It runs plain PGD through the ensemble and PGD with the soft gate's gradient, and keeps the
+    worst point of both per example: at least as strong as plain PGD with the same seed.
+    Iterates, restarts and the worst-iterate bookkeeping are :class:`~psat_core.attacks.PGD`'s.
     """
 
     def __init__(self, pgd: PGD, temperature: float = 0.1) -> None:
@@ -70,49 +71,64 @@ class GatePGD:
     def threat(self) -> ThreatModel:
         return self.pgd.threat
 
+    @property
+    def cost(self) -> int:
+        return 2 * self.pgd.cost
+
     def __call__(self, model: PSATEnsemble, x: Tensor, y: Tensor) -> Tensor:
-        return self.pgd(SoftGate(model, self.temperature), x, y)
+        worst = _Worst(x)
+        for attacked in (model, SoftGate(model, self.temperature)):  # same value, other gradient
+            found = self.pgd.perturb(attacked, x, y)
+            worst.update(found.x_adv - x, found.loss, found.misclassified)
+        return worst.result(x).x_adv
+
+    def __repr__(self) -> str:
+        return f"GatePGD({self.pgd!r}, temperature={self.temperature:g})"
+
+
+def confident_wrong(logits: Tensor, y: Tensor) -> Tensor:
+    """``log P(wrong) - H(f)``: mass off the true class up, the entropy (eq. 12's gate) down."""
+    log_p = F.log_softmax(logits, dim=1)
+    log_wrong = log_p.scatter(1, y[:, None], float("-inf")).logsumexp(dim=1)
+    return log_wrong - entropy(logits)
 
 
 class ConfidentWrongMember:
     """Make one member confidently wrong so that the gate picks it; keep what fools the gate.
 
-    For each member ``m``, PGD ascends ``log P_m(wrong) - H(f_m)``: the probability mass off the
-    true class up, the member's entropy (eq. 12's gate criterion) down. Each member's last
-    iterate is scored by the whole ensemble; per example the one it misclassifies (then the one
-    with the highest ensemble loss) is returned. Cost: one PGD run on the ensemble.
+    For each member ``m``, PGD from 0 ascends :func:`confident_wrong` on ``f_m``. Each member's
+    last iterate is scored by the whole ensemble; per example the one it misclassifies (then
+    the one with the highest ensemble loss) is returned. Cost: one PGD run on the ensemble.
     """
 
     def __init__(self, threat: ThreatModel, steps: int, step_size: float) -> None:
-        self.threat = threat
-        self.steps = steps
-        self.step_size = float(step_size)
+        self.pgd = PGD(threat, steps, step_size, random_start=False, loss=confident_wrong)
 
     @classmethod
     def from_config(cls, cfg: AttackConfig) -> ConfidentWrongMember:
         return cls(PGD.from_config(cfg).threat, cfg.steps, cfg.step_size)
 
+    @property
+    def threat(self) -> ThreatModel:
+        return self.pgd.threat
+
+    @property
+    def cost(self) -> int:
+        return self.pgd.steps
+
     def __call__(self, model: PSATEnsemble, x: Tensor, y: Tensor) -> Tensor:
         x, y = x.detach(), y.detach()
         worst = _Worst(x)
-        with eval_mode(model), torch.enable_grad():
+        with eval_mode(model):
             for member in model.members:
-                delta = torch.zeros_like(x)
-                for _ in range(self.steps):
-                    delta.requires_grad_(True)
-                    logits = member(x + delta)
-                    log_p = F.log_softmax(logits, dim=1)
-                    log_wrong = log_p.scatter(1, y[:, None], float("-inf")).logsumexp(dim=1)
-                    objective = (log_wrong - entropy(logits)).sum()
-                    (grad,) = torch.autograd.grad(objective, delta)
-                    delta = self.threat.step(delta.detach(), grad, self.step_size, x)
-                    delta = self.threat.project(delta, x)
+                x_adv = self.pgd.last_iterate(member, x, y)
                 with torch.no_grad():
-                    worst.update(delta, *_loss_and_wrong(model, x + delta, y))
+                    worst.update(x_adv - x, *_loss_and_wrong(model, x_adv, y))
         return worst.result(x).x_adv
 
     def __repr__(self) -> str:
-        return f"ConfidentWrongMember({self.threat!r}, steps={self.steps}, step={self.step_size:g})"
+        pgd = self.pgd
+        return f"ConfidentWrongMember({pgd.threat!r}, steps={pgd.steps}, step={pgd.step_size:g})"
 
 
 class MemberTransfer:
@@ -129,6 +145,11 @@ class MemberTransfer:
             raise ValueError("MemberTransfer.attacks must name at least one attack")
         self.attacks = attacks
         self.threat = attacks[0].threat
+
+    @property
+    def cost(self) -> int:
+        """Per member, every crafter's passes (a member's pass is a fraction of the ensemble's)."""
+        return sum(getattr(attack, "cost", 1) for attack in self.attacks)
 
     def __call__(self, model: PSATEnsemble, x: Tensor, y: Tensor) -> Tensor:
         x, y = x.detach(), y.detach()

@@ -100,6 +100,11 @@ class APGD(ThreatAttack):
         self.loss = "dlr" if targets else loss
         self.targets, self.seed = targets, seed
 
+    @property
+    def cost(self) -> int:
+        """Gradient passes per attacked example (at most: runs stop on misclassified ones)."""
+        return self.steps * self.restarts * max(self.targets, 1)
+
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
         """Every restart (and target) on the examples still classified correctly."""
         x, y = x.detach(), y.detach()

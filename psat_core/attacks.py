@@ -33,7 +33,7 @@ import dataclasses
 import math
 import numbers
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import ClassVar, NamedTuple
 
@@ -53,6 +53,8 @@ __all__ = [
     "AttackConfig",
     "AttackResult",
     "ThreatAttack",
+    "ascend",
+    "cross_entropy",
     "PGD",
     "WorstCase",
     "MSD",
@@ -430,6 +432,40 @@ def _loss_and_wrong(model: nn.Module, x_in: Tensor, y: Tensor) -> tuple[Tensor, 
     return F.cross_entropy(logits, y, reduction="none"), logits.argmax(dim=1) != y
 
 
+def cross_entropy(logits: Tensor, y: Tensor) -> Tensor:
+    """Per-example cross-entropy, the loss PGD ascends unless told otherwise."""
+    return F.cross_entropy(logits, y, reduction="none")
+
+
+def ascend(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    delta: Tensor,
+    steps: int,
+    move: Callable[[Tensor, Tensor], Tensor],
+    loss: Callable[[Tensor, Tensor], Tensor] = cross_entropy,
+    worst: _Worst | None = None,
+) -> Tensor:
+    """The projected-gradient iteration every attack here runs (eq. 3; eq. 7 for MSD):
+    ``steps`` times ``delta <- move(delta, ∇_delta loss(model(x + delta), y))``.
+
+    ``move`` takes the step and projects (one threat model's, or MSD's choice among several).
+    With ``worst``, each iterate is scored with the loss and prediction of its own gradient
+    pass. Returns the last ``delta`` (detached, not scored).
+    """
+    for _ in range(steps):
+        delta.requires_grad_(True)
+        logits = model(x + delta)
+        value = loss(logits, y)
+        (grad,) = torch.autograd.grad(value.sum(), delta)
+        delta = delta.detach()
+        if worst is not None:
+            worst.update(delta, value.detach(), logits.argmax(dim=1) != y)
+        delta = move(delta, grad)
+    return delta
+
+
 class ThreatAttack(ABC):
     """An attack within ``self.threat`` whose :meth:`perturb` reports per-example results."""
 
@@ -453,15 +489,16 @@ class ThreatAttack(ABC):
 
 
 class PGD(ThreatAttack):
-    """Projected gradient ascent on the per-example cross-entropy (Madry et al. 2018, eq. 3).
+    """Projected gradient ascent on the per-example loss (Madry et al. 2018, eq. 3).
 
     ``delta^{t+1} = proj_S(delta^t + argmax_{||v||_p <= alpha} v^T ∇_delta L(f(x + delta^t), y))``
     for ``t = 0..steps-1``, from ``delta^0 = 0`` or a random point of ``S``; one loop for every
-    norm, the norm being the :class:`ThreatModel`'s. Per example it keeps the worst iterate over
-    all steps and restarts (a misclassified iterate beats a correctly classified one, then the
-    higher loss wins), reusing the forward pass of each gradient step to score that iterate.
-    The gradient is taken w.r.t. ``delta`` only (``torch.autograd.grad``): parameters' ``.grad``
-    are never touched. The model runs in eval mode; its previous mode is restored afterwards.
+    norm (:func:`ascend`), the norm being the :class:`ThreatModel`'s. Per example it keeps the
+    worst iterate over all steps and restarts (a misclassified iterate beats a correctly
+    classified one, then the higher loss wins), reusing the forward pass of each gradient step
+    to score that iterate. The gradient is taken w.r.t. ``delta`` only (``torch.autograd.grad``):
+    parameters' ``.grad`` are never touched. The model runs in eval mode; its previous mode is
+    restored afterwards.
 
     Args:
         threat: the threat model (norm, ε).
@@ -469,6 +506,7 @@ class PGD(ThreatAttack):
         step_size: ℓp length α of each step, > 0.
         restarts: random restarts, merged per example, >= 1 (default 1).
         random_start: start each restart at ``threat.random_start(x)`` rather than 0 (default True).
+        loss: ``loss(logits, y) -> (B,)`` to ascend (default: the cross-entropy).
 
     Shapes: ``x`` ``(B, *)`` in [0, 1]; ``y`` ``(B,)`` class indices; returns ``(B, *)``.
 
@@ -485,6 +523,7 @@ class PGD(ThreatAttack):
         step_size: float,
         restarts: int = 1,
         random_start: bool = True,
+        loss: Callable[[Tensor, Tensor], Tensor] = cross_entropy,
     ) -> None:
         if not isinstance(threat, ThreatModel):
             raise _fail("PGD", "threat", threat, "a ThreatModel (see THREAT_MODELS)")
@@ -496,6 +535,7 @@ class PGD(ThreatAttack):
         self.step_size = float(step_size)
         self.restarts = restarts
         self.random_start = bool(random_start)
+        self.loss = loss
 
     @classmethod
     def from_config(cls, cfg: AttackConfig) -> PGD:
@@ -508,45 +548,44 @@ class PGD(ThreatAttack):
             random_start=cfg.random_start,
         )
 
+    @property
+    def cost(self) -> int:
+        """Gradient passes per attacked example."""
+        return self.steps * self.restarts
+
+    def _start(self, x: Tensor) -> Tensor:
+        return self.threat.random_start(x) if self.random_start else torch.zeros_like(x)
+
+    def _move(self, x: Tensor) -> Callable[[Tensor, Tensor], Tensor]:
+        threat = self.threat
+        return lambda delta, grad: threat.project(threat.step(delta, grad, self.step_size, x), x)
+
     def last_iterate(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Madry et al.'s training attack: ``x + delta^steps`` of a single run, unscored.
 
-        It saves the scoring passes of :meth:`perturb` (one forward per step's bookkeeping and
-        one for the last iterate), which only matter where the worst iterate is wanted
-        (evaluation) or restarts must be merged; with ``restarts > 1`` it is :meth:`__call__`.
+        It saves the scoring of :meth:`perturb` (one forward pass for the last iterate), which
+        only matters where the worst iterate is wanted (evaluation) or restarts must be merged;
+        with ``restarts > 1`` it is :meth:`__call__`.
         """
         if self.restarts > 1:
             return self(model, x, y)
         x, y = x.detach(), y.detach()
-        threat = self.threat
-        delta = threat.random_start(x) if self.random_start else torch.zeros_like(x)
-        x_adv = (x + delta).clamp_(0.0, 1.0)
         with eval_mode(model), torch.enable_grad():
-            for _ in range(self.steps):
-                x_adv.requires_grad_(True)  # d loss / d x_adv = d loss / d delta
-                loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-                (grad,) = torch.autograd.grad(loss, x_adv)
-                delta = threat.step(x_adv.detach() - x, grad, self.step_size, x)
-                x_adv = (x + threat.project(delta, x)).clamp_(0.0, 1.0)
-        return x_adv.detach()
+            delta = ascend(model, x, y, self._start(x), self.steps, self._move(x), self.loss)
+        return (x + delta).clamp_(0.0, 1.0)
 
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
         """Run the attack; return ``x_adv`` with its per-example loss and misclassification."""
         x, y = x.detach(), y.detach()
-        threat = self.threat
         worst = _Worst(x)
+        move = self._move(x)
         with eval_mode(model), torch.enable_grad():
             for _ in range(self.restarts):
-                delta = threat.random_start(x) if self.random_start else torch.zeros_like(x)
-                for _ in range(self.steps):
-                    delta.requires_grad_(True)
-                    loss, wrong = _loss_and_wrong(model, x + delta, y)
-                    (grad,) = torch.autograd.grad(loss.sum(), delta)
-                    delta = delta.detach()
-                    worst.update(delta, loss.detach(), wrong)  # score delta^t with its own pass
-                    delta = threat.project(threat.step(delta, grad, self.step_size, x), x)
+                delta = self._start(x)
+                delta = ascend(model, x, y, delta, self.steps, move, self.loss, worst)
                 with torch.no_grad():  # the last iterate has no gradient step to share a pass
-                    worst.update(delta, *_loss_and_wrong(model, x + delta, y))
+                    logits = model(x + delta)
+                    worst.update(delta, self.loss(logits, y), logits.argmax(dim=1) != y)
         return worst.result(x)
 
     def __repr__(self) -> str:
@@ -637,33 +676,28 @@ class MSD:
         threats = list(self.threats.values())
         sizes = list(self.step_sizes.values())
         worst = _Worst(x)
+
+        def move(delta: Tensor, grad: Tensor) -> Tensor:  # eq. 7: the highest-loss step wins
+            with torch.no_grad():
+                candidates = [
+                    t.project(t.step(delta, grad, s, x), x)
+                    for t, s in zip(threats, sizes, strict=True)
+                ]
+                scored = [_loss_and_wrong(model, x + cand, y) for cand in candidates]
+            losses = torch.stack([loss.float() for loss, _ in scored])
+            choice = losses.argmax(dim=0)
+            delta = _pick(torch.stack(candidates), choice)
+            wrong = _pick(torch.stack([w for _, w in scored]), choice)
+            worst.update(delta, _pick(losses, choice), wrong, choice)
+            return delta
+
         with eval_mode(model), torch.enable_grad():
             if self.random_start:
                 pick = torch.randint(len(threats), (x.shape[0],), device=x.device)
                 delta = _pick(torch.stack([t.random_start(x) for t in threats]), pick)
             else:
                 delta = torch.zeros_like(x)
-            for _ in range(self.steps):
-                delta.requires_grad_(True)
-                loss, _ = _loss_and_wrong(model, x + delta, y)
-                (grad,) = torch.autograd.grad(loss.sum(), delta)
-                delta = delta.detach()
-                candidates, losses, wrongs = [], [], []
-                with torch.no_grad():
-                    for threat, size in zip(threats, sizes, strict=True):
-                        cand = threat.project(threat.step(delta, grad, size, x), x)
-                        cand_loss, cand_wrong = _loss_and_wrong(model, x + cand, y)
-                        candidates.append(cand)
-                        losses.append(cand_loss.float())
-                        wrongs.append(cand_wrong)
-                choice = torch.stack(losses).argmax(dim=0)  # eq. 7: the highest-loss step wins
-                delta = _pick(torch.stack(candidates), choice)
-                worst.update(
-                    delta,
-                    _pick(torch.stack(losses), choice),
-                    _pick(torch.stack(wrongs), choice),
-                    choice,
-                )
+            ascend(model, x, y, delta, self.steps, move)
         return worst.result(x).x_adv, worst.tag
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:

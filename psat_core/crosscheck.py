@@ -27,6 +27,10 @@ class Torchattacks:
         self.threat = threat
         self.kwargs = kwargs
 
+    @property
+    def cost(self) -> int:
+        return self.kwargs.get("steps", 1)
+
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         attack_cls = getattr(torchattacks, self.name)
         with eval_mode(model):
@@ -46,6 +50,10 @@ class FoolboxSparseL1:
         self.steps = steps
         self.step_size = step_size
         self.quantile = quantile
+
+    @property
+    def cost(self) -> int:
+        return self.steps
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         attack = foolbox.attacks.SparseL1DescentAttack(

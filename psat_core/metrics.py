@@ -1,14 +1,16 @@
 """Multi-perturbation robustness evaluation: a protocol with sanity checks (after auto-attack).
 
-Protocol, per batch: clean predictions first; each attack then runs only on the points still
-classified correctly (a misclassified clean point counts as non-robust under every attack); the
-adversarial predictions are recomputed from the returned ``x_adv``. Reported, as fractions in
-[0, 1] (Table 1's columns):
+Protocol: clean predictions first; then the attacks in order, each seeded and run only on the
+points still robust for its norm (classified correctly on the clean input and under the
+attacks of that norm before it; AutoAttack's rule); the adversarial predictions are recomputed
+from the returned ``x_adv``. Reported, as fractions in [0, 1] (Table 1's columns):
 
 * ``clean``: clean accuracy;
 * one key per norm (``linf``, ``l2``, ``l1``): accuracy under that norm's attacks. An attack
   named ``"<norm>/<variant>"`` (an adaptive or a third-party attack) joins its norm: a point
-  counts for the norm only if it withstands all of them, and each variant also gets its own key;
+  counts for the norm only if it withstands all of them. Each attack also gets its own key:
+  the accuracy after it and the attacks of its norm before it (so the points it found are the
+  drop from the previous one, :meth:`PerSampleResult.found`);
 * ``max``: accuracy under the worst case, a point counting only if it withstands every attack;
 * ``avg``: the mean of the per-norm accuracies;
 * ``trade_off``: Acc_trade-off, the mean of all the above (:func:`trade_off`).
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+import zlib
 from collections.abc import Callable, Mapping
 
 import torch
@@ -83,8 +87,8 @@ class PerSampleResult:
 
     Attributes:
         attack_names: the attacks, in evaluation order.
-        correct: ``"clean"`` and each attack name -> bool ``(N,)``: classified correctly (under
-            that attack: the clean point was correct and the adversarial one still is).
+        correct: ``"clean"`` and each attack name -> bool ``(N,)``: still classified correctly
+            after that attack and the ones of its norm before it.
         probes: the same keys -> the ``probe`` outputs ``(N, ...)`` on the inputs evaluated for
             that key (``x_adv`` for attacked points, ``x`` for the others); empty without a probe.
     """
@@ -92,6 +96,14 @@ class PerSampleResult:
     attack_names: tuple[str, ...]
     correct: dict[str, Tensor]
     probes: dict[str, Tensor]
+
+    def found(self, name: str) -> Tensor:
+        """Bool ``(N,)``: the points attack ``name`` was the first of its norm to break."""
+        before = "clean"
+        for other in self.attack_names[: self.attack_names.index(name)]:
+            if norm_of(other) == norm_of(name):
+                before = other
+        return self.correct[before] & ~self.correct[name]
 
 
 def _device_of(model: nn.Module, fallback: torch.device) -> torch.device:
@@ -140,6 +152,15 @@ def _check_assumptions(model: nn.Module, x: Tensor) -> None:
         log.warning("model forward is not deterministic: robust accuracy may be overestimated")
 
 
+def attack_seed(seed: int, name: str, start: int) -> int:
+    """The seed of attack ``name`` on the batch starting at example ``start``: a row evaluated
+    twice (or a one-member ensemble and its member) draws the same random starts."""
+    return zlib.crc32(f"{seed}/{name}/{start}".encode())
+
+
+Progress = Callable[[str, int, int, float], None]
+
+
 def evaluate_per_sample(
     model: nn.Module,
     images: Tensor,
@@ -147,8 +168,13 @@ def evaluate_per_sample(
     attacks: Mapping[str, PGD],
     batch_size: int = 256,
     probe: Callable[[Tensor], Tensor] | None = None,
+    seed: int = 0,
+    progress: Progress | None = None,
 ) -> PerSampleResult:
     """Per-example correctness under each attack (see the module docstring for the protocol).
+
+    Attacks run in order; each runs only on the points still robust for its norm (correct on
+    clean inputs and under the attacks of that norm before it, as AutoAttack does).
 
     Args:
         model: an ``nn.Module`` returning logits; evaluated in eval mode on its own device (its
@@ -159,6 +185,9 @@ def evaluate_per_sample(
         batch_size: examples per batch, >= 1 (default 256).
         probe: optional ``f(x) -> (B, ...)`` run on every evaluated batch (e.g. which ensemble
             member answers), collected in :attr:`PerSampleResult.probes`.
+        seed: seeds each attack per batch (:func:`attack_seed`).
+        progress: called after each attack with its name, the points still robust for its
+            norm, the number of examples and an estimate of the seconds left.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"evaluate.batch_size must be an integer >= 1 (got {batch_size!r})")
@@ -169,43 +198,56 @@ def evaluate_per_sample(
     if not attacks:
         raise ValueError("evaluate.attacks must name at least one attack")
     names = tuple(attacks)
-    keys = ("clean", *names)
-    correct: dict[str, list[Tensor]] = {k: [] for k in keys}
-    probes: dict[str, list[Tensor]] = {k: [] for k in keys}
     device = _device_of(model, images.device)
+    batches = [
+        (start, images[start : start + batch_size], labels[start : start + batch_size])
+        for start in range(0, len(images), batch_size)
+    ]
+    correct: dict[str, Tensor] = {}
+    probes: dict[str, list[Tensor]] = {}
+    started, done = time.monotonic(), 0.0  # done: gradient passes x points attacked so far
     with eval_mode(model):
-        for start in range(0, len(images), batch_size):
-            x = images[start : start + batch_size].to(device)
-            y = labels[start : start + batch_size].to(device)
-            if start == 0:
-                _check_assumptions(model, x)
-            evaluated = {"clean": x}
-            with torch.no_grad():
-                clean_ok = model(x).argmax(1) == y
-            correct["clean"].append(clean_ok.cpu())
-            attacked = clean_ok.nonzero().squeeze(1)  # auto-attack: attack only robust points
-            for name, attack in attacks.items():
+        _check_assumptions(model, batches[0][1].to(device))
+        with torch.no_grad():
+            clean = [model(x.to(device)).argmax(1).cpu() == y for _, x, y in batches]
+        correct["clean"] = torch.cat(clean)
+        if probe is not None:
+            probes["clean"] = [probe(x.to(device)).cpu() for _, x, _ in batches]
+        robust = {norm_of(name): correct["clean"] for name in names}
+        for index, (name, attack) in enumerate(attacks.items()):
+            norm = norm_of(name)
+            survived, probed = [], []
+            for start, x, y in batches:
+                x, y = x.to(device), y.to(device)
+                attacked = robust[norm][start : start + len(x)].to(device).nonzero().squeeze(1)
                 x_eval = x.clone()
                 if len(attacked):
+                    torch.manual_seed(attack_seed(seed, name, start))
                     x_adv = attack(model, x[attacked], y[attacked])
                     _check_adversarial(name, attack, x[attacked], x_adv)
                     x_eval[attacked] = x_adv
                 with torch.no_grad():
-                    robust = clean_ok & (model(x_eval).argmax(1) == y)
-                _check(
-                    int(robust.sum()) <= int(clean_ok.sum()),
-                    f"attack {name!r}: more points robust than clean",
-                )
-                correct[name].append(robust.cpu())
-                evaluated[name] = x_eval
+                    ok = model(x_eval).argmax(1) == y
+                    if probe is not None:
+                        probed.append(probe(x_eval).cpu())
+                survived.append(ok.cpu())
+                done += getattr(attack, "cost", 1) * len(attacked)
+            before = robust[norm]
+            robust[norm] = before & torch.cat(survived)
+            correct[name] = robust[norm]
             if probe is not None:
-                with torch.no_grad():
-                    for key in keys:
-                        probes[key].append(probe(evaluated[key]).cpu())
+                probes[name] = probed
+            if progress is not None:
+                left = sum(
+                    getattr(later, "cost", 1) * int(robust[norm_of(n)].sum())
+                    for n, later in list(attacks.items())[index + 1 :]
+                )
+                rate = (time.monotonic() - started) / max(done, 1.0)
+                progress(name, int(robust[norm].sum()), len(images), rate * left)
     return PerSampleResult(
         attack_names=names,
-        correct={k: torch.cat(v) for k, v in correct.items()},
-        probes={k: torch.cat(v) for k, v in probes.items()} if probe is not None else {},
+        correct=correct,
+        probes={k: torch.cat(v) for k, v in probes.items()},
     )
 
 

@@ -11,6 +11,7 @@ from psat_core.attacks import PGD, AttackConfig, LinfBall, attack_defaults
 from psat_core.crosscheck import crosscheck_attacks
 from psat_core.ensemble import PSATEnsemble, entropy
 from psat_core.metrics import evaluate_per_sample, summarize
+from psat_core.protocol import attack_suite
 from tests.helpers import synthetic
 
 EPS = 0.1
@@ -92,3 +93,36 @@ def test_adaptive_and_third_party_attacks_stay_in_the_ball_and_count_under_their
         assert row["max"] <= row[norm]
     assert row["avg"] == pytest.approx((row["linf"] + row["l2"] + row["l1"]) / 3)
     assert row["linf"] < 1.0  # the attacks do something on an undefended model
+
+
+def small_ensemble(members: int) -> PSATEnsemble:
+    torch.manual_seed(0)
+    nets = [nn.Sequential(nn.Flatten(), nn.Linear(16, 3)) for _ in range(members)]
+    return PSATEnsemble(nets, names=[f"m{i}" for i in range(members)]).eval()
+
+
+def test_the_gate_attack_is_at_least_as_strong_as_plain_pgd():
+    ensemble = small_ensemble(3)
+    x, y = torch.rand(64, 16), torch.randint(0, 3, (64,))
+    pgd = PGD(LinfBall(EPS), steps=5, step_size=EPS / 4)
+    torch.manual_seed(1)
+    plain = ensemble(pgd(ensemble, x, y)).argmax(1) != y
+    torch.manual_seed(1)
+    gate = ensemble(GatePGD(pgd)(ensemble, x, y)).argmax(1) != y
+    assert plain.any() and not (plain & ~gate).any()
+
+
+def test_a_one_member_ensemble_scores_like_its_member():
+    ensemble = small_ensemble(1)
+    x, y = torch.rand(64, 16), torch.randint(0, 3, (64,))
+    configs = {
+        "linf": AttackConfig("linf", EPS, 5, EPS / 4),
+        "l1": AttackConfig("l1", 1.0, 5, 0.5),
+    }
+    member = evaluate_per_sample(
+        ensemble.members[0], x, y, attack_suite("paper", configs, ensemble=False), seed=7
+    )
+    whole = evaluate_per_sample(
+        ensemble, x, y, attack_suite("paper", configs, ensemble=True), seed=7
+    )
+    assert summarize(member) == summarize(whole)

@@ -240,3 +240,48 @@ def test_subset_indices_are_fixed_by_the_seed():
     assert torch.equal(subset_indices(50, 100, seed=0), torch.arange(50))
     with pytest.raises(ValueError, match=r"subset_indices\.n must be"):
         subset_indices(10, 0, seed=0)
+
+
+class Recording:
+    """An attack that remembers how many points it was given."""
+
+    def __init__(self, attack: PGD) -> None:
+        self.attack, self.threat, self.sizes = attack, attack.threat, []
+
+    def __call__(self, model, x, y):
+        self.sizes.append(len(x))
+        return self.attack(model, x, y)
+
+
+def test_each_attack_runs_only_on_the_points_still_robust_for_its_norm(trained):
+    model, x, y = trained
+    chain = {
+        "linf/pgd": Recording(PGD(LinfBall(0.05), 5, 0.0125)),
+        "l2/pgd": Recording(PGD(L2Ball(0.8), 10, 0.2)),
+        "linf/stronger": Recording(PGD(LinfBall(0.05), 20, 0.0125, restarts=2)),
+    }
+    seen = []
+    per = evaluate_per_sample(
+        model, x, y, chain, batch_size=1000, progress=lambda *event: seen.append(event)
+    )
+    clean = per.correct["clean"]
+    assert chain["linf/pgd"].sizes == chain["l2/pgd"].sizes == [int(clean.sum())]
+    assert chain["linf/stronger"].sizes == [int(per.correct["linf/pgd"].sum())]
+    found = per.found("linf/pgd") | per.found("linf/stronger")
+    assert not (per.found("linf/pgd") & per.found("linf/stronger")).any()
+    assert torch.equal(found, clean & ~per.correct["linf/stronger"])
+    assert [(name, robust, total) for name, robust, total, _ in seen] == [
+        (name, int(per.correct[name].sum()), len(y)) for name in chain
+    ]
+    assert seen[-1][3] == 0.0 and all(left >= 0 for *_, left in seen)
+    row = summarize(per)
+    assert row["linf"] == row["linf/stronger"] <= row["linf/pgd"]
+
+
+def test_the_same_seed_gives_the_same_numbers(trained):
+    model, x, y = trained
+    first = evaluate_per_sample(model, x, y, attacks(), seed=3)
+    torch.manual_seed(123)  # the global state before the call does not matter
+    second = evaluate_per_sample(model, x, y, attacks(), seed=3)
+    for key, ok in first.correct.items():
+        assert torch.equal(ok, second.correct[key])
