@@ -15,47 +15,39 @@ inputs and under each attack; ``parameters.*``; ``trade_off``: the registered st
 
 from __future__ import annotations
 
-import tempfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.fs as pafs
-import ray
-import torch
-from matplotlib.figure import Figure
 from mlflow.exceptions import MlflowException
 
 from orchestrator.config import JobConfig
-from orchestrator.registry import (
-    EXAMPLE_SIZE,
-    Registration,
-    build_ensemble,
-    register_ensemble,
+from orchestrator.evaluation import (
+    Evaluation,
+    evaluate_ensemble,
+    evaluate_rows,
+    evaluation_rows,
+    progress_line,
+    staged,
+)
+from orchestrator.registry import EXAMPLE_SIZE, Registration, build_ensemble, register_ensemble
+from orchestrator.report import (
+    STRATEGY_NAMES,
+    accuracy_figure,
+    choice_figure,
+    markdown_report,
+    percent,
+    table_lines,
 )
 from orchestrator.shards import materialize, read_arrays
 from orchestrator.tracking import CHECKPOINT_TAG, JOB_TAG, ROLE_TAG, Tracker
 from orchestrator.training import connect_ray, data_uri
 from psat_core.checkpoint import MemberSpec, read_spec
-from psat_core.ensemble import STRATEGIES, PSATEnsemble
-from psat_core.metrics import TABLE1_KEYS, evaluate_per_sample, summarize
+from psat_core.ensemble import STRATEGIES
 from psat_core.models import count_parameters, create_model
-from psat_core.protocol import AUTOATTACK, attack_suite
 
 TRAIN_RUN_TAG = "psat.train_run"
 VERSION_TAG = "psat.registered_version"
-COLUMNS = (*TABLE1_KEYS, "trade_off")
-HEADERS = {
-    "clean": "Clean",
-    "linf": "ℓ∞",
-    "l2": "ℓ2",
-    "l1": "ℓ1",
-    "max": "Max",
-    "avg": "Avg",
-    "trade_off": "Trade-off",
-}
-STRATEGY_NAMES = {"lowest_entropy": "Lowest entropy", "average": "Average"}
 
 
 @dataclass(frozen=True)
@@ -128,24 +120,6 @@ def _location(path: str, storage: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
-@contextmanager
-def staged(members: Mapping[str, str]) -> Iterator[dict[str, Path]]:
-    """Local directories of the member checkpoints: local paths as they are, URIs (``s3://``,
-    ``gs://``, ...) copied into a temporary directory that lives as long as the block."""
-    with tempfile.TemporaryDirectory(prefix="psat-members-") as tmp:
-        local = {}
-        for name, location in members.items():
-            if "://" not in location or location.startswith("file://"):
-                local[name] = Path(location.removeprefix("file://"))
-                continue
-            fs, path = pafs.FileSystem.from_uri(location)
-            if fs.get_file_info(path).type != pafs.FileType.Directory:
-                raise FileNotFoundError(f"member {name!r}: no checkpoint directory at {location}")
-            local[name] = Path(tmp) / name
-            pafs.copy_files(path, str(local[name]), source_filesystem=fs)
-        yield local
-
-
 def check_members(job: JobConfig, dirs: Mapping[str, Path]) -> dict[str, MemberSpec]:
     """Each member's spec, after checking it fits ``job`` and loads into its architecture.
 
@@ -182,313 +156,26 @@ def parameter_counts(specs: Mapping[str, MemberSpec]) -> dict[str, float]:
     return counts
 
 
-# --------------------------------------------------------------------------- evaluation
-
-
-def evaluation_rows(members: Mapping[str, str]) -> dict[str, tuple[dict[str, str], str | None]]:
-    """Tables 3 and 4's rows: ``member.<name>`` (one checkpoint, no strategy) and, per strategy,
-    the ensemble of all members; each as ``(checkpoints, strategy)``."""
-    rows = {f"member.{name}": ({name: location}, None) for name, location in members.items()}
-    return rows | {strategy: (dict(members), strategy) for strategy in STRATEGIES}
-
-
-def evaluate_row(
-    job_dict: dict, checkpoints: dict[str, str], strategy: str | None, eval_uri: str
-) -> dict:
-    """One row on the eval split, where it is called (:data:`evaluate_row_task` is its Ray
-    task): a single model (``strategy`` None) or the ensemble of ``checkpoints``. Every attack of
-    `final_attacks`, seeded with ``data.seed``. Returns plain data: ``row`` (accuracies),
-    ``parameters``, ``choice`` (ensembles: which member answered how often, per input),
-    ``samples`` and ``device``."""
-    job = JobConfig.model_validate(job_dict)
-    device = eval_device(job)
-    with staged(checkpoints) as dirs:
-        ensemble = build_ensemble(dirs).to(device)
-    data = read_arrays(eval_uri)
-    images, labels = data.to_float(), data.labels
-    result = {
-        "parameters": sum(count_parameters(member) for member in ensemble.members),
-        "samples": len(labels),
-        "device": str(device),
-    }
-    if strategy is None:
-        torch.manual_seed(job.data.seed)
-        attacks = final_attacks(job, ensemble=False)
-        row = summarize(evaluate_per_sample(ensemble.members[0], images, labels, attacks))
-        return result | {"row": row, "choice": {}}
-    ensemble.strategy = strategy
-    row, choice = evaluate_ensemble(job, ensemble, images, labels)
-    return result | {"row": row, "choice": choice}
-
-
-evaluate_row_task = ray.remote(evaluate_row)
-
-
-def collect(results: Mapping[str, dict]) -> dict:
-    """Rows evaluated by `evaluate_row`, keyed as `evaluation_rows`, into one evaluation:
-    ``rows``, ``choice`` (per strategy), ``samples`` and ``device``."""
-    first = next(iter(results.values()))
-    return {
-        "rows": {key: result["row"] for key, result in results.items()},
-        "choice": {key: result["choice"] for key, result in results.items() if result["choice"]},
-        "samples": first["samples"],
-        "device": first["device"],
-    }
-
-
-def evaluate_checkpoints(job_dict: dict, members: dict[str, str], eval_uri: str) -> dict:
-    """Tables 3 and 4 on the eval split, in this process: every member alone, then the
-    ensemble per strategy (see `collect`)."""
-    rows = evaluation_rows(members)
-    return collect(
-        {key: evaluate_row(job_dict, ckpts, s, eval_uri) for key, (ckpts, s) in rows.items()}
-    )
-
-
-def eval_device(job: JobConfig) -> torch.device:
-    """Where an evaluation task runs: its GPU with ``resources.use_gpu``, else the CPU with
-    ``resources.torch_threads`` threads."""
-    torch.set_num_threads(job.resources.torch_threads)
-    use_cuda = job.resources.use_gpu and torch.cuda.is_available()
-    return torch.device("cuda" if use_cuda else "cpu")
-
-
-def final_attacks(job: JobConfig, ensemble: bool) -> dict:
-    """The attacks of a final evaluation, by ``"<norm>/<attack>"``: `evaluation.suite`
-    (psat_core.protocol) at the `attacks.eval` radii and budgets. Every norm's accuracy is the
-    per-example worst over its attacks."""
-    evaluation = job.evaluation
-    return attack_suite(
-        evaluation.suite,
-        job.attack_configs("eval"),
-        ensemble=ensemble,
-        apgd_steps=evaluation.apgd_steps,
-        gate_temperature=evaluation.gate_temperature,
-        seed=job.data.seed,
-    )
-
-
-def evaluate_ensemble(
-    job: JobConfig, ensemble: PSATEnsemble, images: torch.Tensor, labels: torch.Tensor
-) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """The ensemble's row under its current strategy, and which member answered how often,
-    on clean inputs and under each attack (seeded with ``data.seed``)."""
-    torch.manual_seed(job.data.seed)
-    result = evaluate_per_sample(
-        ensemble,
-        images,
-        labels,
-        final_attacks(job, ensemble=True),
-        probe=lambda x: ensemble.forward_with_choice(x)[1],
-    )
-    choice = {
-        key: {name: (answered == i).float().mean().item() for i, name in enumerate(ensemble.names)}
-        for key, answered in result.probes.items()
-    }
-    return summarize(result), choice
-
-
-# --------------------------------------------------------------------------- report and plots
-
-
-def percent(value: float) -> str:
-    return f"{100 * value:.2f}%"
-
-
-def _accuracy_row(label: str, row: Mapping[str, float]) -> list[str]:
-    return [label, *(percent(row[c]) for c in COLUMNS)]
-
-
-def attack_label(key: str) -> str:
-    """``"clean"`` -> ``"Clean"``, ``"linf/torchattacks.APGD"`` -> ``"ℓ∞ torchattacks.APGD"``."""
-    norm, _, variant = key.partition("/")
-    return f"{HEADERS.get(norm, norm)} {variant}".strip()
-
-
-def attack_breakdown(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
-    """A Markdown table: each model's accuracy under every single attack it faced (``-``: not
-    run on it, e.g. the adaptive attacks on a single model), by norm."""
-    names = sorted({k for row in rows.values() for k in row if "/" in k})
-    cells = [
-        [label, *(percent(row[n]) if n in row else "-" for n in names)]
-        for label, row in rows.items()
-    ]
-    return markdown_table(["Model", *(attack_label(n) for n in names)], cells)
-
-
-def attacks_described(job: JobConfig) -> list[str]:
-    """One Markdown bullet per attack family of a final evaluation (see `final_attacks`)."""
-    lines = [
-        f"- ours, {HEADERS[n]}: PGD, ε={cfg.eps:g}, {cfg.steps} steps of {cfg.step_size:g}, "
-        f"{cfg.restarts} restart(s)"
-        for n, cfg in job.attack_configs("eval").items()
-    ]
-    if job.evaluation.suite == "strong":
-        restarts = ", ".join(f"{HEADERS[n]} {r}/{t}" for n, (r, t) in AUTOATTACK.items())
-        lines += [
-            f"- APGD-CE and APGD-T (DLR, targeted), {job.evaluation.apgd_steps} steps, "
-            f"AutoAttack's restarts/targets ({restarts}); ℓ1: ℓ1-APGD with the 3ε-2ε-ε schedule",
-            "- cross-check, same ε and steps: torchattacks PGD / PGDL2 and APGD (ℓ∞, ℓ2), "
-            "foolbox SparseL1DescentAttack (ℓ1)",
-            "- on ensembles: `gate` = PGD through a smooth lowest-entropy gate "
-            f"(τ={job.evaluation.gate_temperature:g}); `confident` = each member made confidently "
-            "wrong, keeping what fools the gate; `transfer` = every member's own PGD, APGD-CE and "
-            "APGD-T examples, scored by the ensemble",
-        ]
-    lines.append(
-        "- a point counts as robust for a norm only if it withstands every attack of that norm; "
-        "Max counts every attack"
-    )
-    return lines
-
-
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
-
-
-def markdown_report(
-    job: JobConfig,
-    members: Mapping[str, str],
-    evaluation: dict,
-    parameters: Mapping[str, float],
-    registration: Registration | None = None,
-) -> str:
-    """The human-readable summary: Tables 3 and 4, member choice, parameters, registry."""
-    rows, choice = evaluation["rows"], evaluation["choice"]
-    names = list(members)
-    header = ["Model", *(HEADERS[c] for c in COLUMNS)]
-    strategy = job.registry.strategy
-    lines = [
-        f"# PSAT aggregation of job `{job.name}`",
-        "",
-        f"{evaluation['samples']} evaluation images of {job.data.dataset} "
-        f"(device {evaluation['device']}). Attacks (robust points only, as in AutoAttack):",
-        *attacks_described(job),
-        "",
-        "Members:",
-        *(f"- `{n}`: {members[n]}" for n in names),
-        "",
-        "## Members and the PSAT ensemble (Table 3)",
-        "",
-        *markdown_table(
-            header,
-            [_accuracy_row(f"H_{n}", rows[f"member.{n}"]) for n in names]
-            + [_accuracy_row(f"PSAT ({STRATEGY_NAMES[strategy]})", rows[strategy])],
-        ),
-        "",
-        "## Inference strategy (Table 4)",
-        "",
-        *markdown_table(
-            ["Strategy", *(HEADERS[c] for c in COLUMNS)],
-            [_accuracy_row(STRATEGY_NAMES[s], rows[s]) for s in STRATEGIES],
-        ),
-        "",
-        "## Every attack",
-        "",
-        *attack_breakdown(
-            {f"H_{n}": rows[f"member.{n}"] for n in names}
-            | {f"PSAT ({STRATEGY_NAMES[s]})": rows[s] for s in STRATEGIES}
-        ),
-        "",
-        "## Which member answers",
-        "",
-        "Fraction of the images each member answered (under an attack: on its adversarial "
-        "examples for the points it attacked, the clean image otherwise).",
-    ]
-    for s in STRATEGIES:
-        inputs = list(choice[s])
-        lines += [
-            "",
-            f"### {STRATEGY_NAMES[s]}",
-            "",
-            *markdown_table(
-                ["Input", *names],
-                [[attack_label(k), *(percent(choice[s][k][n]) for n in names)] for k in inputs],
-            ),
-        ]
-    spec_arch = job.model.arch
-    lines += [
-        "",
-        "## Parameters",
-        "",
-        *markdown_table(
-            ["Model", "Parameters"],
-            [[f"H_{n}", f"{int(parameters[f'member.{n}']):,}"] for n in names]
-            + [
-                [f"PSAT ({len(names)} members)", f"{int(parameters['aggregated']):,}"],
-                [f"plain {spec_arch}", f"{int(parameters['plain']):,}"],
-                ["saving", percent(parameters["saving"])],
-            ],
-        ),
-    ]
-    if registration is not None:
-        lines += ["", "## Registry", "", *(f"- {line}" for line in registration.lines())]
-    return "\n".join(lines) + "\n"
-
-
-def accuracy_figure(rows: Mapping[str, Mapping[str, float]], names: list[str]) -> Figure:
-    """Grouped bars: per column, each member alone and the ensemble under both strategies."""
-    series = [(f"H_{n}", rows[f"member.{n}"]) for n in names]
-    series += [(f"PSAT {STRATEGY_NAMES[s].lower()}", rows[s]) for s in STRATEGIES]
-    return accuracy_bars(series, "Accuracy per attack: members vs the PSAT ensemble")
-
-
-def accuracy_bars(series: list[tuple[str, Mapping[str, float]]], title: str) -> Figure:
-    """One group of bars per Table 1 column, one bar per (label, row) of ``series``."""
-    fig = Figure(figsize=(10, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    width = 0.8 / len(series)
-    for i, (label, row) in enumerate(series):
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(COLUMNS))]
-        ax.bar(xs, [100 * row[c] for c in COLUMNS], width, label=label)
-    ax.set_xticks(range(len(COLUMNS)), [HEADERS[c] for c in COLUMNS])
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.legend(ncols=min(len(series), 5), loc="upper center", fontsize="small")
-    return fig
-
-
-def choice_figure(
-    choice: Mapping[str, Mapping[str, Mapping[str, float]]], names: list[str]
-) -> Figure:
-    """Per strategy, stacked bars: how often each member answers, clean and under each attack."""
-    fig = Figure(figsize=(5 * len(choice), 4), layout="constrained")
-    axes = fig.subplots(1, len(choice), squeeze=False)[0]
-    for ax, (strategy, per_input) in zip(axes, choice.items(), strict=True):
-        inputs = list(per_input)
-        bottom = [0.0] * len(inputs)
-        for name in names:
-            heights = [100 * per_input[k][name] for k in inputs]
-            ax.bar(range(len(inputs)), heights, bottom=bottom, label=f"H_{name}")
-            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-        ax.set_xticks(range(len(inputs)), [attack_label(k) for k in inputs], rotation=90)
-        ax.set_ylim(0, 100)
-        ax.set_ylabel("images answered (%)")
-        ax.set_title(f"Which member answers ({STRATEGY_NAMES[strategy].lower()})")
-        ax.legend(fontsize="small")
-    return fig
-
-
 # --------------------------------------------------------------------------- the job
 
 
-def flat_metrics(evaluation: dict, parameters: Mapping[str, float], strategy: str) -> dict:
+def flat_metrics(
+    evaluation: Evaluation, parameters: Mapping[str, float], strategy: str
+) -> dict[str, float]:
     metrics = {
         f"{row}.{column}": value
-        for row, values in evaluation["rows"].items()
+        for row, values in evaluation.rows.items()
         for column, value in values.items()
     }
     metrics |= {
         f"choice.{s}.{key}.{name}": value
-        for s, per_input in evaluation["choice"].items()
+        for s, per_input in evaluation.choice.items()
         for key, per_member in per_input.items()
         for name, value in per_member.items()
     }
     metrics |= {f"parameters.{k}": v for k, v in parameters.items()}
-    metrics["trade_off"] = evaluation["rows"][strategy]["trade_off"]
-    metrics["eval_samples"] = evaluation["samples"]
+    metrics["trade_off"] = evaluation.rows[strategy]["trade_off"]
+    metrics["eval_samples"] = evaluation.samples
     return metrics
 
 
@@ -538,17 +225,13 @@ def aggregate(
         parameters = parameter_counts(specs)
         connect_ray(job, job.resources.cpus_per_worker, job.resources.cpus_per_worker)
         manifest = materialize(job, data_uri(job), job.resources.workers_per_member)
-        task = evaluate_row_task.options(
-            num_cpus=job.resources.cpus_per_worker, num_gpus=1 if job.resources.use_gpu else 0
-        )
         where = "GPUs" if job.resources.use_gpu else "CPUs"
-        echo(f"evaluating {', '.join(members)} and the ensemble on {where} (a Ray task per row)")
-        job_dict, eval_uri = job.model_dump(), manifest["eval"]
-        refs = {
-            key: task.remote(job_dict, checkpoints, row_strategy, eval_uri)
-            for key, (checkpoints, row_strategy) in evaluation_rows(members).items()
-        }
-        evaluation = collect({key: ray.get(ref) for key, ref in refs.items()})
+        echo(
+            f"evaluating {', '.join(members)} and the ensemble on {where} (a Ray task per row, "
+            f"suite {job.evaluation.suite!r})"
+        )
+        rows = evaluation_rows(members)
+        evaluation = Evaluation.of(evaluate_rows(job, rows, manifest["eval"], echo))
         params = tracker.params() | {f"member.{n}": loc for n, loc in members.items()}
         run_id = _aggregate_run(job, tracker, params, train_run, echo)
         with tracker.ending(run_id):
@@ -556,8 +239,8 @@ def aggregate(
             tracker.log_metrics(run_id, flat_metrics(evaluation, parameters, strategy), step=0)
             names = list(members)
             for fig, file in (
-                (accuracy_figure(evaluation["rows"], names), "accuracy.png"),
-                (choice_figure(evaluation["choice"], names), "member_choice.png"),
+                (accuracy_figure(evaluation.rows, names), "accuracy.png"),
+                (choice_figure(evaluation.choice, names), "member_choice.png"),
             ):
                 tracker.client.log_figure(run_id, fig, f"plots/{file}")
             report = markdown_report(job, members, evaluation, parameters)
@@ -567,7 +250,7 @@ def aggregate(
                 dirs,
                 model_name=job.registry.model_name,
                 run_id=run_id,
-                trade_off=evaluation["rows"][strategy]["trade_off"],
+                trade_off=evaluation.rows[strategy]["trade_off"],
                 strategy=strategy,
                 force_champion=force,
                 partial=bool(missing),
@@ -581,10 +264,10 @@ def aggregate(
     result = AggregateResult(
         run_id=run_id,
         members=members,
-        rows=evaluation["rows"],
-        choice=evaluation["choice"],
+        rows=evaluation.rows,
+        choice=evaluation.choice,
         parameters=parameters,
-        samples=evaluation["samples"],
+        samples=evaluation.samples,
         registration=registration,
         report=report,
     )
@@ -632,27 +315,23 @@ def evaluate_registered(
     rows = {}
     for strategy in STRATEGIES:
         ensemble.strategy = strategy
-        rows[strategy] = evaluate_ensemble(job, ensemble, data.to_float(), data.labels)[0]
+
+        def progress(attack: str, robust: int, total: int, left: float, key=strategy) -> None:
+            event = {"row": key, "attack": attack, "robust": robust, "total": total, "left": left}
+            echo(progress_line(event))
+
+        images, labels = data.to_float(), data.labels
+        rows[strategy] = evaluate_ensemble(job, ensemble, images, labels, progress)[0]
     echo(f"{uri} on {len(data)} {job.data.dataset} eval images")
-    echo(f"{'':<24}" + "".join(f"{HEADERS[c]:>11}" for c in COLUMNS))
-    for strategy, row in rows.items():
-        label = f"PSAT {STRATEGY_NAMES[strategy].lower()}"
-        echo(_row_line(label, row))
+    for line in table_lines({f"PSAT {STRATEGY_NAMES[s].lower()}": rows[s] for s in STRATEGIES}):
+        echo(line)
     return rows
 
 
-def _row_line(label: str, row: Mapping[str, float]) -> str:
-    return f"{label:<24}" + "".join(f"{percent(row[c]):>11}" for c in COLUMNS)
-
-
 def summary_lines(result: AggregateResult, strategy: str) -> list[str]:
-    header = f"{'':<24}" + "".join(f"{HEADERS[c]:>11}" for c in COLUMNS)
-    lines = [header]
-    labels = [(f"H_{n}", f"member.{n}") for n in result.members]
-    labels += [(f"PSAT {STRATEGY_NAMES[s].lower()}", s) for s in STRATEGIES]
-    for label, key in labels:
-        row = result.rows[key]
-        lines.append(_row_line(label, row))
+    labels = {f"H_{n}": result.rows[f"member.{n}"] for n in result.members}
+    labels |= {f"PSAT {STRATEGY_NAMES[s].lower()}": result.rows[s] for s in STRATEGIES}
+    lines = table_lines(labels)
     p = result.parameters
     lines.append(
         f"parameters: PSAT {int(p['aggregated']):,} vs plain {int(p['plain']):,} "

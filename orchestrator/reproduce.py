@@ -24,18 +24,18 @@ from pathlib import Path
 import ray
 from matplotlib.figure import Figure
 
-from orchestrator.aggregate import (
+from orchestrator.config import JobConfig
+from orchestrator.evaluation import RowResult, evaluate_rows
+from orchestrator.members import ModelPlan, psat_members
+from orchestrator.report import (
     COLUMNS,
     HEADERS,
     accuracy_bars,
     attack_breakdown,
     attacks_described,
-    evaluate_row_task,
     markdown_table,
     percent,
 )
-from orchestrator.config import JobConfig
-from orchestrator.members import ModelPlan, psat_members
 from orchestrator.shards import materialize
 from orchestrator.tracking import Tracker
 from orchestrator.training import connect_ray, data_uri, train_members
@@ -169,24 +169,24 @@ def _row_cells(row: Row, values: Mapping[str, float], extra: list[str]) -> list[
 
 
 def table_markdown(
-    name: str, rows: list[Row], results: Mapping[str, dict], plain: int
+    name: str, rows: list[Row], results: Mapping[str, RowResult], plain: int
 ) -> list[str]:
     """One table as Markdown; Table 1 adds parameters and the saving against the plain ResNet."""
     header = ["Method", *(HEADERS[c] for c in COLUMNS)]
     if name != "table1":
-        return markdown_table(header, [_row_cells(r, results[r.key]["row"], []) for r in rows])
+        return markdown_table(header, [_row_cells(r, results[r.key].row, []) for r in rows])
     cells = []
     for row in rows:
-        parameters = results[row.key]["parameters"]
+        parameters = results[row.key].parameters
         saving = "-" if row.strategy is None else f"↓ {percent(1 - parameters / plain)}"
-        cells.append(_row_cells(row, results[row.key]["row"], [f"{parameters:,}", saving]))
+        cells.append(_row_cells(row, results[row.key].row, [f"{parameters:,}", saving]))
     return markdown_table([*header, "# of Paras", "Paras Saving"], cells)
 
 
 def figure2(
     dims: list[int],
     rows: list[Row],
-    results: Mapping[str, dict],
+    results: Mapping[str, RowResult],
     plain: int,
     baselines: Mapping[str, float],
 ) -> Figure:
@@ -194,8 +194,8 @@ def figure2(
     per embedding dimension, with the best single- and multi-perturbation baselines."""
     fig = Figure(figsize=(6, 4.5), layout="constrained")
     ax = fig.add_subplot()
-    share = [100 * results[r.key]["parameters"] / plain for r in rows]
-    trade = [100 * results[r.key]["row"]["trade_off"] for r in rows]
+    share = [100 * results[r.key].parameters / plain for r in rows]
+    trade = [100 * results[r.key].row["trade_off"] for r in rows]
     ax.plot(share, trade, "o-", label="PSAT")
     for dim, x, y in zip(dims, share, trade, strict=True):
         ax.annotate(f"z={dim}", (x, y), textcoords="offset points", xytext=(4, 4))
@@ -216,7 +216,7 @@ TITLES = {
 
 
 def write_report(
-    job: JobConfig, tables: dict[str, list[Row]], results: dict[str, dict], out: Path
+    job: JobConfig, tables: dict[str, list[Row]], results: dict[str, RowResult], out: Path
 ) -> list[Claim]:
     """Tables 1, 3, 4 (Markdown + PNG), Figure 2 (PNG), report.md and results.json in ``out``;
     returns the paper's claims as checked here."""
@@ -226,9 +226,9 @@ def write_report(
         job.model.arch, num_classes=info.num_classes, in_channels=info.in_channels
     )
     plain = count_parameters(plain_model)
-    accuracies = {key: result["row"] for key, result in results.items()}
+    accuracies = {key: result.row for key, result in results.items()}
     claims = paper_claims(accuracies, tables)
-    samples = next(iter(results.values()))["samples"]
+    samples = next(iter(results.values())).samples
     lines = [
         f"# Reproduction `{job.name}`: {job.data.dataset}, {job.model.arch}",
         "",
@@ -257,8 +257,8 @@ def write_report(
     cells = [
         [
             f"PSAT z={dim}" + (" (Table 1)" if dim == job.model.embedding_dim else ""),
-            f"{results[row.key]['parameters']:,}",
-            percent(results[row.key]["parameters"] / plain),
+            f"{results[row.key].parameters:,}",
+            percent(results[row.key].parameters / plain),
             percent(accuracies[row.key]["trade_off"]),
         ]
         for dim, row in zip(dims, figure_rows, strict=True)
@@ -274,14 +274,14 @@ def write_report(
         "",
         "## Every attack",
         "",
-        *attack_breakdown({row.label: accuracies[row.key] for row in _unique(tables)}),
+        *attack_breakdown({row.label: accuracies[row.key] for row in _unique(tables)}, samples),
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     payload = {
         "job": job.name,
         "plain_parameters": plain,
         "tables": {name: [asdict(row) for row in rows] for name, rows in tables.items()},
-        "results": results,
+        "results": {key: asdict(result) for key, result in results.items()},
         "claims": [asdict(claim) for claim in claims],
     }
     (out / "results.json").write_text(json.dumps(payload, indent=2))
@@ -319,16 +319,9 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
     tables = table_rows(job)
     rows = sorted(_unique(tables), key=lambda row: -len(row.models))  # ensembles cost most
     manifest = materialize(job, data_uri(job), res.workers_per_member)
-    task = evaluate_row_task.options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0)
     echo(f"evaluating {len(rows)} rows (Ray tasks): {', '.join(r.label for r in rows)}")
-    job_dict, eval_uri = job.model_dump(), manifest["eval"]
-    pending = {
-        row.key: task.remote(
-            job_dict, {m: checkpoints[m] for m in row.models}, row.strategy, eval_uri
-        )
-        for row in rows
-    }
-    results = {key: ray.get(ref) for key, ref in pending.items()}
+    specs = {row.key: ({m: checkpoints[m] for m in row.models}, row.strategy) for row in rows}
+    results = evaluate_rows(job, specs, manifest["eval"], echo)
 
     output = Path(job.reproduce.output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
@@ -340,9 +333,9 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
         metrics = {
             f"{key}.{column}": value
             for key, result in results.items()
-            for column, value in result["row"].items()
+            for column, value in result.row.items()
         }
-        metrics |= {f"{key}.parameters": result["parameters"] for key, result in results.items()}
+        metrics |= {f"{key}.parameters": result.parameters for key, result in results.items()}
         tracker.log_metrics(run_id, metrics, step=0)
         tracker.client.log_artifacts(run_id, str(staging), artifact_path=ROLE)
         tracker.client.set_terminated(run_id, "FINISHED")

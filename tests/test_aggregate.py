@@ -7,6 +7,7 @@ SQLite store in a temporary directory; the end-to-end test starts a local Ray.
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -17,19 +18,16 @@ from helpers import write_member
 from mlflow.tracking import MlflowClient
 
 from orchestrator.aggregate import (
-    COLUMNS,
     _location,
-    accuracy_figure,
     aggregate,
-    choice_figure,
-    evaluate_checkpoints,
     flat_metrics,
-    markdown_report,
     member_checkpoints,
     parameter_counts,
 )
 from orchestrator.config import parse_config
+from orchestrator.evaluation import evaluate_checkpoints
 from orchestrator.registry import CANDIDATE, CHAMPION, build_ensemble, load_ensemble, predict_frame
+from orchestrator.report import COLUMNS, accuracy_figure, choice_figure, markdown_report
 from orchestrator.shards import read_arrays, write_arrays
 from orchestrator.tracking import Tracker
 from psat_core.accounting import parameter_report
@@ -88,7 +86,7 @@ def evaluation(tmp_path_factory, members) -> tuple[dict, str]:
 
 def test_evaluation_has_tables_3_and_4(evaluation):
     result, _ = evaluation
-    rows, choice = result["rows"], result["choice"]
+    rows, choice = result.rows, result.choice
     assert set(rows) == {"member.linf", "member.l2", "member.l1", "lowest_entropy", "average"}
     crosscheck = {"linf/torchattacks.PGD", "l2/torchattacks.APGD", "l1/foolbox.SparseL1Descent"}
     adaptive = {f"{n}/{a}" for n in NORMS for a in ("gate", "confident", "transfer")}
@@ -112,7 +110,7 @@ def test_evaluation_has_tables_3_and_4(evaluation):
         for fractions in per_input.values():
             assert list(fractions) == list(NORMS)
             assert sum(fractions.values()) == pytest.approx(1.0)
-    assert result["samples"] == EVAL and result["device"] == "cpu"
+    assert result.samples == EVAL and result.device == "cpu"
 
 
 def test_clean_evaluation_agrees_with_the_registered_predictor(evaluation, members):
@@ -122,11 +120,11 @@ def test_clean_evaluation_agrees_with_the_registered_predictor(evaluation, membe
     for strategy in ("lowest_entropy", "average"):
         frame = predict_frame(ensemble, data.to_float(), strategy)
         accuracy = (frame["class"].to_numpy() == data.labels.numpy()).mean()
-        assert result["rows"][strategy]["clean"] == pytest.approx(accuracy)
+        assert result.rows[strategy]["clean"] == pytest.approx(accuracy)
         answered = frame["member"].value_counts(normalize=True)
         for norm in NORMS:
             expected = answered.get(norm, 0.0)
-            assert result["choice"][strategy]["clean"][norm] == pytest.approx(expected)
+            assert result.choice[strategy]["clean"][norm] == pytest.approx(expected)
 
 
 def test_evaluation_is_reproducible(evaluation, members, torch_threads, tmp_path):
@@ -151,21 +149,38 @@ def test_report_metrics_and_plots(evaluation, members, tmp_path):
     report = markdown_report(job, members, result, counts)
     for heading in ("Table 3", "Table 4", "Every attack", "Which member answers", "Parameters"):
         assert heading in report
-    le = result["rows"]["lowest_entropy"]
+    le = result.rows["lowest_entropy"]
     assert f"| PSAT (Lowest entropy) | {100 * le['clean']:.2f}% |" in report
-    assert f"| H_l1 | {100 * result['rows']['member.l1']['clean']:.2f}% |" in report
+    assert f"| H_l1 | {100 * result.rows['member.l1']['clean']:.2f}% |" in report
     assert f"| PSAT (3 members) | {counts['aggregated']:,} |" in report
+    # the "every attack" table: per norm, the points each attack found add up to clean - norm
+    table = report.split("## Every attack")[1].split("## Which member")[0]
+    header, *lines = [line for line in table.splitlines() if line.startswith("| ")]
+    attacks = [cell.strip() for cell in header.strip("|").split("|")][1:]
+    for line in lines:
+        label, *cells = [cell.strip() for cell in line.strip("|").split("|")]
+        key = {"H_linf": "member.linf", "PSAT (Lowest entropy)": "lowest_entropy"}.get(label)
+        if key is None:
+            continue
+        row = result.rows[key]
+        for norm, symbol in (("linf", "ℓ∞"), ("l1", "ℓ1")):
+            found = [
+                int(re.search(r"\((\d+) found\)", cell).group(1))
+                for attack, cell in zip(attacks, cells, strict=True)
+                if attack.startswith(symbol + " ") and cell != "-"
+            ]
+            assert sum(found) == round((row["clean"] - row[norm]) * result.samples)
 
     metrics = flat_metrics(result, counts, "lowest_entropy")
     assert metrics["trade_off"] == le["trade_off"]
-    assert metrics["member.l2.max"] == result["rows"]["member.l2"]["max"]
-    assert metrics["choice.average.l1/gate.linf"] == result["choice"]["average"]["l1/gate"]["linf"]
-    assert metrics["average.linf/confident"] == result["rows"]["average"]["linf/confident"]
+    assert metrics["member.l2.max"] == result.rows["member.l2"]["max"]
+    assert metrics["choice.average.l1/gate.linf"] == result.choice["average"]["l1/gate"]["linf"]
+    assert metrics["average.linf/confident"] == result.rows["average"]["linf/confident"]
     assert metrics["parameters.saving"] == counts["saving"]
 
     for figure in (
-        accuracy_figure(result["rows"], list(NORMS)),
-        choice_figure(result["choice"], list(NORMS)),
+        accuracy_figure(result.rows, list(NORMS)),
+        choice_figure(result.choice, list(NORMS)),
     ):
         png = io.BytesIO()
         figure.savefig(png, format="png")
@@ -268,6 +283,15 @@ def test_aggregate_end_to_end(tmp_path, members, monkeypatch, own_ray, torch_thr
     assert "## Registry" in text and "models:/psat-agg/1" in text
     assert any("champion -> v1" in line for line in lines)
     assert any(line.startswith("PSAT lowest entropy") for line in lines)
+    # progress from the Ray tasks: every row, every attack, the points still robust
+    for key in ("member.l1", "lowest_entropy"):
+        shown = [line for line in lines if line.startswith(f"[{key}] ")]
+        attacks = [line.split()[1].rstrip(":") for line in shown if "still robust" in line]
+        assert attacks == [k for k in first.rows[key] if "/" in k]
+        robust = round(first.rows[key]["l1"] * first.samples)
+        last_l1 = [line for line in shown if line.split()[1].startswith("l1/")][-1]
+        assert f": {robust}/{first.samples} still robust, ~" in last_l1
+        assert "left in this row" in last_l1 and shown[-1].startswith(f"[{key}] evaluated in ")
 
     # the same members again: not better, so champion stays, unless forced
     second = aggregate(job, members, echo=lines.append)

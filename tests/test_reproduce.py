@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.aggregate import evaluate_row
 from orchestrator.config import parse_config
+from orchestrator.evaluation import evaluate_row
 from orchestrator.reproduce import (
     Row,
     model_plans,
@@ -76,7 +76,7 @@ def _cells(markdown: str) -> dict[str, list[str]]:
 def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
     import mlflow
 
-    from orchestrator.aggregate import COLUMNS
+    from orchestrator.report import COLUMNS
     from orchestrator.reproduce import reproduce
     from orchestrator.shards import materialize
     from orchestrator.training import data_uri
@@ -134,7 +134,7 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
         m: train.data.tags[f"psat.checkpoint.{m}"] for m in ("h4_linf", "h4_l2", "h4_l1")
     }
     again = evaluate_row(job.model_dump(), checkpoints, "lowest_entropy", manifest["eval"])
-    assert again["row"] == results["psat_z4"]["row"]
+    assert again.row == results["psat_z4"]["row"]
     # the adaptive and third-party attacks ran and count in the norm they attack
     row = results["psat_z4"]["row"]
     for name in (

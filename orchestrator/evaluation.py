@@ -1,0 +1,258 @@
+"""The evaluation layer: each row of a report (a model alone, or an ensemble under a strategy)
+evaluated by psat's protocol as a Ray task, with progress, into a typed result.
+
+    rows {key: (checkpoints, strategy)} -> one Ray task per row (a GPU one with
+    resources.use_gpu) -> `evaluation.suite` (psat_core.protocol) through
+    psat_core.metrics.evaluate_per_sample, seeded by `row_seed` -> RowResult per row;
+    the tasks post every finished attack to a ProgressBoard, and the driver prints it.
+
+The aggregation and the reproduction jobs both evaluate through `evaluate_rows`; the tables
+and plots made of the results are `orchestrator.report`'s.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import ray
+import torch
+
+from orchestrator.config import JobConfig
+from orchestrator.members import ProgressBoard
+from orchestrator.registry import build_ensemble
+from orchestrator.shards import read_arrays
+from psat_core.ensemble import STRATEGIES, PSATEnsemble
+from psat_core.metrics import Progress, evaluate_per_sample, summarize
+from psat_core.models import count_parameters
+from psat_core.protocol import attack_suite
+
+Rows = Mapping[str, tuple[dict[str, str], str | None]]
+
+
+@dataclass(frozen=True)
+class RowResult:
+    """One evaluated row.
+
+    ``row``: Table 1's columns and every attack (the accuracy after it and the attacks of its
+    norm before it) -> fraction; ``choice`` (ensembles): input (``clean`` or an attack) ->
+    member -> fraction of the images it answered; ``seconds``: the evaluation's wall time.
+    """
+
+    row: dict[str, float]
+    choice: dict[str, dict[str, float]]
+    parameters: int
+    samples: int
+    device: str
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Tables 3 and 4's rows of one aggregation: ``rows`` and ``choice`` (per strategy) by key."""
+
+    rows: dict[str, dict[str, float]]
+    choice: dict[str, dict[str, dict[str, float]]]
+    samples: int
+    device: str
+
+    @classmethod
+    def of(cls, results: Mapping[str, RowResult]) -> Evaluation:
+        first = next(iter(results.values()))
+        return cls(
+            rows={key: result.row for key, result in results.items()},
+            choice={key: result.choice for key, result in results.items() if result.choice},
+            samples=first.samples,
+            device=first.device,
+        )
+
+
+def row_seed(data_seed: int, models: Iterable[str]) -> int:
+    """The attacks' seed for a row of ``models``: the same weights evaluated twice, or a
+    one-member ensemble and its member, draw the same random starts."""
+    return zlib.crc32(f"{data_seed}/{','.join(sorted(models))}".encode())
+
+
+def final_attacks(job: JobConfig, ensemble: bool, seed: int) -> dict:
+    """The attacks of a final evaluation, by ``"<norm>/<attack>"``: `evaluation.suite`
+    (psat_core.protocol) at the `attacks.eval` radii and budgets. Every norm's accuracy is the
+    per-example worst over its attacks."""
+    evaluation = job.evaluation
+    return attack_suite(
+        evaluation.suite,
+        job.attack_configs("eval"),
+        ensemble=ensemble,
+        apgd_steps=evaluation.apgd_steps,
+        gate_temperature=evaluation.gate_temperature,
+        seed=seed,
+    )
+
+
+def eval_device(job: JobConfig) -> torch.device:
+    """Where an evaluation task runs: its GPU with ``resources.use_gpu``, else the CPU with
+    ``resources.torch_threads`` threads."""
+    torch.set_num_threads(job.resources.torch_threads)
+    use_cuda = job.resources.use_gpu and torch.cuda.is_available()
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+@contextmanager
+def staged(members: Mapping[str, str]) -> Iterator[dict[str, Path]]:
+    """Local directories of the member checkpoints: local paths as they are, URIs (``s3://``,
+    ``gs://``, ...) copied into a temporary directory that lives as long as the block."""
+    with tempfile.TemporaryDirectory(prefix="psat-members-") as tmp:
+        local = {}
+        for name, location in members.items():
+            if "://" not in location or location.startswith("file://"):
+                local[name] = Path(location.removeprefix("file://"))
+                continue
+            fs, path = pafs.FileSystem.from_uri(location)
+            if fs.get_file_info(path).type != pafs.FileType.Directory:
+                raise FileNotFoundError(f"member {name!r}: no checkpoint directory at {location}")
+            local[name] = Path(tmp) / name
+            pafs.copy_files(path, str(local[name]), source_filesystem=fs)
+        yield local
+
+
+def evaluation_rows(members: Mapping[str, str]) -> dict[str, tuple[dict[str, str], str | None]]:
+    """Tables 3 and 4's rows: ``member.<name>`` (one checkpoint, no strategy) and, per strategy,
+    the ensemble of all members; each as ``(checkpoints, strategy)``."""
+    rows = {f"member.{name}": ({name: location}, None) for name, location in members.items()}
+    return rows | {strategy: (dict(members), strategy) for strategy in STRATEGIES}
+
+
+def evaluate_ensemble(
+    job: JobConfig,
+    ensemble: PSATEnsemble,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    progress: Progress | None = None,
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """The ensemble's row under its current strategy, and which member answered how often,
+    on clean inputs and under each attack."""
+    seed = row_seed(job.data.seed, ensemble.names)
+    result = evaluate_per_sample(
+        ensemble,
+        images,
+        labels,
+        final_attacks(job, ensemble=True, seed=seed),
+        probe=lambda x: ensemble.forward_with_choice(x)[1],
+        seed=seed,
+        progress=progress,
+    )
+    choice = {
+        key: {name: (answered == i).float().mean().item() for i, name in enumerate(ensemble.names)}
+        for key, answered in result.probes.items()
+    }
+    return summarize(result), choice
+
+
+def evaluate_row(
+    job_dict: dict,
+    checkpoints: dict[str, str],
+    strategy: str | None,
+    eval_uri: str,
+    board: ray.actor.ActorHandle | None = None,
+    key: str = "",
+) -> RowResult:
+    """One row on the eval split, where it is called (:data:`evaluate_row_task` is its Ray
+    task): a single model (``strategy`` None) or the ensemble of ``checkpoints``. Each
+    finished attack is posted to ``board`` as row ``key``."""
+    job = JobConfig.model_validate(job_dict)
+    device = eval_device(job)
+    started = time.monotonic()
+    with staged(checkpoints) as dirs:
+        ensemble = build_ensemble(dirs).to(device)
+    data = read_arrays(eval_uri)
+    images, labels = data.to_float(), data.labels
+    progress = None
+    if board is not None:
+
+        def progress(attack: str, robust: int, total: int, left: float) -> None:
+            event = {"row": key, "attack": attack, "robust": robust, "total": total, "left": left}
+            board.post.remote(event)
+
+    if strategy is None:
+        seed = row_seed(job.data.seed, checkpoints)
+        attacks = final_attacks(job, ensemble=False, seed=seed)
+        per = evaluate_per_sample(
+            ensemble.members[0], images, labels, attacks, seed=seed, progress=progress
+        )
+        row, choice = summarize(per), {}
+    else:
+        ensemble.strategy = strategy
+        row, choice = evaluate_ensemble(job, ensemble, images, labels, progress)
+    return RowResult(
+        row=row,
+        choice=choice,
+        parameters=sum(count_parameters(member) for member in ensemble.members),
+        samples=len(labels),
+        device=str(device),
+        seconds=time.monotonic() - started,
+    )
+
+
+evaluate_row_task = ray.remote(evaluate_row)
+
+
+def _duration(seconds: float) -> str:
+    minutes, seconds = divmod(round(seconds), 60)
+    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def progress_line(event: Mapping) -> str:
+    """``[member.linf] linf/apgd-t: 212/360 still robust, ~3m 10s left in this row``."""
+    return (
+        f"[{event['row']}] {event['attack']}: {event['robust']}/{event['total']} still robust, "
+        f"~{_duration(event['left'])} left in this row"
+    )
+
+
+def evaluate_rows(
+    job: JobConfig, rows: Rows, eval_uri: str, echo: Callable[[str], None] = print
+) -> dict[str, RowResult]:
+    """Every row as a Ray task on the connected cluster, printing each finished attack."""
+    res = job.resources
+    task = evaluate_row_task.options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0)
+    board = ProgressBoard.remote()
+    job_dict = job.model_dump()
+    seen = 0
+
+    def drain() -> None:
+        nonlocal seen
+        events = ray.get(board.since.remote(seen))
+        seen += len(events)
+        for event in events:
+            echo(progress_line(event))
+
+    try:
+        refs = {
+            key: task.remote(job_dict, checkpoints, strategy, eval_uri, board, key)
+            for key, (checkpoints, strategy) in rows.items()
+        }
+        pending = list(refs.values())
+        while pending:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+            drain()
+        results = {key: ray.get(ref) for key, ref in refs.items()}
+        drain()
+    finally:
+        ray.kill(board)
+    for key, result in results.items():
+        echo(f"[{key}] evaluated in {_duration(result.seconds)}")
+    return results
+
+
+def evaluate_checkpoints(job_dict: dict, members: dict[str, str], eval_uri: str) -> Evaluation:
+    """Tables 3 and 4 on the eval split, in this process: every member alone, then the
+    ensemble per strategy."""
+    rows = evaluation_rows(members)
+    return Evaluation.of(
+        {key: evaluate_row(job_dict, ckpts, s, eval_uri) for key, (ckpts, s) in rows.items()}
+    )

@@ -1,0 +1,237 @@
+"""Reports of evaluated rows: Tables 1, 3 and 4 as Markdown and terminal lines, the "every
+attack" table, the attacks described, and the plots (accuracy bars, which member answers).
+
+Rows are `orchestrator.evaluation` results: Table 1's columns plus one key per attack
+(``"<norm>/<attack>"``), the accuracy after that attack and the attacks of its norm before it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from matplotlib.figure import Figure
+
+from orchestrator.config import JobConfig
+from orchestrator.evaluation import Evaluation
+from orchestrator.registry import Registration
+from psat_core.ensemble import STRATEGIES
+from psat_core.metrics import TABLE1_KEYS, norm_of
+from psat_core.protocol import AUTOATTACK
+
+COLUMNS = (*TABLE1_KEYS, "trade_off")
+HEADERS = {
+    "clean": "Clean",
+    "linf": "ℓ∞",
+    "l2": "ℓ2",
+    "l1": "ℓ1",
+    "max": "Max",
+    "avg": "Avg",
+    "trade_off": "Trade-off",
+}
+STRATEGY_NAMES = {"lowest_entropy": "Lowest entropy", "average": "Average"}
+
+
+def percent(value: float) -> str:
+    return f"{100 * value:.2f}%"
+
+
+def _accuracy_row(label: str, row: Mapping[str, float]) -> list[str]:
+    return [label, *(percent(row[c]) for c in COLUMNS)]
+
+
+def attack_label(key: str) -> str:
+    """``"clean"`` -> ``"Clean"``, ``"linf/torchattacks.APGD"`` -> ``"ℓ∞ torchattacks.APGD"``."""
+    norm, _, variant = key.partition("/")
+    return f"{HEADERS.get(norm, norm)} {variant}".strip()
+
+
+def attack_breakdown(rows: Mapping[str, Mapping[str, float]], samples: int) -> list[str]:
+    """A Markdown table: for each model, what every attack it faced found, by norm. A cell is
+    the accuracy after that attack (and those of its norm before it) and how many of the
+    ``samples`` points it was the first to break; ``-``: not run on that model (e.g. the
+    adaptive attacks on a single model)."""
+    names = list(dict.fromkeys(k for row in rows.values() for k in row if "/" in k))
+    names.sort(key=lambda n: norm_of(n))  # stable: each norm's attacks in evaluation order
+    cells = []
+    for label, row in rows.items():
+        before: dict[str, float] = {}
+        line = [label]
+        for name in names:
+            if name not in row:
+                line.append("-")
+                continue
+            previous = before.get(norm_of(name), row["clean"])
+            found = round((previous - row[name]) * samples)
+            before[norm_of(name)] = row[name]
+            line.append(f"{percent(row[name])} ({found} found)")
+        cells.append(line)
+    return markdown_table(["Model", *(attack_label(n) for n in names)], cells)
+
+
+def attacks_described(job: JobConfig) -> list[str]:
+    """One Markdown bullet per attack family of a final evaluation (see `final_attacks`)."""
+    lines = [
+        f"- ours, {HEADERS[n]}: PGD, ε={cfg.eps:g}, {cfg.steps} steps of {cfg.step_size:g}, "
+        f"{cfg.restarts} restart(s)"
+        for n, cfg in job.attack_configs("eval").items()
+    ]
+    if job.evaluation.suite == "strong":
+        restarts = ", ".join(f"{HEADERS[n]} {r}/{t}" for n, (r, t) in AUTOATTACK.items())
+        lines += [
+            f"- APGD-CE and APGD-T (DLR, targeted), {job.evaluation.apgd_steps} steps, "
+            f"AutoAttack's restarts/targets ({restarts}); ℓ1: ℓ1-APGD with the 3ε-2ε-ε schedule",
+            "- cross-check, same ε and steps: torchattacks PGD / PGDL2 and APGD (ℓ∞, ℓ2), "
+            "foolbox SparseL1DescentAttack (ℓ1)",
+            "- on ensembles: `gate` = plain PGD and PGD through a smooth lowest-entropy gate "
+            f"(τ={job.evaluation.gate_temperature:g}), the worst of both; `confident` = each "
+            "member made confidently wrong, keeping what fools the gate; `transfer` = every "
+            "member's own PGD, APGD-CE and APGD-T examples, scored by the ensemble",
+        ]
+    lines.append(
+        "- a point counts as robust for a norm only if it withstands every attack of that norm; "
+        "Max counts every attack. Each row's attacks are seeded from `data.seed` and its models"
+    )
+    return lines
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def markdown_report(
+    job: JobConfig,
+    members: Mapping[str, str],
+    evaluation: Evaluation,
+    parameters: Mapping[str, float],
+    registration: Registration | None = None,
+) -> str:
+    """The human-readable summary: Tables 3 and 4, member choice, parameters, registry."""
+    rows, choice = evaluation.rows, evaluation.choice
+    names = list(members)
+    header = ["Model", *(HEADERS[c] for c in COLUMNS)]
+    strategy = job.registry.strategy
+    lines = [
+        f"# PSAT aggregation of job `{job.name}`",
+        "",
+        f"{evaluation.samples} evaluation images of {job.data.dataset} "
+        f"(device {evaluation.device}). Attacks, in this order, each on the points still "
+        "robust for its norm (as in AutoAttack):",
+        *attacks_described(job),
+        "",
+        "Members:",
+        *(f"- `{n}`: {members[n]}" for n in names),
+        "",
+        "## Members and the PSAT ensemble (Table 3)",
+        "",
+        *markdown_table(
+            header,
+            [_accuracy_row(f"H_{n}", rows[f"member.{n}"]) for n in names]
+            + [_accuracy_row(f"PSAT ({STRATEGY_NAMES[strategy]})", rows[strategy])],
+        ),
+        "",
+        "## Inference strategy (Table 4)",
+        "",
+        *markdown_table(
+            ["Strategy", *(HEADERS[c] for c in COLUMNS)],
+            [_accuracy_row(STRATEGY_NAMES[s], rows[s]) for s in STRATEGIES],
+        ),
+        "",
+        "## Every attack",
+        "",
+        "Accuracy after each attack (and the attacks of its norm before it), and how many points "
+        "that attack was the first to break.",
+        "",
+        *attack_breakdown(
+            {f"H_{n}": rows[f"member.{n}"] for n in names}
+            | {f"PSAT ({STRATEGY_NAMES[s]})": rows[s] for s in STRATEGIES},
+            evaluation.samples,
+        ),
+        "",
+        "## Which member answers",
+        "",
+        "Fraction of the images each member answered (under an attack: on its adversarial "
+        "examples for the points it attacked, the clean image otherwise).",
+    ]
+    for s in STRATEGIES:
+        inputs = list(choice[s])
+        lines += [
+            "",
+            f"### {STRATEGY_NAMES[s]}",
+            "",
+            *markdown_table(
+                ["Input", *names],
+                [[attack_label(k), *(percent(choice[s][k][n]) for n in names)] for k in inputs],
+            ),
+        ]
+    spec_arch = job.model.arch
+    lines += [
+        "",
+        "## Parameters",
+        "",
+        *markdown_table(
+            ["Model", "Parameters"],
+            [[f"H_{n}", f"{int(parameters[f'member.{n}']):,}"] for n in names]
+            + [
+                [f"PSAT ({len(names)} members)", f"{int(parameters['aggregated']):,}"],
+                [f"plain {spec_arch}", f"{int(parameters['plain']):,}"],
+                ["saving", percent(parameters["saving"])],
+            ],
+        ),
+    ]
+    if registration is not None:
+        lines += ["", "## Registry", "", *(f"- {line}" for line in registration.lines())]
+    return "\n".join(lines) + "\n"
+
+
+def accuracy_figure(rows: Mapping[str, Mapping[str, float]], names: list[str]) -> Figure:
+    """Grouped bars: per column, each member alone and the ensemble under both strategies."""
+    series = [(f"H_{n}", rows[f"member.{n}"]) for n in names]
+    series += [(f"PSAT {STRATEGY_NAMES[s].lower()}", rows[s]) for s in STRATEGIES]
+    return accuracy_bars(series, "Accuracy per attack: members vs the PSAT ensemble")
+
+
+def accuracy_bars(series: list[tuple[str, Mapping[str, float]]], title: str) -> Figure:
+    """One group of bars per Table 1 column, one bar per (label, row) of ``series``."""
+    fig = Figure(figsize=(10, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    width = 0.8 / len(series)
+    for i, (label, row) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(COLUMNS))]
+        ax.bar(xs, [100 * row[c] for c in COLUMNS], width, label=label)
+    ax.set_xticks(range(len(COLUMNS)), [HEADERS[c] for c in COLUMNS])
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    ax.legend(ncols=min(len(series), 5), loc="upper center", fontsize="small")
+    return fig
+
+
+def choice_figure(
+    choice: Mapping[str, Mapping[str, Mapping[str, float]]], names: list[str]
+) -> Figure:
+    """Per strategy, stacked bars: how often each member answers, clean and under each attack."""
+    fig = Figure(figsize=(5 * len(choice), 4), layout="constrained")
+    axes = fig.subplots(1, len(choice), squeeze=False)[0]
+    for ax, (strategy, per_input) in zip(axes, choice.items(), strict=True):
+        inputs = list(per_input)
+        bottom = [0.0] * len(inputs)
+        for name in names:
+            heights = [100 * per_input[k][name] for k in inputs]
+            ax.bar(range(len(inputs)), heights, bottom=bottom, label=f"H_{name}")
+            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
+        ax.set_xticks(range(len(inputs)), [attack_label(k) for k in inputs], rotation=90)
+        ax.set_ylim(0, 100)
+        ax.set_ylabel("images answered (%)")
+        ax.set_title(f"Which member answers ({STRATEGY_NAMES[strategy].lower()})")
+        ax.legend(fontsize="small")
+    return fig
+
+
+def table_lines(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Table 1's columns for the terminal: a header, then one line per ``{label: row}``."""
+    header = f"{'':<24}" + "".join(f"{HEADERS[c]:>11}" for c in COLUMNS)
+    return [header] + [
+        f"{label:<24}" + "".join(f"{percent(row[c]):>11}" for c in COLUMNS)
+        for label, row in rows.items()
+    ]
