@@ -209,7 +209,7 @@ def evaluate_per_sample(
     with eval_mode(model):
         _check_assumptions(model, batches[0][1].to(device))
         with torch.no_grad():
-            clean = [model(x.to(device)).argmax(1).cpu() == y for _, x, y in batches]
+            clean = [model(x.to(device)).argmax(1).cpu() == y.cpu() for _, x, y in batches]
         correct["clean"] = torch.cat(clean)
         if probe is not None:
             probes["clean"] = [probe(x.to(device)).cpu() for _, x, _ in batches]
