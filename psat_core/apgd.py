@@ -125,7 +125,7 @@ class APGD(ThreatAttack):
                         skip = (order[:, :target_rank] == y[todo, None]).any(dim=1).long()
                         target = order.gather(1, (target_rank - 1 + skip)[:, None]).squeeze(1)
                     found = self._run(model, x[todo], y[todo], target, generator)
-                    _merge(worst, todo, found)
+                    worst.merge(todo, found)
         return worst.result(x)
 
     def _run(self, model, x: Tensor, y: Tensor, target, generator) -> _Worst:
@@ -148,13 +148,6 @@ class APGD(ThreatAttack):
     def __repr__(self) -> str:
         kind = f"APGD-T(targets={self.targets})" if self.targets else f"APGD-{self.loss.upper()}"
         return f"{kind}({self.threat!r}, steps={self.steps}, restarts={self.restarts})"
-
-
-def _merge(worst: _Worst, index: Tensor, found: _Worst) -> None:
-    """Fold a run on the examples ``index`` into the batch's worst points."""
-    delta, loss, wrong = worst.delta.clone(), worst.loss.clone(), worst.wrong.clone()
-    delta[index], loss[index], wrong[index] = found.delta, found.loss, found.wrong
-    worst.update(delta, loss, wrong)
 
 
 def _evaluate(model, x_adv: Tensor, y: Tensor, loss_fn) -> tuple[Tensor, Tensor, Tensor, Tensor]:
