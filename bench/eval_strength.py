@@ -3,8 +3,8 @@
 For every member checkpoint (and the lowest-entropy ensemble of all of them), per norm: robust
 accuracy under psat's `paper` suite (PGD), psat's `strong` suite (worst over all its attacks)
 and each of its attacks, then torchattacks' AutoAttack (standard; ℓ∞, ℓ2) and foolbox's ℓ1
-attacks (SparseL1Descent at the top 1% and 10%, L1PGD, EAD, L1 FMN) at the same radius. Also
-the time of each suite per image against one natural forward pass.
+attacks (SparseL1Descent at the top 1% and 10%, L1PGD, EAD, L1 FMN) at the same radius, and
+the time of each suite (`bench/eval_time.py` breaks a row's time down by attack).
 
     python bench/eval_strength.py --members linf=DIR l2=DIR l1=DIR [--images 200] [--seed 0]
                                   [--threads N]
@@ -95,7 +95,6 @@ def main() -> None:
     print(f"{spec.dataset}: {args.images} test images, radii {eps}, device {device}")
     for label, model in models.items():
         ensemble = isinstance(model, PSATEnsemble)
-        forward = timed(lambda m=model: m(x), device)
         rows = {}
         for suite in ("paper", "strong"):
             attacks = attack_suite(
@@ -125,23 +124,7 @@ def main() -> None:
         found = ", ".join(f"{name} {int(result.found(name).sum())}" for name in result.attack_names)
         print(f"strong, points each attack found first: {found}")
         for suite, (_, seconds) in rows.items():
-            print(
-                f"{suite}: {seconds:.1f} s = {seconds / args.images * 1000:.1f} ms/image "
-                f"= {seconds / forward:.0f}x one natural forward pass ({forward * 1000:.2f} ms)"
-            )
-
-
-def timed(call, device: torch.device) -> float:
-    """Seconds of one no-grad call (after a warm-up), synchronized on CUDA."""
-    with torch.no_grad():
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return time.perf_counter() - start
+            print(f"{suite}: {seconds:.1f} s = {seconds / args.images * 1000:.1f} ms/image")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """The aggregation job: evaluate the PSAT ensemble, log it to MLflow, register it.
 
     member checkpoints (the training run's tags, or given) -> load and check them
-    -> one Ray task per row (a GPU one when resources.use_gpu): every member alone and the
-       ensemble under both strategies, clean and under every attack of `final_attacks`: ours,
-       the third-party cross-check and, on the ensemble, the adaptive ones (Tables 3 and 4)
+    -> `orchestrator.evaluation.evaluate_rows`: every member alone and the ensemble under both
+       strategies, one Ray task per row, under the suite `evaluation.suite` (Tables 3 and 4)
+    -> `orchestrator.report`: report.md and the plots
     -> one MLflow run, role "aggregate": metrics, report.md, plots, the pyfunc model
     -> a new registry version; alias `candidate`, and `champion` when its trade-off is better
 

@@ -3,13 +3,13 @@
     config -> `train_members` (Ray Train, MLflow; role "reproduce"): Table 1's baselines on the
        plain ResNet (NAT, AT_ℓ∞, AT_ℓ2, AT_ℓ1, AT_max, AT_avg, AT_msd), the PSAT members at
        `model.embedding_dim` and at every Figure 2 dimension, and Table 3's H_NAT
-    -> one Ray task per evaluated row: clean, our PGD and the third-party cross-check on every
-       model, plus the adaptive attacks on the gate of every ensemble (`final_attacks`)
+    -> `orchestrator.evaluation.evaluate_rows`: one Ray task per row, the suite
+       `evaluation.suite` on every model (the gate and transfer attacks on every ensemble)
     -> Tables 1, 3 and 4 (Markdown + PNG), Figure 2 (PNG), the paper's claims checked against
        the numbers, results.json: into ``<reproduce.output>/<name>/`` and the MLflow run
 
 Every model gets the same architecture, epochs, optimizer and attacks (`training`,
-`attacks.train`); rows are evaluated on the same images with the same seed.
+`attacks.train`); rows are evaluated on the same images, seeded from `data.seed` and their models.
 """
 
 from __future__ import annotations
