@@ -42,9 +42,10 @@ from orchestrator.report import (
 from orchestrator.shards import materialize, read_arrays
 from orchestrator.tracking import CHECKPOINT_TAG, JOB_TAG, ROLE_TAG, Tracker
 from orchestrator.training import connect_ray, data_uri
+from psat_core.accounting import plain_parameters
 from psat_core.checkpoint import MemberSpec, read_spec
 from psat_core.ensemble import STRATEGIES
-from psat_core.models import count_parameters, create_model
+from psat_core.models import count_parameters
 
 TRAIN_RUN_TAG = "psat.train_run"
 VERSION_TAG = "psat.registered_version"
@@ -149,9 +150,9 @@ def parameter_counts(specs: Mapping[str, MemberSpec]) -> dict[str, float]:
     against the plain ResNet of the same shape (Tables 1 and 2)."""
     counts = {f"member.{name}": count_parameters(spec.build()) for name, spec in specs.items()}
     spec = next(iter(specs.values()))
-    plain = create_model(spec.arch, num_classes=spec.num_classes, in_channels=spec.in_channels)
     aggregated = sum(counts.values())
-    counts |= {"aggregated": aggregated, "plain": count_parameters(plain)}
+    plain = plain_parameters(spec.arch, spec.num_classes, spec.in_channels)
+    counts |= {"aggregated": aggregated, "plain": plain}
     counts["saving"] = 1.0 - aggregated / counts["plain"]
     return counts
 

@@ -47,10 +47,11 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 import psat_core
+from psat_core.accounting import plain_parameters
 from psat_core.checkpoint import SPEC_FILE, STATE_FILE, MemberSpec, load_member, read_spec
 from psat_core.data import dataset_info
 from psat_core.ensemble import STRATEGIES, PSATEnsemble
-from psat_core.models import count_parameters, create_model
+from psat_core.models import count_parameters
 
 log = logging.getLogger(__name__)
 
@@ -588,7 +589,6 @@ def pull(
     ensemble = build_ensemble(dirs, strategy)  # fresh: the check ran it in inference mode
     specs = {name: read_spec(directory) for name, directory in dirs.items()}
     spec = next(iter(specs.values()))
-    plain = create_model(spec.arch, num_classes=spec.num_classes, in_channels=spec.in_channels)
     recorded = version.tags.get(TRADE_OFF_TAG)
     pulled = PulledModel(
         uri=uri,
@@ -603,7 +603,7 @@ def pull(
         member_parameters={
             n: count_parameters(m) for n, m in zip(ensemble.names, ensemble.members, strict=True)
         },
-        plain_parameters=count_parameters(plain),
+        plain_parameters=plain_parameters(spec.arch, spec.num_classes, spec.in_channels),
         ensemble=ensemble,
     )
     for line in pulled.lines():

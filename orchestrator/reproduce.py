@@ -39,7 +39,7 @@ from orchestrator.report import (
 from orchestrator.shards import materialize
 from orchestrator.tracking import Tracker
 from orchestrator.training import connect_ray, data_uri, train_members
-from psat_core.models import count_parameters, create_model
+from psat_core.accounting import plain_parameters
 
 ROLE = "reproduce"
 MULTI_NORM = ("max", "avg", "msd")
@@ -222,10 +222,7 @@ def write_report(
     returns the paper's claims as checked here."""
     norms = list(job.training.members)
     info = job.dataset
-    plain_model = create_model(
-        job.model.arch, num_classes=info.num_classes, in_channels=info.in_channels
-    )
-    plain = count_parameters(plain_model)
+    plain = plain_parameters(job.model.arch, info.num_classes, info.in_channels)
     accuracies = {key: result.row for key, result in results.items()}
     claims = paper_claims(accuracies, tables)
     samples = next(iter(results.values())).samples

@@ -36,6 +36,11 @@ class ParameterReport:
         ]
 
 
+def plain_parameters(arch: str, num_classes: int, in_channels: int = 3) -> int:
+    """Trainable parameters of the plain ResNet ``arch``: what Tables 1 and 2 save against."""
+    return count_parameters(create_model(arch, num_classes=num_classes, in_channels=in_channels))
+
+
 def parameter_report(
     arch: str, num_classes: int, embedding_dim: int, members: int = 3, in_channels: int = 3
 ) -> ParameterReport:
@@ -45,12 +50,11 @@ def parameter_report(
         raise ValueError(f"members must be >= 1, got {members}")
     kw = {"num_classes": num_classes, "in_channels": in_channels}
     member = create_model(f"hyper_{arch}", embedding_dim=embedding_dim, **kw)
-    plain = create_model(arch, **kw)
     return ParameterReport(
         arch=arch,
         num_classes=num_classes,
         embedding_dim=embedding_dim,
         members=members,
         member=count_parameters(member),
-        plain=count_parameters(plain),
+        plain=plain_parameters(arch, **kw),
     )
