@@ -39,17 +39,59 @@ def test_malformed_yaml_is_one_line_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]
 
 
-COMMANDS = sorted(build_parser()._subparsers._group_actions[0].choices)
+JOB = ["--config", "--set"]
+# what each command takes, as the README documents it
+OPTIONS = {
+    "train": JOB,
+    "sweep": JOB,
+    "run": JOB,
+    "reproduce": JOB,
+    "aggregate": [*JOB, "--from-sweep", "--train-run", "--force-champion", "--allow-partial"],
+    "evaluate": [*JOB, "--model"],
+    "pull": ["uri", "--dst", "--tracking-uri"],
+    "serve": ["uri", "--host", "--port", "--dst", "--tracking-uri"],
+    "submit": ["JOB"],
+    "params": ["--arch", "--num-classes", "--embedding-dim", "--members", "--in-channels"],
+}
+SUBMITTED = ["train", "sweep", "run", "reproduce", "aggregate"]
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_every_subcommand_has_help(command, capsys):
+def help_of(args: list[str], capsys) -> str:
     with pytest.raises(SystemExit) as exit:
-        main([command, "--help"])
+        main([*args, "--help"])
     assert exit.value.code == 0
-    out = capsys.readouterr().out
+    return capsys.readouterr().out
+
+
+def options_in(text: str) -> list[str]:
+    """The options and positionals a help text lists, in order."""
+    listed = re.findall(r"^  (?:-\w, )?(--?[\w-]+|[\w]+)", text, flags=re.MULTILINE)
+    return [name for name in listed if name not in ("-h", "--help")]
+
+
+def test_psat_help_lists_every_command_and_the_verbose_flag(capsys):
+    out = help_of([], capsys)
+    assert out.startswith("usage: psat [-h] [-v] COMMAND ...")
+    commands = re.findall(r"^    (\w+)\s", out, flags=re.MULTILINE)
+    assert sorted(commands) == sorted(OPTIONS)
+    assert "-v, --verbose" in out
+
+
+@pytest.mark.parametrize("command", sorted(OPTIONS))
+def test_every_command_lists_the_options_it_takes(command, capsys):
+    out = help_of([command], capsys)
     assert out.startswith(f"usage: psat {command}")
-    assert "-h, --help" in out and out.count("\n") > 3  # a description and the options
+    listed = options_in(out)
+    if command == "submit":
+        listed = listed[:1]  # then the jobs it submits
+    assert listed == OPTIONS[command]
+
+
+@pytest.mark.parametrize("job", SUBMITTED)
+def test_submit_takes_each_jobs_options_and_the_clusters(job, capsys):
+    out = help_of(["submit", job], capsys)
+    cluster = ["--address", "--token", "--env", "--no-follow"]
+    assert options_in(out) == [*OPTIONS[job], *cluster]
 
 
 def test_params_prints_table2_row(tmp_path):
@@ -108,7 +150,7 @@ def test_quickstart_runs_end_to_end_and_its_model_loads(tmp_path):
 )  # fmt: skip
 def test_submit_forwards_every_job_option(argv, forwarded):
     """`psat submit JOB` parses the job's own options and hands them on unchanged."""
-    from orchestrator.cli import JOBS, build_parser, job_arguments
+    from orchestrator.cli import JOBS, job_arguments
 
     job, *options = argv
     args = build_parser().parse_args(
@@ -122,8 +164,6 @@ def test_submit_forwards_every_job_option(argv, forwarded):
 def _options(*path: str) -> set[str]:
     """The option strings of `psat PATH...` (e.g. ("submit", "aggregate"))."""
     import argparse
-
-    from orchestrator.cli import build_parser
 
     parser = build_parser()
     for name in path:
