@@ -39,9 +39,9 @@ from orchestrator.report import (
     percent,
     table_lines,
 )
-from orchestrator.shards import materialize, read_arrays
+from orchestrator.shards import read_arrays
 from orchestrator.tracking import CHECKPOINT_TAG, JOB_TAG, ROLE_TAG, Tracker
-from orchestrator.training import connect_ray, data_uri
+from orchestrator.training import prepare_job
 from psat_core.accounting import plain_parameters
 from psat_core.checkpoint import MemberSpec, read_spec
 from psat_core.ensemble import STRATEGIES
@@ -224,8 +224,7 @@ def aggregate(
     with staged(members) as dirs:
         specs = check_members(job, dirs)
         parameters = parameter_counts(specs)
-        connect_ray(job, job.resources.cpus_per_worker, job.resources.cpus_per_worker)
-        manifest = materialize(job, data_uri(job), job.resources.workers_per_member)
+        manifest = prepare_job(job, job.resources.cpus_per_worker, job.resources.cpus_per_worker)
         where = "GPUs" if job.resources.use_gpu else "CPUs"
         echo(
             f"evaluating {', '.join(members)} and the ensemble on {where} (a Ray task per row, "
@@ -310,8 +309,7 @@ def evaluate_registered(
     from orchestrator.registry import load_ensemble
 
     ensemble = load_ensemble(uri, tracking_uri=job.tracking.resolved_uri())
-    connect_ray(job, job.resources.cpus_per_worker, job.resources.cpus_per_worker)
-    manifest = materialize(job, data_uri(job), job.resources.workers_per_member)
+    manifest = prepare_job(job, job.resources.cpus_per_worker, job.resources.cpus_per_worker)
     data = read_arrays(manifest["eval"])
     rows = {}
     for strategy in STRATEGIES:

@@ -59,6 +59,7 @@ MODEL_PATH = "ensemble"  # the model's name inside its run
 CANDIDATE, CHAMPION = "candidate", "champion"
 TRADE_OFF_TAG, STRATEGY_TAG = "psat.trade_off", "psat.strategy"
 MEMBERS_TAG, RUN_TAG, PARTIAL_TAG = "psat.members", "psat.run_id", "psat.partial"
+MEMBER_TAG = "psat.member"  # psat.member.<name>: that member's MemberSpec.describe()
 DIGEST_TAG = "psat.sha256"
 EXAMPLE_SIZE = 4
 PREDICT_BATCH = 256
@@ -384,6 +385,7 @@ def register_ensemble(
             digests = {f"{DIGEST_TAG}.{n}": member_digest(d) for n, d in member_dirs.items()}
             version_tags = {
                 **digests,
+                **{f"{MEMBER_TAG}.{n}": read_spec(d).describe() for n, d in member_dirs.items()},
                 TRADE_OFF_TAG: repr(float(trade_off)),
                 STRATEGY_TAG: strategy,
                 MEMBERS_TAG: ",".join(member_dirs),
@@ -515,19 +517,19 @@ class PulledModel:
 
     def lines(self) -> list[str]:
         spec = next(iter(self.specs.values()))
-        model = spec.model_name
-        if spec.embedding_dim is not None:
-            model += f" (embedding {spec.embedding_dim})"
         shape = "x".join(map(str, input_shape(spec)))
         trade = "unknown" if self.trade_off is None else f"{self.trade_off:.4f}"
-        counts = " + ".join(f"{n} {p:,}" for n, p in self.member_parameters.items())
         return [
             f"{self.uri}: {self.name} version {self.version} "
             f"(aliases: {', '.join(self.aliases) or 'none'}; run {self.run_id})",
-            f"members: {', '.join(self.specs)}; {model}; {spec.dataset}, "
-            f"{spec.num_classes} classes, input {shape} in [0, 1]",
+            f"members: {', '.join(self.specs)}; {spec.dataset}, {spec.num_classes} classes, "
+            f"input {shape} in [0, 1]",
+            *(
+                f"  {name}: {member.describe()}; {self.member_parameters[name]:,} parameters"
+                for name, member in self.specs.items()
+            ),
             f"strategy: {self.strategy}; trade-off accuracy {trade}",
-            f"parameters: {counts} = {self.parameters:,} vs plain {spec.arch} "
+            f"parameters: {self.parameters:,} vs plain {spec.arch} "
             f"{self.plain_parameters:,} (saving {100 * self.saving:.2f}%)",
             f"downloaded to {self.path}; verified member digests and example predictions",
         ]

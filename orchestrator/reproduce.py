@@ -36,9 +36,8 @@ from orchestrator.report import (
     markdown_table,
     percent,
 )
-from orchestrator.shards import materialize
 from orchestrator.tracking import Tracker
-from orchestrator.training import connect_ray, data_uri, train_members
+from orchestrator.training import prepare_job, train_members
 from psat_core.accounting import plain_parameters
 
 ROLE = "reproduce"
@@ -306,8 +305,8 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
     plans = model_plans(job)
     per_trainer = res.workers_per_member * (1 if res.use_gpu else res.cpus_per_worker)
     concurrency = job.reproduce.concurrent_trainers
+    manifest = prepare_job(job, per_trainer * (concurrency or 1))
     if concurrency is None:
-        connect_ray(job, per_trainer)
         kind = "GPU" if res.use_gpu else "CPU"
         concurrency = max(1, int(ray.cluster_resources().get(kind, 0) // per_trainer))
     trained = train_members(job, echo, plans, concurrency, role=ROLE)
@@ -315,7 +314,6 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
 
     tables = table_rows(job)
     rows = sorted(_unique(tables), key=lambda row: -len(row.models))  # ensembles cost most
-    manifest = materialize(job, data_uri(job), res.workers_per_member)
     echo(f"evaluating {len(rows)} rows (Ray tasks): {', '.join(r.label for r in rows)}")
     specs = {row.key: ({m: checkpoints[m] for m in row.models}, row.strategy) for row in rows}
     results = evaluate_rows(job, specs, manifest["eval"], echo)
@@ -327,15 +325,15 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
         claims = write_report(job, tables, results, staging)
         tracker = Tracker(job)
         run_id = tracker.job_run(ROLE)
-        metrics = {
-            f"{key}.{column}": value
-            for key, result in results.items()
-            for column, value in result.row.items()
-        }
-        metrics |= {f"{key}.parameters": result.parameters for key, result in results.items()}
-        tracker.log_metrics(run_id, metrics, step=0)
-        tracker.client.log_artifacts(run_id, str(staging), artifact_path=ROLE)
-        tracker.client.set_terminated(run_id, "FINISHED")
+        with tracker.ending(run_id):  # FAILED (KILLED on Ctrl-C) if the logging fails
+            metrics = {
+                f"{key}.{column}": value
+                for key, result in results.items()
+                for column, value in result.row.items()
+            }
+            metrics |= {f"{key}.parameters": result.parameters for key, result in results.items()}
+            tracker.log_metrics(run_id, metrics, step=0)
+            tracker.client.log_artifacts(run_id, str(staging), artifact_path=ROLE)
         final = output / job.name
         shutil.rmtree(final, ignore_errors=True)
         staging.chmod(0o755)  # mkdtemp's 0700 was for the staging only

@@ -32,9 +32,9 @@ from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.config import ConfigError, JobConfig, SweepRange, deep_merge
 from orchestrator.members import psat_members, trainer_for
-from orchestrator.shards import join, materialize
+from orchestrator.shards import join
 from orchestrator.tracking import Tracker, flatten
-from orchestrator.training import connect_ray, data_uri
+from orchestrator.training import prepare_job
 from psat_core.accounting import parameter_report
 
 log = logging.getLogger(__name__)
@@ -199,8 +199,7 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
     search = _search(job)
     res = job.resources
     trial = 1 + res.workers_per_member * res.cpus_per_worker  # the trial's driver + its workers
-    connect_ray(job, 3 * trial, trial)
-    manifest = materialize(job, data_uri(job), res.workers_per_member)
+    manifest = prepare_job(job, 3 * trial, trial)
     tracker = Tracker(job)
     parent = tracker.job_run("sweep")
     storage = join(job.storage.resolved(), job.name)

@@ -72,6 +72,13 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
     )
 
 
+def prepare_job(job: JobConfig, cpus_wanted: float, cpus_required: float | None = None) -> dict:
+    """What every job does first: join or start Ray (`connect_ray`) and write the data shards
+    once (`orchestrator.shards.materialize`); returns the shards' manifest."""
+    connect_ray(job, cpus_wanted, cpus_required)
+    return materialize(job, data_uri(job), job.resources.workers_per_member)
+
+
 def join_cluster(job: JobConfig) -> str | None:
     """Connect to `resources.address` (else $RAY_ADDRESS, set inside Ray Jobs) once; return it,
     or None where there is no cluster to join."""
@@ -130,14 +137,16 @@ def train_members(
     res = job.resources
     plans = plans or psat_members(job)
     concurrency = min(concurrency or len(plans), len(plans))
-    connect_ray(job, concurrency * res.workers_per_member * res.cpus_per_worker)
-    manifest = materialize(job, data_uri(job), res.workers_per_member)
+    manifest = prepare_job(job, concurrency * res.workers_per_member * res.cpus_per_worker)
     tracker = Tracker(job)
     parent = tracker.job_run(role)
-    params = tracker.params()
     runs = {
         plan.name: tracker.child_run(
-            parent, f"{job.name}-{plan.name}", "member", params, **{NORM_TAG: plan.label}
+            parent,
+            f"{job.name}-{plan.name}",
+            "member",
+            plan_params(tracker, plan),
+            **{NORM_TAG: plan.label},
         )
         for plan in plans
     }
@@ -193,6 +202,19 @@ def train_members(
     tracker.client.set_terminated(parent, "FINISHED")
     echo(f"members finished; MLflow parent run {parent}")
     return results
+
+
+def plan_params(tracker: Tracker, plan: ModelPlan) -> dict[str, str]:
+    """A model's run params: the job's, with what its plan sets itself (a Figure 2 member's
+    embedding dimension, a baseline's method and norms, no embedding for a plain ResNet)."""
+    own = {
+        "model.embedding_dim": "none (plain ResNet)"
+        if plan.embedding_dim is None
+        else str(plan.embedding_dim),
+        "plan.method": plan.method,
+        "plan.norms": ",".join(plan.norms) or "none",
+    }
+    return tracker.params() | own
 
 
 def _on_event(tracker: Tracker, runs: dict, event: dict, epochs: int, echo) -> None:

@@ -45,6 +45,13 @@ class MemberSpec:
     def model_name(self) -> str:
         return self.arch if self.embedding_dim is None else f"hyper_{self.arch}"
 
+    def describe(self) -> str:
+        """``"norm linf, method at, hyper_resnet10, embedding 32"``: what this model is."""
+        model = self.model_name
+        if self.embedding_dim is not None:
+            model += f", embedding {self.embedding_dim}"
+        return f"norm {self.norm}, method {self.method}, {model}"
+
     def build(self) -> nn.Module:
         kwargs = {"num_classes": self.num_classes, "in_channels": self.in_channels}
         kwargs |= {"mean": self.mean, "std": self.std}

@@ -248,7 +248,13 @@ def test_pull_downloads_verifies_and_describes(store, tmp_path, members, request
     assert pulled.parameters == 3 * pulled.member_parameters["linf"] < pulled.plain_parameters
     assert (tmp_path / "pulled" / "MLmodel").is_file()
     text = "\n".join(lines)
-    assert f"{name} version 1" in text and "hyper_resnet10 (embedding 4)" in text
+    assert f"{name} version 1" in text and "members: linf, l2, l1; digits" in text
+    for norm in NORMS:  # each member's own description, from its verified files
+        count = pulled.member_parameters[norm]
+        described = f"norm {norm}, method at, hyper_resnet10, embedding 4"
+        assert f"  {norm}: {described}; {count:,} parameters" in lines
+        tags = MlflowClient().get_model_version(name, "1").tags
+        assert tags[f"psat.member.{norm}"] == described
     assert "input 1x8x8" in text and "verified" in text
 
     # a damaged member is refused on load

@@ -105,6 +105,14 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
     logged = {Path(a.path).name for a in client.list_artifacts(result["run_id"], "reproduce")}
     assert expected <= logged
     run = client.get_run(result["run_id"])
+    assert run.info.status == "FINISHED"
+    # each model's run records its own plan: Figure 2's members their embedding dimension
+    models = client.search_runs([run.info.experiment_id], "tags.`psat.role` = 'member'")
+    params = {m.info.run_name.removeprefix("repro-"): m.data.params for m in models}
+    assert params["h2_linf"]["model.embedding_dim"] == "2"
+    assert params["h4_l1"]["model.embedding_dim"] == "4"
+    assert params["at_max"]["model.embedding_dim"] == "none (plain ResNet)"
+    assert (params["at_max"]["plan.method"], params["at_l2"]["plan.norms"]) == ("max", "l2")
     payload = json.loads((folder / "results.json").read_text())
     results = payload["results"]
     assert run.data.metrics["psat_z4.trade_off"] == pytest.approx(
