@@ -206,7 +206,9 @@ def evaluate_per_sample(
     correct: dict[str, Tensor] = {}
     probes: dict[str, list[Tensor]] = {}
     started, done = time.monotonic(), 0.0  # done: gradient passes x points attacked so far
-    with eval_mode(model):
+    cuda = [device] if device.type == "cuda" else []
+    # the attacks' seeds leave the caller's random state as it was (e.g. a training loop's)
+    with eval_mode(model), torch.random.fork_rng(devices=cuda):
         _check_assumptions(model, batches[0][1].to(device))
         with torch.no_grad():
             clean = [model(x.to(device)).argmax(1).cpu() == y.cpu() for _, x, y in batches]
@@ -232,8 +234,7 @@ def evaluate_per_sample(
                         probed.append(probe(x_eval).cpu())
                 survived.append(ok.cpu())
                 done += getattr(attack, "cost", 1) * len(attacked)
-            before = robust[norm]
-            robust[norm] = before & torch.cat(survived)
+            robust[norm] = robust[norm] & torch.cat(survived)
             correct[name] = robust[norm]
             if probe is not None:
                 probes[name] = probed

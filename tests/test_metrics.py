@@ -282,6 +282,8 @@ def test_the_same_seed_gives_the_same_numbers(trained):
     model, x, y = trained
     first = evaluate_per_sample(model, x, y, attacks(), seed=3)
     torch.manual_seed(123)  # the global state before the call does not matter
+    state = torch.get_rng_state()
     second = evaluate_per_sample(model, x, y, attacks(), seed=3)
+    assert torch.equal(torch.get_rng_state(), state)  # and the call leaves it alone
     for key, ok in first.correct.items():
         assert torch.equal(ok, second.correct[key])
