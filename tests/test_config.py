@@ -126,7 +126,7 @@ def test_non_finite_and_boolean_numbers_are_refused(field, value, message):
 @pytest.mark.parametrize(
     ("sizes", "message"),
     [
-        ({"train_size": 100000}, "data.train_size 100000 + data.val_size 200 exceed the 1437"),
+        ({"train_size": 100000}, "data.train_size 100000 + data.val_size 100 exceed the 1437"),
         ({"val_size": 1437}, "data.val_size 1437 leaves no training images"),
         ({"eval_size": 361}, "data.eval_size 361 exceeds the 360 images"),
     ],
