@@ -26,6 +26,7 @@ JOB_TAG, ROLE_TAG, NORM_TAG, CHECKPOINT_TAG = (
     "psat.norm",
     "psat.checkpoint",
 )
+PLAN_TAG = "psat.plan"  # a model's own run: two plans may share a norm (at_linf, h4_linf)
 PARENT_TAG = "mlflow.parentRunId"
 
 

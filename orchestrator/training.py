@@ -23,7 +23,7 @@ from ray._private.state import state as ray_state  # the cluster's ceiling, as T
 from orchestrator.config import ConfigError, JobConfig
 from orchestrator.members import ModelPlan, ProgressBoard, fit_member, psat_members
 from orchestrator.shards import join, materialize
-from orchestrator.tracking import CHECKPOINT_TAG, NORM_TAG, Tracker, ended_status
+from orchestrator.tracking import CHECKPOINT_TAG, NORM_TAG, PLAN_TAG, Tracker, ended_status
 
 log = logging.getLogger(__name__)
 PROGRESS_KEYS = ("loss", "clean", "linf", "l2", "l1", "trade_off")
@@ -146,7 +146,7 @@ def train_members(
             f"{job.name}-{plan.name}",
             "member",
             plan_params(tracker, plan),
-            **{NORM_TAG: plan.label},
+            **{NORM_TAG: plan.label, PLAN_TAG: plan.name},
         )
         for plan in plans
     }
