@@ -25,7 +25,7 @@ import ray
 import torch
 
 from orchestrator.config import JobConfig
-from orchestrator.members import ProgressBoard
+from orchestrator.members import BoardReader, ProgressBoard
 from orchestrator.registry import build_ensemble
 from orchestrator.shards import read_arrays
 from psat_core.ensemble import STRATEGIES, PSATEnsemble
@@ -221,14 +221,11 @@ def evaluate_rows(
     res = job.resources
     task = evaluate_row_task.options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0)
     board = ProgressBoard.remote()
+    new_events = BoardReader(board)
     job_dict = job.model_dump()
-    seen = 0
 
     def drain() -> None:
-        nonlocal seen
-        events = ray.get(board.since.remote(seen))
-        seen += len(events)
-        for event in events:
+        for event in new_events():
             echo(progress_line(event))
 
     try:

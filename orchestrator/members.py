@@ -92,6 +92,19 @@ class ProgressBoard:
         return self.events[index:]
 
 
+class BoardReader:
+    """The driver's side of a :class:`ProgressBoard`: each call returns the events posted since
+    the previous call."""
+
+    def __init__(self, board: ray.actor.ActorHandle) -> None:
+        self.board, self.seen = board, 0
+
+    def __call__(self) -> list[dict]:
+        events = ray.get(self.board.since.remote(self.seen))
+        self.seen += len(events)
+        return events
+
+
 def _load_shards(uris: list[str]) -> ImageArrays:
     parts = [read_arrays(uri) for uri in uris]
     return ImageArrays(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))

@@ -21,7 +21,7 @@ import torch
 from ray._private.state import state as ray_state  # the cluster's ceiling, as Train reads it
 
 from orchestrator.config import ConfigError, JobConfig
-from orchestrator.members import ModelPlan, ProgressBoard, fit_member, psat_members
+from orchestrator.members import BoardReader, ModelPlan, ProgressBoard, fit_member, psat_members
 from orchestrator.shards import join, materialize
 from orchestrator.tracking import CHECKPOINT_TAG, NORM_TAG, PLAN_TAG, Tracker, ended_status
 
@@ -155,13 +155,10 @@ def train_members(
     echo(f"training {names}, {concurrency} at a time; MLflow {tracker.uri}")
     results: dict[str, dict] = {}
     errors: dict[str, BaseException] = {}
-    seen = 0
+    new_events = BoardReader(board)
 
     def drain() -> None:
-        nonlocal seen
-        events = ray.get(board.since.remote(seen))
-        seen += len(events)
-        for event in events:
+        for event in new_events():
             _on_event(tracker, runs, event, job.training.epochs, echo)
 
     # one driver thread per model blocks in TorchTrainer.fit(); Ray runs the workers
