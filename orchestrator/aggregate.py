@@ -28,6 +28,7 @@ from orchestrator.evaluation import (
     evaluate_rows,
     evaluation_rows,
     progress_line,
+    progress_to,
     staged,
 )
 from orchestrator.registry import EXAMPLE_SIZE, Registration, build_ensemble, register_ensemble
@@ -314,11 +315,7 @@ def evaluate_registered(
     rows = {}
     for strategy in STRATEGIES:
         ensemble.strategy = strategy
-
-        def progress(attack: str, robust: int, total: int, left: float, key=strategy) -> None:
-            event = {"row": key, "attack": attack, "robust": robust, "total": total, "left": left}
-            echo(progress_line(event))
-
+        progress = progress_to(lambda event: echo(progress_line(event)), strategy)
         images, labels = data.to_float(), data.labels
         rows[strategy] = evaluate_ensemble(job, ensemble, images, labels, progress)[0]
     echo(f"{uri} on {len(data)} {job.data.dataset} eval images")

@@ -171,13 +171,7 @@ def evaluate_row(
         ensemble = build_ensemble(dirs).to(device)
     data = read_arrays(eval_uri)
     images, labels = data.to_float(), data.labels
-    progress = None
-    if board is not None:
-
-        def progress(attack: str, robust: int, total: int, left: float) -> None:
-            event = {"row": key, "attack": attack, "robust": robust, "total": total, "left": left}
-            board.post.remote(event)
-
+    progress = None if board is None else progress_to(board.post.remote, key)
     if strategy is None:
         seed = row_seed(job.data.seed, checkpoints)
         attacks = final_attacks(job, ensemble=False, seed=seed)
@@ -204,6 +198,16 @@ evaluate_row_task = ray.remote(evaluate_row)
 def _duration(seconds: float) -> str:
     minutes, seconds = divmod(round(seconds), 60)
     return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
+def progress_to(post: Callable[[dict], object], key: str) -> Progress:
+    """A protocol progress callback that hands each finished attack of row ``key`` to ``post``
+    as an event (see `progress_line`)."""
+
+    def progress(attack: str, robust: int, total: int, left: float) -> None:
+        post({"row": key, "attack": attack, "robust": robust, "total": total, "left": left})
+
+    return progress
 
 
 def progress_line(event: Mapping) -> str:
