@@ -136,6 +136,8 @@ def test_quickstart_runs_end_to_end_and_its_model_loads(tmp_path):
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     rows = [line for line in evaluated.stdout.splitlines() if line.startswith("PSAT ")]
     assert len(rows) == 2 and all(line.count("%") == 7 for line in rows)
+    progress = [line for line in evaluated.stdout.splitlines() if "still robust" in line]
+    assert {line.split("]")[0] for line in progress} == {"[lowest_entropy", "[average"}
 
 
 @pytest.mark.parametrize(
