@@ -23,7 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from psat_core.attacks import PGD, AttackConfig, ThreatModel, _loss_and_wrong, _Worst, eval_mode
+from psat_core.attacks import (
+    PGD,
+    AttackConfig,
+    ThreatModel,
+    _loss_and_wrong,
+    _Worst,
+    eval_mode,
+    threat_model,
+)
 from psat_core.ensemble import STRATEGIES, PSATEnsemble, entropy
 
 
@@ -106,7 +114,7 @@ class ConfidentWrongMember:
 
     @classmethod
     def from_config(cls, cfg: AttackConfig) -> ConfidentWrongMember:
-        return cls(PGD.from_config(cfg).threat, cfg.steps, cfg.step_size)
+        return cls(threat_model(cfg.norm, cfg.eps), cfg.steps, cfg.step_size)
 
     @property
     def threat(self) -> ThreatModel:
