@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -27,6 +26,7 @@ from orchestrator.config import (
     parse_overrides,
 )
 from orchestrator.locking import job_lock
+from orchestrator.tracking import exit_on_sigterm
 from psat_core.accounting import parameter_report
 from psat_core.data import DatasetNotFoundError
 
@@ -318,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in QUIET_LIBRARIES:
             logging.getLogger(name).setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-    # SIGTERM ends the job like Ctrl-C: its MLflow runs are marked KILLED on the way out
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    exit_on_sigterm()
     try:
         return args.run(args)
     except KeyboardInterrupt:

@@ -6,6 +6,10 @@ runs are found again by their `psat.*` tags, so a relaunched job keeps logging i
 
 from __future__ import annotations
 
+import os
+import signal
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,6 +84,25 @@ def ensure_experiment(client: MlflowClient, name: str, location: str | None) -> 
 def ended_status(err: BaseException) -> str:
     """The MLflow status of a run its job left by `err`: interrupted (Ctrl-C, SIGTERM) or not."""
     return "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM ends the job like Ctrl-C, its runs marked KILLED on the way out (`ended_status`).
+
+    One that arrives inside an MLflow or SQLAlchemy call is sent again 0.1 s later: exiting
+    half-way through a store write can leave the SQLite store locked, and the runs RUNNING.
+    Installed by the CLI, and again after `ray.init`, which installs a handler of its own.
+    """
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").partition(".")[0] in ("mlflow", "sqlalchemy"):
+            threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
+            return
+        frame = frame.f_back
+    sys.exit(128 + signum)
 
 
 class Tracker:

@@ -13,8 +13,11 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+import signal
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 
 import ray
 import torch
@@ -63,13 +66,14 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
     # The dashboard stays: Train's PlacementGroupCleaner asks its state API whether the
     # controller lives, and without it every trainer's shutdown waits out a 12 s timeout.
     # One machine is never preempted: no PreemptionWatcher process per trainer.
-    ray.init(
-        address="local",
-        num_cpus=min(capacity["CPU"], max(cores, math.ceil(cpus_wanted))),
-        log_to_driver=False,
-        logging_level=logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING,
-        runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
-    )
+    with sigterm_kept():
+        ray.init(
+            address="local",
+            num_cpus=min(capacity["CPU"], max(cores, math.ceil(cpus_wanted))),
+            log_to_driver=False,
+            logging_level=logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING,
+            runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
+        )
 
 
 def prepare_job(job: JobConfig, cpus_wanted: float, cpus_required: float | None = None) -> dict:
@@ -87,12 +91,23 @@ def join_cluster(job: JobConfig) -> str | None:
         verbose = log.isEnabledFor(logging.DEBUG)
         # worker and actor output (Ray Train's own chatter) stays in Ray's logs unless -v;
         # ray.init resets Ray's logger to logging_level
-        ray.init(
-            address=address,
-            log_to_driver=verbose,
-            logging_level=logging.INFO if verbose else logging.WARNING,
-        )
+        with sigterm_kept():
+            ray.init(
+                address=address,
+                log_to_driver=verbose,
+                logging_level=logging.INFO if verbose else logging.WARNING,
+            )
     return address
+
+
+@contextmanager
+def sigterm_kept() -> Iterator[None]:
+    """`ray.init` installs its own SIGTERM handler; keep the process's (the CLI's
+    `exit_on_sigterm`, which never exits half-way through an MLflow write)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _check_capacity(job: JobConfig, required: dict, capacity: dict, where: str) -> None:

@@ -1,5 +1,9 @@
 """MLflow tracking helpers on a real SQLite store."""
 
+import signal
+import subprocess
+import sys
+
 from mlflow.tracking import MlflowClient
 
 from orchestrator.tracking import ensure_experiment
@@ -34,3 +38,30 @@ def test_experiment_created_by_a_racing_job_is_used(tmp_path):
     assert [e.experiment_id for e in client.search_experiments(filter_string="name = 'exp'")] == [
         found
     ]
+
+
+# a function that runs as MLflow code would: SIGTERM arrives half-way through a "store write"
+SIGTERM_IN_A_WRITE = """
+import os, signal, sys, time
+from orchestrator.tracking import exit_on_sigterm
+exit_on_sigterm()
+write = '''
+def write():
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.05)  # the handler has run; the write goes on
+    print("write finished", flush=True)
+'''
+store = {"__name__": "mlflow.store.tracking.fake", "os": os, "signal": signal, "time": time}
+exec(write, store)
+store["write"]()
+time.sleep(5)
+print("not stopped", flush=True)
+"""
+
+
+def test_sigterm_inside_an_mlflow_call_ends_the_job_after_it():
+    done = subprocess.run(
+        [sys.executable, "-c", SIGTERM_IN_A_WRITE], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout == "write finished\n", done.stderr
+    assert done.returncode == 128 + signal.SIGTERM
