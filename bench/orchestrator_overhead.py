@@ -1,10 +1,10 @@
 """Wall time of the Ray orchestrator against a bare single-process torch loop, same work.
 
 Both train the same members (same config, data shards, epochs, per-epoch validation) with the
-same psat_core functions: once through `train_members` (local Ray started here, Ray Train
-workers, checkpoints, MLflow), once in this process, member after member, with every core's
-torch threads. Prints both wall times, their ratio (target <= 1.15 at quickstart size), and where
-the orchestrator's extra time goes.
+same `orchestrator.fitting.Fit`: once through `train_members` (local Ray started here, Ray
+Train workers, checkpoints, MLflow), once in this process (`train_in_process`), member after
+member, with every core's torch threads. Prints both wall times, their ratio (target <= 1.15
+at quickstart size), and where the orchestrator's extra time goes.
 
     python bench/orchestrator_overhead.py [--config jobs/configs/quickstart.yaml] [--set k=v ...]
 """
@@ -24,12 +24,9 @@ import ray
 import torch
 
 from orchestrator.config import load_config, parse_overrides
-from orchestrator.members import member_spec, psat_members
+from orchestrator.fitting import psat_members, train_in_process
 from orchestrator.shards import materialize, read_arrays
 from orchestrator.training import train_members
-from psat_core.attacks import make_attacks
-from psat_core.metrics import evaluate_robustness
-from psat_core.train import make_optimizer, make_scheduler, train_epoch, training_inputs
 
 RAY_SYSTEM = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py")
 
@@ -104,28 +101,12 @@ def _kind(pid: int, title: str) -> str:
 
 
 def bare(job, manifest) -> float:
-    """The same members, epochs and validation as plain torch in this process."""
+    """The same members, epochs and validation as `train_in_process`, one after another."""
     torch.set_num_threads(os.cpu_count() or 1)
-    train = read_arrays(manifest["train"][0])
-    val = read_arrays(manifest["val"])
-    cfg = job.training
-    steps = -(-len(train) // cfg.batch_size)
-    eval_attacks = make_attacks(job.attack_configs("eval"))
+    train, val = read_arrays(manifest["train"][0]), read_arrays(manifest["val"])
     start = time.perf_counter()
     for plan in psat_members(job):
-        torch.manual_seed(cfg.seed)
-        model = member_spec(job, plan).build()
-        optimizer = make_optimizer(model.parameters(), cfg.lr, cfg.momentum, cfg.weight_decay)
-        scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps)
-        train_attacks = job.attack_configs("train")
-        inputs = training_inputs(plan.method, {n: train_attacks[n] for n in plan.norms})
-        for epoch in range(cfg.epochs):
-            train_epoch(
-                model, train, optimizer, scheduler, inputs,
-                batch_size=cfg.batch_size, steps=steps, seed=cfg.seed + epoch,
-                augment=job.dataset.augment, amp=cfg.amp,
-            )  # fmt: skip
-            evaluate_robustness(model, val.to_float(), val.labels, eval_attacks)
+        train_in_process(job, plan, train, val)
     return time.perf_counter() - start
 
 

@@ -31,7 +31,7 @@ from orchestrator.evaluation import (
     progress_to,
     staged,
 )
-from orchestrator.registry import EXAMPLE_SIZE, Registration, build_ensemble, register_ensemble
+from orchestrator.registry import EXAMPLE_SIZE, Registration, register_ensemble
 from orchestrator.report import (
     STRATEGY_NAMES,
     accuracy_figure,
@@ -44,8 +44,9 @@ from orchestrator.shards import read_arrays
 from orchestrator.tracking import CHECKPOINT_TAG, JOB_TAG, ROLE_TAG, Tracker
 from orchestrator.training import prepare_job
 from psat_core.accounting import plain_parameters
-from psat_core.checkpoint import MemberSpec, read_spec
+from psat_core.checkpoint import MemberSpec, ensemble_from_checkpoints, read_spec
 from psat_core.ensemble import STRATEGIES
+from psat_core.metrics import summarize
 from psat_core.models import count_parameters
 
 TRAIN_RUN_TAG = "psat.train_run"
@@ -142,7 +143,7 @@ def check_members(job: JobConfig, dirs: Mapping[str, Path]) -> dict[str, MemberS
                     f"member {name!r} ({dirs[name]}) has {field}={getattr(spec, field)!r}, "
                     f"but job {job.name!r} has {value!r}"
                 )
-    build_ensemble(dirs)  # loads every member: a wrong architecture fails here
+    ensemble_from_checkpoints(dirs)  # loads every member: a wrong architecture fails here
     return specs
 
 
@@ -235,33 +236,11 @@ def aggregate(
         evaluation = Evaluation.of(evaluate_rows(job, rows, manifest["eval"], echo))
         params = tracker.params() | {f"member.{n}": loc for n, loc in members.items()}
         run_id = _aggregate_run(job, tracker, params, train_run, echo)
-        with tracker.ending(run_id):
+        with tracker.run(run_id):
             tracker.log_params(run_id, params)
-            tracker.log_metrics(run_id, flat_metrics(evaluation, parameters, strategy), step=0)
-            names = list(members)
-            for fig, file in (
-                (accuracy_figure(evaluation.rows, names), "accuracy.png"),
-                (choice_figure(evaluation.choice, names), "member_choice.png"),
-            ):
-                tracker.client.log_figure(run_id, fig, f"plots/{file}")
-            report = markdown_report(job, members, evaluation, parameters)
-            tracker.client.log_text(run_id, report, "report.md")
-            example = read_arrays(manifest["eval"]).to_float()[:EXAMPLE_SIZE].numpy()
-            registration = register_ensemble(
-                dirs,
-                model_name=job.registry.model_name,
-                run_id=run_id,
-                trade_off=evaluation.rows[strategy]["trade_off"],
-                strategy=strategy,
-                force_champion=force,
-                partial=bool(missing),
-                input_example=example,
-                tags={JOB_TAG: job.name},
-                tracking_uri=tracker.uri,
+            registration, report = _log_and_register(
+                job, tracker, run_id, members, dirs, evaluation, parameters, manifest, force
             )
-            report = markdown_report(job, members, evaluation, parameters, registration)
-            tracker.client.log_text(run_id, report, "report.md")
-            tracker.client.set_tag(run_id, VERSION_TAG, str(registration.version))
     result = AggregateResult(
         run_id=run_id,
         members=members,
@@ -275,6 +254,49 @@ def aggregate(
     for line in summary_lines(result, strategy):
         echo(line)
     return result
+
+
+def _log_and_register(
+    job: JobConfig,
+    tracker: Tracker,
+    run_id: str,
+    members: dict[str, str],
+    dirs: dict[str, Path],
+    evaluation: Evaluation,
+    parameters: dict[str, float],
+    manifest: dict,
+    force: bool,
+) -> tuple[Registration, str]:
+    """Metrics, plots and report into the aggregate run, then the registered version (partial
+    when `members` miss a norm of the job); returns it and the final report, which names it."""
+    strategy = job.registry.strategy
+    tracker.log_metrics(run_id, flat_metrics(evaluation, parameters, strategy), step=0)
+    names = list(members)
+    for fig, file in (
+        (accuracy_figure(evaluation.rows, names), "accuracy.png"),
+        (choice_figure(evaluation.choice, names), "member_choice.png"),
+    ):
+        tracker.client.log_figure(run_id, fig, f"plots/{file}")
+    tracker.client.log_text(
+        run_id, markdown_report(job, members, evaluation, parameters), "report.md"
+    )
+    example = read_arrays(manifest["eval"]).to_float()[:EXAMPLE_SIZE].numpy()
+    registration = register_ensemble(
+        dirs,
+        model_name=job.registry.model_name,
+        run_id=run_id,
+        trade_off=evaluation.rows[strategy]["trade_off"],
+        strategy=strategy,
+        force_champion=force,
+        partial=any(norm not in members for norm in job.training.members),
+        input_example=example,
+        tags={JOB_TAG: job.name},
+        tracking_uri=tracker.uri,
+    )
+    report = markdown_report(job, members, evaluation, parameters, registration)
+    tracker.client.log_text(run_id, report, "report.md")
+    tracker.client.set_tag(run_id, VERSION_TAG, str(registration.version))
+    return registration, report
 
 
 def _aggregate_run(
@@ -293,7 +315,7 @@ def _aggregate_run(
         if all(run.data.params.get(key) == value for key, value in params.items()):
             echo(f"resuming aggregate run {run.info.run_id}, left RUNNING by an interrupted job")
             return run.info.run_id
-        tracker.client.set_terminated(run.info.run_id, "KILLED")  # other members or config
+        tracker.end(run.info.run_id, "KILLED")  # other members or config
     tags = {JOB_TAG: job.name, ROLE_TAG: "aggregate"}
     if train_run is not None:
         tags[TRAIN_RUN_TAG] = train_run
@@ -307,7 +329,7 @@ def evaluate_registered(
     job: JobConfig, uri: str, echo: Callable[[str], None] = print
 ) -> dict[str, dict[str, float]]:
     """Table-1 rows of a registered ensemble (both strategies) on the job's eval split."""
-    from orchestrator.registry import load_ensemble
+    from orchestrator.pull import load_ensemble
 
     ensemble = load_ensemble(uri, tracking_uri=job.tracking.resolved_uri())
     manifest = prepare_job(job, job.resources.cpus_per_worker, job.resources.cpus_per_worker)
@@ -317,7 +339,7 @@ def evaluate_registered(
         ensemble.strategy = strategy
         progress = progress_to(lambda event: echo(progress_line(event)), strategy)
         images, labels = data.to_float(), data.labels
-        rows[strategy] = evaluate_ensemble(job, ensemble, images, labels, progress)[0]
+        rows[strategy] = summarize(evaluate_ensemble(job, ensemble, images, labels, progress)[0])
     echo(f"{uri} on {len(data)} {job.data.dataset} eval images")
     for line in table_lines({f"PSAT {STRATEGY_NAMES[s].lower()}": rows[s] for s in STRATEGIES}):
         echo(line)

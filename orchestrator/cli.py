@@ -114,14 +114,14 @@ def _tracking_uri(args: argparse.Namespace) -> str:
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from orchestrator.registry import pull
+    from orchestrator.pull import pull
 
     pull(args.uri, args.dst, tracking_uri=_tracking_uri(args))
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from orchestrator.registry import pull
+    from orchestrator.pull import pull
     from orchestrator.serve import serve
 
     pulled = pull(args.uri, args.dst, tracking_uri=_tracking_uri(args))

@@ -25,13 +25,13 @@ import ray
 import torch
 
 from orchestrator.config import JobConfig
-from orchestrator.members import BoardReader, ProgressBoard
-from orchestrator.registry import build_ensemble
 from orchestrator.shards import read_arrays
+from orchestrator.trainers import BoardReader, ProgressBoard
+from psat_core.accounting import trained_parameters
+from psat_core.checkpoint import ensemble_from_checkpoints, read_spec
 from psat_core.ensemble import STRATEGIES, PSATEnsemble
-from psat_core.metrics import Progress, evaluate_per_sample, summarize
-from psat_core.models import count_parameters
-from psat_core.protocol import attack_suite
+from psat_core.metrics import PerSampleResult, Progress, evaluate_per_sample, summarize
+from psat_core.protocol import attack_suite, paper_view
 
 Rows = Mapping[str, tuple[dict[str, str], str | None]]
 
@@ -41,16 +41,23 @@ class RowResult:
     """One evaluated row.
 
     ``row``: Table 1's columns and every attack (the accuracy after it and the attacks of its
-    norm before it) -> fraction; ``choice`` (ensembles): input (``clean`` or an attack) ->
-    member -> fraction of the images it answered; ``seconds``: the evaluation's wall time.
+    norm before it) -> fraction; ``paper``: Table 1's columns under the paper's protocol, read
+    off the same run (`psat_core.protocol.paper_view`); ``choice`` (ensembles): input
+    (``clean`` or an attack) -> member -> fraction of the images it answered; ``seconds``: the
+    evaluation's wall time.
     """
 
     row: dict[str, float]
+    paper: dict[str, float]
     choice: dict[str, dict[str, float]]
     parameters: int
     samples: int
     device: str
     seconds: float
+
+    def under(self, protocol: str) -> dict[str, float]:
+        """The row under ``"paper"`` (the paper's protocol) or ``"full"`` (the suite's)."""
+        return self.paper if protocol == "paper" else self.row
 
 
 @dataclass(frozen=True)
@@ -133,9 +140,9 @@ def evaluate_ensemble(
     images: torch.Tensor,
     labels: torch.Tensor,
     progress: Progress | None = None,
-) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """The ensemble's row under its current strategy, and which member answered how often,
-    on clean inputs and under each attack."""
+) -> tuple[PerSampleResult, dict[str, dict[str, float]]]:
+    """The ensemble's per-example results under its current strategy, and which member
+    answered how often, on clean inputs and under each attack."""
     seed = row_seed(job.data.seed, ensemble.names)
     result = evaluate_per_sample(
         ensemble,
@@ -150,7 +157,7 @@ def evaluate_ensemble(
         key: {name: (answered == i).float().mean().item() for i, name in enumerate(ensemble.names)}
         for key, answered in result.probes.items()
     }
-    return summarize(result), choice
+    return result, choice
 
 
 def evaluate_row(
@@ -168,7 +175,9 @@ def evaluate_row(
     device = eval_device(job)
     started = time.monotonic()
     with staged(checkpoints) as dirs:
-        ensemble = build_ensemble(dirs).to(device)
+        ensemble = ensemble_from_checkpoints(dirs).to(device)
+        # Table 1's count: what each model trained (AT_mng's noise generator included)
+        parameters = sum(trained_parameters(read_spec(d)) for d in dirs.values())
     data = read_arrays(eval_uri)
     images, labels = data.to_float(), data.labels
     progress = None if board is None else progress_to(board.post.remote, key)
@@ -178,14 +187,15 @@ def evaluate_row(
         per = evaluate_per_sample(
             ensemble.members[0], images, labels, attacks, seed=seed, progress=progress
         )
-        row, choice = summarize(per), {}
+        choice = {}
     else:
         ensemble.strategy = strategy
-        row, choice = evaluate_ensemble(job, ensemble, images, labels, progress)
+        per, choice = evaluate_ensemble(job, ensemble, images, labels, progress)
     return RowResult(
-        row=row,
+        row=summarize(per),
+        paper=summarize(paper_view(per)),
         choice=choice,
-        parameters=sum(count_parameters(member) for member in ensemble.members),
+        parameters=parameters,
         samples=len(labels),
         device=str(device),
         seconds=time.monotonic() - started,

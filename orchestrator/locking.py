@@ -18,8 +18,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import ray
-
 from orchestrator.config import ConfigError, JobConfig
 
 LOCK_FILE = "job.lock"
@@ -85,6 +83,7 @@ def job_lock(job: JobConfig, command: str) -> Iterator[None]:
 def _name_holder():
     """An actor class that holds a job's name while its driver lives (non-detached). Defined
     in a function, so that Ray ships it by value: nodes need not have psat installed."""
+    import ray  # here, not above: tracking needs `file_lock`, and loading a model no Ray
 
     class JobName:
         def __init__(self, about: str) -> None:
@@ -98,6 +97,8 @@ def _name_holder():
 
 @contextmanager
 def _cluster_lock(job: JobConfig, about: str) -> Iterator[None]:
+    import ray
+
     from orchestrator.training import join_cluster  # training -> tracking -> this module
 
     if join_cluster(job) is None:

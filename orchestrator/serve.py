@@ -1,7 +1,7 @@
 """`psat serve`: MLflow's scoring server for a registered ensemble that `pull` verified.
 
 Unlike ``mlflow models serve`` it never runs the code stored with the version: the model is
-this installed psat's :class:`~orchestrator.registry.PSATModel` on the verified weights. And a
+this installed psat's :class:`~orchestrator.psat_model.PSATModel` on the verified weights. And a
 request naming a param the signature does not declare is a 400 naming it, where MLflow drops
 it with a warning in the server log.
 """
@@ -19,13 +19,15 @@ from mlflow.pyfunc.scoring_server import init as scoring_app
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from orchestrator.registry import PSATModel, PulledModel, input_shape, signature
+from orchestrator.psat_model import PSATModel
+from orchestrator.pull import PulledModel
+from orchestrator.registry import signature
 
 
 def scoring_model(pulled: PulledModel) -> PyFuncModel:
     """The pulled ensemble as a pyfunc model with psat's own signature and code."""
     spec = next(iter(pulled.specs.values()))
-    shape = input_shape(spec)
+    shape = spec.input_shape
     python_model = PSATModel()
     python_model.serve(pulled.ensemble, shape)
     meta = Model.load(str(pulled.path))

@@ -1,9 +1,9 @@
 """Ray Tune sweeps over the embedding dimension and the PGD training hyper-parameters.
 
-Each trial is a driver function that builds one member's `TorchTrainer` (the same `member_loop`
+Each trial is a driver function that builds one member's `TorchTrainer` (the same `train_loop`
 as the training job) and fits it; `TuneReportCallback` forwards every epoch's metrics to Tune.
 The objective is the member's robust accuracy for its own norm on the validation slice
-(`robust`), under the config's fixed evaluation attacks. Running the same command again
+(`objective`), under the config's validation attacks. Running the same command again
 continues an interrupted sweep with `Tuner.restore`; finished trials are not run again.
 
 Outputs under `<storage>/<job>/sweep/`: results.parquet (one row per trial), best.json (the best
@@ -31,23 +31,22 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.config import ConfigError, JobConfig, SweepRange, deep_merge
-from orchestrator.members import psat_members, trainer_for
+from orchestrator.fitting import OBJECTIVE, ModelPlan
 from orchestrator.shards import join
 from orchestrator.tracking import Tracker, flatten
+from orchestrator.trainers import trainer_for
 from orchestrator.training import prepare_job
 from psat_core.accounting import parameter_report
 
 log = logging.getLogger(__name__)
-OBJECTIVE = "robust"
 ATTACK_PARAMS = ("steps", "step_size", "random_start")
 
 
-def trial_job(job: JobConfig, params: dict[str, Any]) -> tuple[JobConfig, str]:
-    """The job config of one trial and the norm it trains against."""
+def trial_job(job: JobConfig, params: dict[str, Any]) -> tuple[JobConfig, ModelPlan]:
+    """The job config of one trial (its training settings) and the member it trains."""
     norm = params.get("norm", job.training.members[0])
+    plan = ModelPlan(norm, "at", (norm,), params.get("embedding_dim", job.model.embedding_dim))
     changes: dict[str, Any] = {"training": {"members": [norm]}}
-    if "embedding_dim" in params:
-        changes["model"] = {"embedding_dim": params["embedding_dim"]}
     if "lr" in params:
         changes["training"]["lr"] = params["lr"]
     attack = {k: params[k] for k in ATTACK_PARAMS if k in params}
@@ -55,14 +54,13 @@ def trial_job(job: JobConfig, params: dict[str, Any]) -> tuple[JobConfig, str]:
         changes["attacks"] = {"train": {norm: attack}}
     trial = JobConfig.model_validate(deep_merge(job.model_dump(), changes))
     trial.attack_configs("train")  # validates the swept attack values
-    return trial, norm
+    return trial, plan
 
 
 def sweep_trial(params: dict[str, Any], job_dict: dict, manifest: dict) -> None:
     """One Tune trial: fit one member's TorchTrainer; its epochs reach Tune via the callback."""
-    job, norm = trial_job(JobConfig.model_validate(job_dict), params)
+    job, plan = trial_job(JobConfig.model_validate(job_dict), params)
     trial_id = tune.get_context().get_trial_id()
-    (plan,) = psat_members(job)
     trainer = trainer_for(
         job,
         plan,
@@ -163,7 +161,7 @@ class MlflowTrials(tune.Callback):
         self.tracker.log_metrics(self._run(trial), metrics, step=int(result.get("epoch", 0)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        self.tracker.client.set_terminated(self._run(trial), "FINISHED")
+        self.tracker.end(self._run(trial), "FINISHED")
         last = trial.last_result or {}
         log.info(
             "trial %s finished: %s %.3f after %d epochs",
@@ -174,7 +172,7 @@ class MlflowTrials(tune.Callback):
         )
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.tracker.client.set_terminated(self._run(trial), "FAILED")
+        self.tracker.end(self._run(trial), "FAILED")
         log.warning("trial %s failed", trial.trial_id)
 
 
@@ -201,39 +199,30 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
     trial = 1 + res.workers_per_member * res.cpus_per_worker  # the trial's driver + its workers
     manifest = prepare_job(job, 3 * trial, trial)
     tracker = Tracker(job)
-    parent = tracker.job_run("sweep")
     storage = join(job.storage.resolved(), job.name)
     experiment = join(storage, "sweep")
     # the trial driver keeps Tune's default of 1 CPU and no GPU; its workers ask for the rest
     trainable = tune.with_parameters(sweep_trial, job_dict=job.model_dump(), manifest=manifest)
-    if tune.Tuner.can_restore(experiment):
-        echo(f"continuing the sweep in {experiment}")
-        tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
-    else:
-        scheduler = None
-        if job.sweep.asha:
-            scheduler = ASHAScheduler(
-                time_attr="training_iteration",
-                max_t=job.sweep.max_t or job.training.epochs,
-                grace_period=job.sweep.grace_period,
-                reduction_factor=job.sweep.reduction_factor,
+    with tracker.job_run("sweep") as parent:
+        if tune.Tuner.can_restore(experiment):
+            echo(f"continuing the sweep in {experiment}")
+            tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)
+        else:
+            tuner = tune.Tuner(
+                trainable,
+                param_space=param_space(job),
+                tune_config=tune.TuneConfig(
+                    metric=OBJECTIVE,
+                    mode="max",
+                    scheduler=_scheduler(job),
+                    search_alg=search,
+                    num_samples=job.sweep.num_samples,
+                    max_concurrent_trials=_concurrency(job),
+                ),
+                run_config=tune.RunConfig(
+                    name="sweep", storage_path=storage, callbacks=[MlflowTrials(job, parent)]
+                ),
             )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(job),
-            tune_config=tune.TuneConfig(
-                metric=OBJECTIVE,
-                mode="max",
-                scheduler=scheduler,
-                search_alg=search,
-                num_samples=job.sweep.num_samples,
-                max_concurrent_trials=_concurrency(job),
-            ),
-            run_config=tune.RunConfig(
-                name="sweep", storage_path=storage, callbacks=[MlflowTrials(job, parent)]
-            ),
-        )
-    with tracker.ending(parent):
         grid = tuner.fit()
         rows = _rows(job, grid)
         if not rows:
@@ -245,6 +234,17 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
     return best
 
 
+def _scheduler(job: JobConfig) -> ASHAScheduler | None:
+    if not job.sweep.asha:
+        return None
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=job.sweep.max_t or job.training.epochs,
+        grace_period=job.sweep.grace_period,
+        reduction_factor=job.sweep.reduction_factor,
+    )
+
+
 def _rows(job: JobConfig, grid) -> list[dict]:
     reports = {}
     rows = []
@@ -252,11 +252,11 @@ def _rows(job: JobConfig, grid) -> list[dict]:
         if not result.metrics or OBJECTIVE not in result.metrics:
             continue
         params = dict(result.config)
-        trial, norm = trial_job(job, params)
-        dim = trial.model.embedding_dim
+        _, plan = trial_job(job, params)
+        norm, dim = plan.norms[0], plan.embedding_dim
         if dim not in reports:
             reports[dim] = parameter_report(
-                trial.model.arch, job.dataset.num_classes, dim, 3, job.dataset.in_channels
+                job.model.arch, job.dataset.num_classes, dim, 3, job.dataset.in_channels
             )
         report = reports[dim]
         rows.append(

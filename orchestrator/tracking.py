@@ -24,13 +24,8 @@ from mlflow.tracking import MlflowClient
 from orchestrator.config import ConfigError, JobConfig
 from orchestrator.locking import file_lock
 
-JOB_TAG, ROLE_TAG, NORM_TAG, CHECKPOINT_TAG = (
-    "psat.job",
-    "psat.role",
-    "psat.norm",
-    "psat.checkpoint",
-)
-PLAN_TAG = "psat.plan"  # a model's own run: two plans may share a norm (at_linf, h4_linf)
+JOB_TAG, ROLE_TAG, CHECKPOINT_TAG = "psat.job", "psat.role", "psat.checkpoint"
+PLAN_TAG = "psat.plan"  # a model's run: the plan's name (a member's norm, "at_linf", "h8_l2")
 PARENT_TAG = "mlflow.parentRunId"
 
 
@@ -105,40 +100,71 @@ def _on_sigterm(signum: int, frame) -> None:
     sys.exit(128 + signum)
 
 
+@contextmanager
+def tracking(uri: str | None) -> Iterator[None]:
+    """Use tracking (and registry) URI ``uri`` for the fluent MLflow API inside the block."""
+    if uri is None:
+        yield
+        return
+    before = mlflow.get_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)
+
+
 class Tracker:
-    """A job's MLflow experiment, with get-or-create helpers for its runs."""
+    """A job's MLflow experiment: its runs found or created by their tags, and their lifecycle.
+
+    Every job opens its run with :meth:`job_run` (or :meth:`run`): FINISHED when the block ends,
+    else KILLED (Ctrl-C, SIGTERM) or FAILED, with its nested runs still RUNNING; the job's
+    tracking URI is MLflow's for the block.
+    """
 
     def __init__(self, job: JobConfig):
         self.job = job
         self.uri = job.tracking.resolved_uri()
-        mlflow.set_tracking_uri(self.uri)
         self.client = open_store(self.uri)
         self.experiment_id = ensure_experiment(
             self.client, job.tracking.experiment, artifact_location(self.uri)
         )
 
     @contextmanager
-    def ending(self, *run_ids: str) -> Iterator[None]:
-        """End `run_ids` with the block: FINISHED, else KILLED or FAILED (`ended_status`)."""
-        try:
-            yield
-        except BaseException as err:
-            for run_id in run_ids:
-                self.client.set_terminated(run_id, ended_status(err))
-            raise
-        for run_id in run_ids:
-            self.client.set_terminated(run_id, "FINISHED")
+    def run(self, run_id: str) -> Iterator[str]:
+        """Run `run_id` for the block (see the class); yields it."""
+        with tracking(self.uri):
+            try:
+                yield run_id
+            except BaseException as err:
+                self.end(run_id, ended_status(err), nested=True)
+                raise
+            self.end(run_id, "FINISHED")
+
+    @contextmanager
+    def job_run(self, role: str) -> Iterator[str]:
+        """The job's parent run for `role` ("train", "sweep", ...), created or resumed, for the
+        block. Resuming a job under the same name with a different config is a ConfigError."""
+        with self.run(self._job_run_id(role)) as run_id:
+            yield run_id
+
+    def end(self, run_id: str, status: str, nested: bool = False) -> None:
+        """End `run_id` with `status`; with `nested`, its nested runs still RUNNING too."""
+        if nested:
+            running = self.client.search_runs(
+                [self.experiment_id],
+                f"tags.`{PARENT_TAG}` = '{run_id}' and attributes.status = 'RUNNING'",
+            )
+            for child in running:
+                self.client.set_terminated(child.info.run_id, status)
+        self.client.set_terminated(run_id, status)
 
     def find(self, **tags: str) -> Run | None:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
         runs = self.client.search_runs([self.experiment_id], query, max_results=1)
         return runs[0] if runs else None
 
-    def job_run(self, role: str) -> str:
-        """The job's parent run for `role` ("train", "sweep", ...), created or resumed.
-
-        Resuming a job under the same name with a different config is a ConfigError.
-        """
+    def _job_run_id(self, role: str) -> str:
         params = self.params()
         tags = {JOB_TAG: self.job.name, ROLE_TAG: role}
         existing = self.find(**tags)

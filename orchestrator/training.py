@@ -1,11 +1,11 @@
 """The training job: materialize data, fit the members concurrently, track them in MLflow.
 
-validate config -> connect Ray -> Parquet shards -> MLflow parent + member runs
--> one `fit_member` thread per model (concurrent TorchTrainers) -> follow progress
+validate config -> connect Ray -> Parquet shards -> MLflow parent + a run per model
+-> one `train_on_ray` thread per model (concurrent TorchTrainers) -> follow progress
 -> record checkpoints
 
-`train_members` trains the PSAT members by default; the reproduction job passes it every model
-of Tables 1 and 3 (`ModelPlan`s) and a bound on how many train at once.
+`train_members` is the job (the PSAT members); `train_models` fits any `ModelPlan`s under an
+open parent run, which the reproduction job uses for every model of Tables 1 and 3.
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ import torch
 from ray._private.state import state as ray_state  # the cluster's ceiling, as Train reads it
 
 from orchestrator.config import ConfigError, JobConfig
-from orchestrator.members import BoardReader, ModelPlan, ProgressBoard, fit_member, psat_members
+from orchestrator.fitting import ModelPlan, psat_members
 from orchestrator.shards import join, materialize
-from orchestrator.tracking import CHECKPOINT_TAG, NORM_TAG, PLAN_TAG, Tracker, ended_status
+from orchestrator.tracking import CHECKPOINT_TAG, PLAN_TAG, Tracker, ended_status
+from orchestrator.trainers import BoardReader, ProgressBoard, train_on_ray
 
 log = logging.getLogger(__name__)
 PROGRESS_KEYS = ("loss", "clean", "linf", "l2", "l1", "trade_off")
@@ -136,38 +137,47 @@ def data_uri(job: JobConfig) -> str:
     return join(job.storage.resolved(), job.name, "data")
 
 
-def train_members(
-    job: JobConfig,
-    echo: Callable[[str], None] = print,
-    plans: list[ModelPlan] | None = None,
-    concurrency: int | None = None,
-    role: str = "train",
-) -> dict[str, dict]:
-    """Train every plan (default: the PSAT members of `job`) concurrently, at most
-    `concurrency` at once (default: all); return per plan name its final metrics and checkpoint.
+def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, dict]:
+    """The training job: fit the job's PSAT members concurrently under one MLflow parent run;
+    return per member its final metrics, checkpoint and run id.
 
-    Relaunching with the same `job.name` resumes unfinished models from their latest checkpoint
-    and keeps logging into the same MLflow runs.
+    Relaunching with the same `job.name` resumes unfinished members from their latest
+    checkpoint and keeps logging into the same MLflow runs.
     """
+    plans = psat_members(job)
     res = job.resources
-    plans = plans or psat_members(job)
-    concurrency = min(concurrency or len(plans), len(plans))
-    manifest = prepare_job(job, concurrency * res.workers_per_member * res.cpus_per_worker)
+    manifest = prepare_job(job, len(plans) * res.workers_per_member * res.cpus_per_worker)
     tracker = Tracker(job)
-    parent = tracker.job_run(role)
+    with tracker.job_run("train") as parent:
+        results = train_models(job, plans, manifest, tracker, parent, len(plans), echo)
+    echo(f"members finished; MLflow parent run {parent}")
+    return results
+
+
+def train_models(
+    job: JobConfig,
+    plans: list[ModelPlan],
+    manifest: dict,
+    tracker: Tracker,
+    parent: str,
+    concurrency: int,
+    echo: Callable[[str], None],
+) -> dict[str, dict]:
+    """Fit every plan on Ray Train, at most `concurrency` at once, each logged to its own run
+    nested under `parent` (ended here: FINISHED or FAILED); the first failure is raised once
+    all have ended."""
     runs = {
         plan.name: tracker.child_run(
             parent,
             f"{job.name}-{plan.name}",
-            "member",
+            "model",
             plan_params(tracker, plan),
-            **{NORM_TAG: plan.label, PLAN_TAG: plan.name},
+            **{PLAN_TAG: plan.name},
         )
         for plan in plans
     }
     board = ProgressBoard.options(name=board_name(job)).remote()
-    names = ", ".join(plan.name for plan in plans)
-    echo(f"training {names}, {concurrency} at a time; MLflow {tracker.uri}")
+    echo(f"training {', '.join(runs)}, {concurrency} at a time; MLflow {tracker.uri}")
     results: dict[str, dict] = {}
     errors: dict[str, BaseException] = {}
     new_events = BoardReader(board)
@@ -177,9 +187,9 @@ def train_members(
             _on_event(tracker, runs, event, job.training.epochs, echo)
 
     # one driver thread per model blocks in TorchTrainer.fit(); Ray runs the workers
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="psat-member")
+    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="psat-trainer")
     try:
-        pending = {pool.submit(fit_member, job, p, manifest, board): p.name for p in plans}
+        pending = {pool.submit(train_on_ray, job, p, manifest, board): p.name for p in plans}
         while pending:
             done, _ = wait(pending, timeout=2.0)
             drain()
@@ -189,31 +199,30 @@ def train_members(
                     results[name] = future.result()
                 except Exception as err:  # the others train on; the job fails at the end
                     errors[name] = err
+                    tracker.end(runs[name], "FAILED")
                     echo(f"[{name}] failed: {err}")
+                else:
+                    _record(tracker, parent, runs[name], results[name])
         drain()
     except BaseException as err:
         pool.shutdown(wait=False, cancel_futures=True)
-        for run_id in (parent, *runs.values()):
-            tracker.client.set_terminated(run_id, ended_status(err))
         if ended_status(err) == "KILLED":
             ray.shutdown()  # the threads blocked in fit() return, so the process can exit
-        raise
+        raise  # the parent's run ends its nested runs still RUNNING
     finally:
         pool.shutdown(wait=False)
         ray.kill(board)
-    for name, result in results.items():
-        tracker.client.set_tag(runs[name], CHECKPOINT_TAG, result["checkpoint"])
-        tracker.client.set_terminated(runs[name], "FINISHED")
-        tracker.client.set_tag(parent, f"{CHECKPOINT_TAG}.{name}", result["checkpoint"])
-        result["run_id"] = runs[name]
-    for name in errors:
-        tracker.client.set_terminated(runs[name], "FAILED")
     if errors:
-        tracker.client.set_terminated(parent, "FAILED")
         raise next(iter(errors.values()))
-    tracker.client.set_terminated(parent, "FINISHED")
-    echo(f"members finished; MLflow parent run {parent}")
     return results
+
+
+def _record(tracker: Tracker, parent: str, run_id: str, result: dict) -> None:
+    """A fitted model's checkpoint, on its run and its parent's; its run FINISHED."""
+    tracker.client.set_tag(run_id, CHECKPOINT_TAG, result["checkpoint"])
+    tracker.client.set_tag(parent, f"{CHECKPOINT_TAG}.{result['model']}", result["checkpoint"])
+    tracker.end(run_id, "FINISHED")
+    result["run_id"] = run_id
 
 
 def plan_params(tracker: Tracker, plan: ModelPlan) -> dict[str, str]:
@@ -230,7 +239,7 @@ def plan_params(tracker: Tracker, plan: ModelPlan) -> dict[str, str]:
 
 
 def _on_event(tracker: Tracker, runs: dict, event: dict, epochs: int, echo) -> None:
-    name = event["member"]
+    name = event["model"]
     if event["kind"] == "start":
         tracker.client.log_metric(runs[name], "start_epoch", event["epoch"], step=event["epoch"])
         done = event["epoch"]  # epochs already trained; progress lines count from 1
@@ -242,7 +251,7 @@ def _on_event(tracker: Tracker, runs: dict, event: dict, epochs: int, echo) -> N
         echo(f"[{name}] {state} (pid {event['pid']})")
         return
     epoch = event["epoch"]
-    metrics = {k: v for k, v in event.items() if k not in ("member", "kind", "epoch", "time")}
+    metrics = {k: v for k, v in event.items() if k not in ("model", "kind", "epoch", "time")}
     tracker.log_metrics(runs[name], metrics, step=epoch)
     shown = "  ".join(f"{k} {event[k]:.3f}" for k in PROGRESS_KEYS if k in event)
     echo(f"[{name}] epoch {epoch + 1}/{epochs}  {shown}")

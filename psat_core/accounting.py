@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from psat_core.models import ARCHS, count_parameters, create_model
+from psat_core.checkpoint import MemberSpec
+from psat_core.models import ARCHS, NoiseGenerator, count_parameters, create_model
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,16 @@ class ParameterReport:
 def plain_parameters(arch: str, num_classes: int, in_channels: int = 3) -> int:
     """Trainable parameters of the plain ResNet ``arch``: what Tables 1 and 2 save against."""
     return count_parameters(create_model(arch, num_classes=num_classes, in_channels=in_channels))
+
+
+def trained_parameters(spec: MemberSpec) -> int:
+    """Trainable parameters of the model `spec` describes as Table 1 counts them: the
+    classifier's, plus the noise generator's for AT_mng (trained beside it, though evaluation
+    uses the classifier alone)."""
+    parameters = count_parameters(spec.build())
+    if spec.method == "mng":
+        parameters += count_parameters(NoiseGenerator(spec.in_channels))
+    return parameters
 
 
 def parameter_report(

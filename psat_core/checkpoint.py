@@ -1,20 +1,25 @@
 """Member checkpoints: a JSON spec that rebuilds the model, and tensors loaded with weights_only.
 
 A checkpoint directory holds
-    member.json  the `MemberSpec` (architecture, embedding dimension, dataset, norm, ...)
-    state.pt     {"model": state_dict, "epoch": int, ...training state...}
+    member.json  the `MemberSpec` (architecture, embedding dimension, dataset, method, norms...)
+    state.pt     {"model": state_dict, "epoch": int, ...training state...}; AT_mng's noise
+                 generator under "noise_generator" (`MetaNoiseTraining.CHECKPOINT_KEY`)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from psat_core.data import dataset_info
+from psat_core.ensemble import PSATEnsemble
 from psat_core.models import create_model
 
 SPEC_FILE = "member.json"
@@ -23,11 +28,8 @@ STATE_FILE = "state.pt"
 
 @dataclass(frozen=True)
 class MemberSpec:
-    """Everything needed to rebuild one trained model.
-
-    `norm` is the perturbation a PSAT member was trained against ("linf", "l2", "l1"); baselines
-    use their method name ("nat", "max", "avg", "msd").
-    """
+    """Everything needed to rebuild one trained model, and how it was trained: its `method`
+    ("at" for a PSAT member or AT baseline, "nat", "max", "avg", "msd", "mng") against `norms`."""
 
     arch: str
     num_classes: int
@@ -35,7 +37,7 @@ class MemberSpec:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     dataset: str
-    norm: str
+    norms: tuple[str, ...]
     method: str = "at"
     embedding_dim: int | None = None  # None: a plain ResNet
     reduction: str = "sum"
@@ -50,7 +52,14 @@ class MemberSpec:
         model = self.model_name
         if self.embedding_dim is not None:
             model += f", embedding {self.embedding_dim}"
-        return f"norm {self.norm}, method {self.method}, {model}"
+        norms = f"norm{'s' * (len(self.norms) != 1)} {','.join(self.norms) or 'none'}"
+        return f"{norms}, method {self.method}, {model}"
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """``(C, H, W)`` of one image of the model's dataset."""
+        size = dataset_info(self.dataset).image_size
+        return (self.in_channels, size, size)
 
     def build(self) -> nn.Module:
         kwargs = {"num_classes": self.num_classes, "in_channels": self.in_channels}
@@ -62,13 +71,15 @@ class MemberSpec:
     @classmethod
     def from_dict(cls, data: dict) -> MemberSpec:
         known = set(cls.__dataclass_fields__)
-        unknown = set(data) - known
-        if unknown:
+        required = {f.name for f in fields(cls) if f.default is f.default_factory is MISSING}
+        unknown, missing = set(data) - known, required - set(data)
+        if unknown or missing:
             raise ValueError(
-                f"unknown member spec fields {sorted(unknown)}; allowed {sorted(known)}"
+                f"member spec fields: unknown {sorted(unknown)}, missing {sorted(missing)}; "
+                f"allowed {sorted(known)} (a checkpoint of another psat version? retrain it)"
             )
         data = dict(data, mean=tuple(data["mean"]), std=tuple(data["std"]))
-        return cls(**data)
+        return cls(**data | {"norms": tuple(data["norms"])})
 
 
 def save_member(directory: str | Path, spec: MemberSpec, state: dict) -> None:
@@ -129,3 +140,41 @@ def load_member(directory: str | Path, map_location: str | torch.device = "cpu")
             f"(embedding_dim={spec.embedding_dim}, classes={spec.num_classes}): {err}"
         ) from err
     return model.eval()
+
+
+def ensemble_from_checkpoints(
+    member_dirs: Mapping[str, str | Path], strategy: str = "lowest_entropy"
+) -> PSATEnsemble:
+    """The :class:`PSATEnsemble` (eq. 10) of the member checkpoints ``{name: directory}``, in
+    eval mode.
+
+    Raises:
+        ValueError: no members, a checkpoint whose tensors do not fit its spec's architecture,
+            or members that disagree on classes, input channels or dataset.
+        FileNotFoundError: a directory without ``member.json`` or ``state.pt``.
+    """
+    if not member_dirs:
+        raise ValueError("an ensemble needs at least one member checkpoint, got none")
+    specs = {name: read_spec(directory) for name, directory in member_dirs.items()}
+    first_name, first = next(iter(specs.items()))
+    for name, spec in specs.items():
+        for field_name in ("num_classes", "in_channels", "dataset"):
+            if getattr(spec, field_name) != getattr(first, field_name):
+                raise ValueError(
+                    f"member {name!r} ({member_dirs[name]}) has {field_name}="
+                    f"{getattr(spec, field_name)!r} but member {first_name!r} has "
+                    f"{getattr(first, field_name)!r}; an ensemble's members must agree"
+                )
+    members = [load_member(directory) for directory in member_dirs.values()]
+    return PSATEnsemble(members, strategy, names=list(member_dirs)).eval()
+
+
+def checkpoint_digest(directory: str | Path) -> str:
+    """sha256 over a checkpoint's spec and state files (what a registry records and checks)."""
+    digest = hashlib.sha256()
+    for name in (SPEC_FILE, STATE_FILE):
+        digest.update(name.encode())
+        with open(Path(directory) / name, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -145,6 +146,31 @@ class PSATEnsemble(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """The ensemble's logits ``N x C`` for input ``x``."""
         return self.forward_with_choice(x)[0]
+
+    @torch.inference_mode()
+    def predict(
+        self, images: Tensor, strategy: str | None = None, batch_size: int = 256
+    ) -> dict[str, np.ndarray]:
+        """Per image: the answer's ``class`` (int64), its ``probability`` (float64) and the
+        ``member`` (name) that answered, under ``strategy`` (default the ensemble's own).
+
+        The strategy is applied per call, not set on the ensemble: calls may run concurrently.
+        """
+        strategy = strategy or self.strategy
+        if strategy not in STRATEGIES:
+            raise ValueError(f"unknown strategy {strategy!r}; allowed: {sorted(STRATEGIES)}")
+        classes, probabilities, members = [], [], []
+        for batch in images.split(batch_size):
+            logits, member = STRATEGIES[strategy](self.member_logits(batch))
+            probability, label = logits.softmax(dim=-1).max(dim=-1)
+            classes.append(label.cpu())
+            probabilities.append(probability.cpu())
+            members.append(member.cpu())
+        return {
+            "class": torch.cat(classes).numpy().astype(np.int64),
+            "probability": torch.cat(probabilities).double().numpy(),
+            "member": np.asarray(self.names, dtype=object)[torch.cat(members).numpy()],
+        }
 
     def extra_repr(self) -> str:
         return f"strategy={self.strategy!r}, names={list(self.names)}"

@@ -8,10 +8,14 @@ BatchNorm layers and the final fully connected layer stay ordinary parameters.
 
 Models are built by name, timm style: `create_model("hyper_resnet50", num_classes=10,
 embedding_dim=128)`; `list_models()` names them all.
+
+`NoiseGenerator` is AT_mng's meta noise generator (Madaan et al. 2021), trained beside a plain
+ResNet; it is no classifier and not in the registry.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
@@ -241,6 +245,51 @@ class HyperResNet(ResNet):
 
 def _units(conv: GeneratedConv2d) -> int:
     return (conv.out_channels // UNIT) * (conv.in_channels // UNIT)
+
+
+class NoiseGenerator(nn.Module):
+    """MNG-AC's meta noise generator (Madaan, Shin & Hwang, ICML 2021; `NoiseResNet3x3Conv` of
+    the reference code, divyam3897/MNG_AC `preact_resnet.py`).
+
+    Input-independent: only the input's shape is used. ``z ~ N(0, 1)`` of shape
+    ``(B, C, H + 2, W + 2)`` goes through conv1x1 C->20, conv3x3 20->20 (no padding: back to
+    H x W), conv1x1 20->20, conv1x1 20->C, with leaky ReLU (slope 0.01) after the first three;
+    the output adds ``z``'s centre as a residual. The noise is unbounded: the caller projects it
+    onto a threat model's ball. 4,183 parameters for C = 3.
+
+    Init as the reference's `initialize_weights`: conv weights ``N(0, 2 / (k^2 * out))``
+    (He, fan-out), biases 0.
+
+    Shapes: ``x`` ``(B, C, H, W)``; returns noise of the same shape.
+    """
+
+    WIDTH = 20
+
+    def __init__(self, in_channels: int):
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        width = self.WIDTH
+        self.convs = nn.ModuleList(
+            [
+                nn.Conv2d(in_channels, width, 1),
+                nn.Conv2d(width, width, 3),
+                nn.Conv2d(width, width, 1),
+                nn.Conv2d(width, in_channels, 1),
+            ]
+        )
+        for conv in self.convs:
+            fan_out = conv.kernel_size[0] * conv.kernel_size[1] * conv.out_channels
+            nn.init.normal_(conv.weight, 0.0, math.sqrt(2.0 / fan_out))
+            nn.init.zeros_(conv.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, channels, height, width = x.shape
+        z = torch.randn(batch, channels, height + 2, width + 2, device=x.device, dtype=x.dtype)
+        out = z
+        for conv in self.convs[:-1]:
+            out = F.leaky_relu(conv(out), 0.01)
+        return self.convs[-1](out) + z[:, :, 1:-1, 1:-1]
 
 
 # --- registry (timm style) ---------------------------------------------------------------------

@@ -18,8 +18,9 @@ from psat_core.adaptive import MemberTransfer, adaptive_attacks
 from psat_core.apgd import APGD
 from psat_core.attacks import PGD, AttackConfig, threat_model
 from psat_core.crosscheck import crosscheck_attacks
+from psat_core.metrics import PerSampleResult
 
-__all__ = ["SUITES", "AUTOATTACK", "attack_suite"]
+__all__ = ["SUITES", "AUTOATTACK", "attack_suite", "paper_view"]
 
 SUITES = ("paper", "strong")
 # AutoAttack "standard": (APGD-CE restarts, APGD-T target classes) per norm
@@ -57,3 +58,18 @@ def attack_suite(
             crafters = [attacks[f"{norm}/{name}"] for name in ("pgd", "apgd-ce", "apgd-t")]
             attacks[f"{norm}/transfer"] = MemberTransfer(crafters)
     return attacks
+
+
+def paper_view(result: PerSampleResult) -> PerSampleResult:
+    """The ``paper`` suite's outcome, read off a run of any suite: its per-norm PGD attacks.
+
+    Every suite runs ``<norm>/pgd`` first among its norm's attacks, on every correctly
+    classified point, so what PGD found does not depend on the attacks after it.
+    """
+    names = tuple(name for name in result.attack_names if name.endswith("/pgd"))
+    kept = ("clean", *names)
+    return PerSampleResult(
+        names,
+        {key: result.correct[key] for key in kept},
+        {key: probe for key, probe in result.probes.items() if key in kept},
+    )

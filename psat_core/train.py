@@ -5,39 +5,59 @@
     max  worst case over the norms (eq. 5)
     avg  mean loss over the norms (eq. 6)
     msd  multi steepest descent (eq. 7)
+    mng  meta noise generation with adversarial consistency (AT_mng; Madaan et al. 2021)
 
 A hypernetwork member generates its conv weights once per parameter update: the attack
 iterations reuse them detached, and the training forward uses the same tensors with their graph.
+
+Most methods are a `TrainingInputs` function, the inputs a cross-entropy is averaged over; AT_mng
+also trains a noise generator, so it is a `MetaNoiseTraining` object that owns the generator and
+makes its own updates. `train_step` takes either (a `Method`).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
-from psat_core.attacks import MSD, PGD, AttackConfig, WorstCase, adversarial_examples
+from psat_core.attacks import MSD, PGD, AttackConfig, ThreatModel, WorstCase, adversarial_examples
 from psat_core.data import ImageArrays, random_crop_flip
-from psat_core.models import HyperResNet
+from psat_core.models import HyperResNet, NoiseGenerator, count_parameters
 
-METHODS = ("nat", "at", "max", "avg", "msd")
+METHODS = ("nat", "at", "max", "avg", "msd", "mng")
 SCHEDULES = ("cosine", "multistep", "constant")
 
 # (model, x, y) -> the inputs the loss is averaged over
 TrainingInputs = Callable[[nn.Module, Tensor, Tensor], list[Tensor]]
 
 
-def training_inputs(method: str, attacks: Mapping[str, AttackConfig]) -> TrainingInputs:
-    """The inputs a method trains on, built from its attack configs (keyed by norm)."""
+def training_inputs(
+    method: str,
+    attacks: Mapping[str, AttackConfig],
+    *,
+    in_channels: int | None = None,
+    device: torch.device | str = "cpu",
+) -> Method:
+    """The training method named `method`, built from its attack configs (keyed by norm).
+
+    `in_channels` and `device` are those of AT_mng's noise generator ("mng" only; required there).
+    """
     if method not in METHODS:
         raise ValueError(f"unknown training method {method!r}; allowed: {', '.join(METHODS)}")
     if method == "nat":
         return lambda model, x, y: [x]
     if not attacks:
         raise ValueError(f"method {method!r} needs at least one attack config")
+    if method == "mng":
+        if in_channels is None:
+            raise ValueError("method 'mng' needs in_channels, its noise generator's input channels")
+        return MetaNoiseTraining(attacks, in_channels, device=device)
     pgds = {norm: PGD.from_config(cfg) for norm, cfg in attacks.items()}
     if method == "at":
         if len(pgds) != 1:
@@ -69,19 +89,220 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
+def js_divergence(logits: Sequence[Tensor]) -> Tensor:
+    """MNG-AC's adversarial consistency loss: the Jensen-Shannon divergence of the predictions.
+
+    ``mean_i KL(p_i || M)`` with ``p_i = softmax(logits_i)`` and
+    ``M = clamp(mean_i p_i, 1e-7, 1)``, each KL averaged over the batch (the reference's
+    `train_MNG.py`). Shapes: each logits ``(B, K)``; returns a scalar.
+    """
+    probs = [F.softmax(z.float(), dim=1) for z in logits]
+    log_mixture = torch.stack(probs).mean(dim=0).clamp(1e-7, 1.0).log()
+    kls = [F.kl_div(log_mixture, p, reduction="batchmean") for p in probs]  # KL(p || M)
+    return torch.stack(kls).mean()
+
+
+class MetaNoiseTraining:
+    """AT_mng: meta noise generation with adversarial consistency (MNG-AC; Madaan, Shin & Hwang,
+    ICML 2021, Algorithm 1), as the reference code does it (divyam3897/MNG_AC `train_MNG.py`).
+
+    `step` makes one update of the noise generator g_phi and one of the classifier f_theta:
+
+    1. stochastic adversarial training: one norm drawn uniformly among `attacks`, and ``x_adv``
+       from that norm's training PGD (its last iterate) on the classifier;
+    2. noise image ``x_noise = x + proj(g_phi(x))``, projected onto the same norm's ball and
+       the image box (`noise_image`);
+    3. lookahead ``theta' = theta - lr * grad_theta CE(f_theta(x_noise), y)``: one plain SGD
+       step at the classifier's current learning rate, differentiable in phi (second order);
+    4. generator update: an SGD step of phi on ``CE(f_theta'(x_adv), y)`` (`update_generator`);
+    5. classifier update on ``CE(f(x_adv), y) + js_weight * JS(f(x), f(x_adv), f(x_noise))``
+       with fresh noise drawn without gradient (`update_classifier`).
+
+    The classifier is in training mode for the passes of steps 3-5; the lookahead's passes
+    update copies of its BatchNorm buffers (the reference runs them on a deep copy). Only
+    plain ResNets are supported: a `HyperResNet`'s convs are generated, not parameters.
+
+    The generator has its own SGD (momentum 0.9, weight decay 5e-4, as the reference); its
+    learning rate is set to the classifier optimizer's before each update, so it follows the
+    classifier's schedule (the reference sets both from one schedule every step).
+
+    Under DistributedDataParallel every rank trains one generator, as on one device: rank 0's
+    initial generator and norm draws are broadcast, and generator gradients are averaged.
+
+    A checkpoint's state holds `state_dict()`, ``{"generator": ..., "optimizer": ...}``, under
+    `CHECKPOINT_KEY`; the classifier alone is the evaluated model.
+
+    Args:
+        attacks: norm -> training attack config; each step trains against one of them.
+        in_channels: image channels C of the generator's noise.
+        js_weight: beta, the weight of the consistency loss (default 12, the reference's).
+        device: where the generator lives (the classifier's device).
+
+    Example::
+
+        >>> method = MetaNoiseTraining(attack_defaults("cifar10", "train"), in_channels=3)
+        >>> stats = method.step(model, x, y, optimizer)  # {"loss", "accuracy", "generator_loss"}
+    """
+
+    CHECKPOINT_KEY = "noise_generator"
+
+    def __init__(
+        self,
+        attacks: Mapping[str, AttackConfig],
+        in_channels: int,
+        *,
+        js_weight: float = 12.0,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if not attacks:
+            raise ValueError("method 'mng' needs at least one attack config")
+        self.attacks = {norm: PGD.from_config(cfg) for norm, cfg in attacks.items()}
+        self.norms = tuple(self.attacks)
+        self.js_weight = float(js_weight)
+        self.generator = NoiseGenerator(in_channels).to(device)
+        # lr 0 until the first update copies the classifier's
+        self.optimizer = make_optimizer(self.generator.parameters(), lr=0.0)
+        self._ranks_synced = False
+
+    @property
+    def parameters(self) -> int:
+        """Trainable parameters the method adds to the classifier's (the generator's)."""
+        return count_parameters(self.generator)
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def noise_image(self, threat: ThreatModel, x: Tensor) -> Tensor:
+        """``x`` plus generated noise projected onto ``threat``'s ball and the image box."""
+        return x + threat.project(self.generator(x), x)
+
+    def step(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        optimizer: torch.optim.Optimizer,
+        amp: bool = False,
+    ) -> dict[str, float]:
+        """One generator and one classifier update on a batch (steps 1-5 above).
+
+        `model` may be wrapped in DistributedDataParallel: the attack and the lookahead run on
+        the bare model, the classifier update through the wrapper. Returns the classifier's
+        loss, its accuracy on ``x_adv``, and the generator's loss.
+        """
+        net = unwrap(model)
+        if isinstance(net, HyperResNet):
+            raise ValueError(
+                "AT_mng trains a plain ResNet; got a HyperResNet, whose convs are generated "
+                "rather than parameters (build the model without embedding_dim)"
+            )
+        distributed = isinstance(model, nn.parallel.DistributedDataParallel)
+        if distributed and not self._ranks_synced:  # as DDP does with the model's parameters
+            for tensor in self.generator.state_dict().values():
+                dist.broadcast(tensor, src=0)
+            self._ranks_synced = True
+        choice = torch.randint(len(self.norms), (1,))
+        if distributed:  # one norm per global batch, as on one device
+            choice = choice.to(x.device)
+            dist.broadcast(choice, src=0)
+        pgd = self.attacks[self.norms[int(choice)]]
+        with autocast(x.device, amp):
+            x_adv = pgd.last_iterate(net, x, y)
+        model.train()
+        lr = optimizer.param_groups[0]["lr"]
+        generator_loss = self.update_generator(model, x, x_adv, y, pgd.threat, lr, amp)
+        stats = self.update_classifier(model, x, x_adv, y, pgd.threat, optimizer, amp)
+        return stats | {"generator_loss": generator_loss}
+
+    def update_generator(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        x_adv: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        lr: float,
+        amp: bool = False,
+    ) -> float:
+        """Steps 2-4: the lookahead on noise images, then the generator's SGD step on the
+        lookahead classifier's loss on ``x_adv``. Touches no classifier parameter or gradient.
+
+        Returns the generator's loss ``CE(f_theta'(x_adv), y)``.
+        """
+        net = unwrap(model)
+        params = dict(net.named_parameters())
+        buffers = {name: b.clone() for name, b in net.named_buffers()}  # BN stats stay put
+        x_noise = self.noise_image(threat, x)
+        with autocast(x.device, amp):
+            logits = functional_call(net, (params, buffers), x_noise)
+            inner_loss = F.cross_entropy(logits.float(), y)
+        grads = torch.autograd.grad(inner_loss, list(params.values()), create_graph=True)
+        lookahead = {name: p - lr * g for (name, p), g in zip(params.items(), grads, strict=True)}
+        with autocast(x.device, amp):
+            logits = functional_call(net, (lookahead, buffers), x_adv)
+            generator_loss = F.cross_entropy(logits.float(), y)
+        generator_params = list(self.generator.parameters())
+        self.optimizer.zero_grad(set_to_none=True)
+        generator_loss.backward(inputs=generator_params)  # into phi only
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            for p in generator_params:
+                dist.all_reduce(p.grad)
+                p.grad.div_(dist.get_world_size())
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        return generator_loss.item()
+
+    def update_classifier(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        x_adv: Tensor,
+        y: Tensor,
+        threat: ThreatModel,
+        optimizer: torch.optim.Optimizer,
+        amp: bool = False,
+    ) -> dict[str, float]:
+        """Step 5: the classifier's update on the adversarial loss plus the consistency loss
+        over clean, adversarial and fresh noise images (no cross-entropy on clean or noise
+        images, as the reference). Touches no generator parameter or gradient."""
+        with torch.no_grad():
+            x_noise = self.noise_image(threat, x)
+        with autocast(x.device, amp):
+            logits_clean, logits_adv, logits_noise = model(x), model(x_adv), model(x_noise)
+            consistency = js_divergence([logits_clean, logits_adv, logits_noise])
+            loss = F.cross_entropy(logits_adv.float(), y) + self.js_weight * consistency
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        accuracy = (logits_adv.argmax(1) == y).float().mean()
+        return {"loss": loss.item(), "accuracy": accuracy.item()}
+
+
+# a training method: the inputs a cross-entropy is averaged over, or AT_mng
+Method = TrainingInputs | MetaNoiseTraining
+
+
 def train_step(
     model: nn.Module,
     x: Tensor,
     y: Tensor,
     optimizer: torch.optim.Optimizer,
-    inputs: TrainingInputs,
+    inputs: Method,
     amp: bool = False,
 ) -> dict[str, float]:
     """One parameter update on a batch; returns the loss and the accuracy on the trained inputs.
 
     `model` may be wrapped in DistributedDataParallel; attacks run on the bare model so that
-    their gradient computations never touch DDP's reducer.
+    their gradient computations never touch DDP's reducer. AT_mng makes its own updates
+    (`MetaNoiseTraining.step`).
     """
+    if isinstance(inputs, MetaNoiseTraining):
+        return inputs.step(model, x, y, optimizer, amp)
     net = unwrap(model)
     with autocast(x.device, amp):
         if isinstance(net, HyperResNet):
@@ -109,7 +330,7 @@ def train_epoch(
     data: ImageArrays,
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
-    inputs: TrainingInputs,
+    inputs: Method,
     *,
     batch_size: int,
     steps: int,

@@ -27,7 +27,7 @@ def write_member(
 ) -> Path:
     """A digits member checkpoint; `embedding_dim` other than 4 makes tensors its spec rejects."""
     info = dataset_info("digits")
-    spec = MemberSpec(arch, 10, 1, info.mean, info.std, "digits", norm, embedding_dim=4)
+    spec = MemberSpec(arch, 10, 1, info.mean, info.std, "digits", (norm,), embedding_dim=4)
     torch.manual_seed(seed)
     model = dataclasses.replace(spec, embedding_dim=embedding_dim).build()
     save_member(directory, spec, {"model": model.state_dict(), "epoch": 0})

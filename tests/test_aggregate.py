@@ -26,12 +26,13 @@ from orchestrator.aggregate import (
 )
 from orchestrator.config import parse_config
 from orchestrator.evaluation import evaluate_checkpoints
-from orchestrator.registry import CANDIDATE, CHAMPION, build_ensemble, load_ensemble, predict_frame
+from orchestrator.pull import load_ensemble
+from orchestrator.registry import CANDIDATE, CHAMPION
 from orchestrator.report import COLUMNS, accuracy_figure, choice_figure, markdown_report
 from orchestrator.shards import read_arrays, write_arrays
 from orchestrator.tracking import Tracker
 from psat_core.accounting import parameter_report
-from psat_core.checkpoint import read_spec
+from psat_core.checkpoint import ensemble_from_checkpoints, read_spec
 from psat_core.data import load_dataset
 
 NORMS = ("linf", "l2", "l1")
@@ -116,9 +117,9 @@ def test_evaluation_has_tables_3_and_4(evaluation):
 def test_clean_evaluation_agrees_with_the_registered_predictor(evaluation, members):
     result, eval_uri = evaluation
     data = read_arrays(eval_uri)
-    ensemble = build_ensemble(members)
+    ensemble = ensemble_from_checkpoints(members)
     for strategy in ("lowest_entropy", "average"):
-        frame = predict_frame(ensemble, data.to_float(), strategy)
+        frame = pd.DataFrame(ensemble.predict(data.to_float(), strategy))
         accuracy = (frame["class"].to_numpy() == data.labels.numpy()).mean()
         assert result.rows[strategy]["clean"] == pytest.approx(accuracy)
         answered = frame["member"].value_counts(normalize=True)
@@ -304,7 +305,8 @@ def test_aggregate_end_to_end(tmp_path, members, monkeypatch, own_ray, torch_thr
     images = load_dataset("digits", "test", "unused").to_float()[:5]
     loaded = load_ensemble("models:/psat-agg@champion", tracking_uri=job.tracking.resolved_uri())
     pd.testing.assert_frame_equal(
-        predict_frame(loaded, images), predict_frame(build_ensemble(members), images)
+        pd.DataFrame(loaded.predict(images)),
+        pd.DataFrame(ensemble_from_checkpoints(members).predict(images)),
     )
 
 

@@ -116,12 +116,12 @@ def test_submit_train_aggregate_pull_on_two_nodes(site):
     assert re.search(r"job raysubmit_\w+ SUCCEEDED", train.stdout)
     assert "[l1] epoch 1/1" in train.stdout
     assert "INFO dashboard_sdk" not in train.stdout + train.stderr  # Ray's chatter stays out
-    runs = {r.data.tags["psat.role"] + ":" + r.data.tags.get("psat.norm", ""): r
+    runs = {r.data.tags["psat.role"] + ":" + r.data.tags.get("psat.plan", ""): r
             for r in site.runs("two-nodes")}  # fmt: skip
-    assert {k for k in runs if k.startswith("member")} == {f"member:{n}" for n in NORMS}
+    assert {k for k in runs if k.startswith("model")} == {f"model:{n}" for n in NORMS}
     assert all(r.info.status == "FINISHED" for r in runs.values())
     for norm in NORMS:  # checkpoints under the configured absolute path, not Ray's temp dir
-        checkpoint = Path(runs[f"member:{norm}"].data.tags["psat.checkpoint"])
+        checkpoint = Path(runs[f"model:{norm}"].data.tags["psat.checkpoint"])
         assert checkpoint.is_relative_to(site.storage / "two-nodes" / norm)
         assert (checkpoint / "member.json").is_file()
     nodes = site.worker_nodes(submission_id(train.stdout))
@@ -157,7 +157,7 @@ def test_ray_job_submit_as_the_readme_writes_it(site):
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    (member,) = [r for r in site.runs("readme") if r.data.tags["psat.role"] == "member"]
+    (member,) = [r for r in site.runs("readme") if r.data.tags["psat.role"] == "model"]
     assert member.info.status == "FINISHED"
     assert Path(member.data.tags["psat.checkpoint"]).is_relative_to(storage / "readme" / "linf")
 

@@ -20,6 +20,7 @@ from psat_core.metrics import (
     summarize,
     trade_off,
 )
+from psat_core.protocol import SUITES, attack_suite, paper_view
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NUM_CLASSES = 4
@@ -287,3 +288,12 @@ def test_the_same_seed_gives_the_same_numbers(trained):
     assert torch.equal(torch.get_rng_state(), state)  # and the call leaves it alone
     for key, ok in first.correct.items():
         assert torch.equal(ok, second.correct[key])
+
+
+def test_the_papers_protocol_reads_off_a_strong_run(trained):
+    model, x, y = trained
+    configs = attack_defaults("digits", "eval", {n: {"steps": 5} for n in ("linf", "l2", "l1")})
+    suites = {s: attack_suite(s, configs, ensemble=False, apgd_steps=3) for s in SUITES}
+    paper, strong = (evaluate_per_sample(model, x, y, suites[s], seed=4) for s in SUITES)
+    assert summarize(paper_view(strong)) == summarize(paper)
+    assert summarize(strong)["max"] <= summarize(paper)["max"]

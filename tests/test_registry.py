@@ -29,20 +29,16 @@ from helpers import write_member
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from orchestrator.pull import load_ensemble, pull, resolve
 from orchestrator.registry import (
     CANDIDATE,
     CHAMPION,
     PARTIAL_TAG,
     TRADE_OFF_TAG,
-    build_ensemble,
-    load_ensemble,
-    member_digest,
-    predict_frame,
-    pull,
     register_ensemble,
-    resolve,
-    tracking,
 )
+from orchestrator.tracking import tracking
+from psat_core.checkpoint import checkpoint_digest, ensemble_from_checkpoints
 from psat_core.data import load_dataset
 from psat_core.ensemble import PSATEnsemble
 
@@ -208,14 +204,16 @@ def test_partial_ensemble_takes_champion_only_when_forced(tmp_path, members, req
 
 FRESH = textwrap.dedent(
     """
-    import sys, mlflow, numpy as np, torch
-    from orchestrator.registry import load_ensemble, predict_frame
+    import sys, mlflow, numpy as np, pandas as pd, torch
     torch.set_num_threads(int(sys.argv[3]))
     x = np.load(sys.argv[2])
     pyfunc = mlflow.pyfunc.load_model(sys.argv[1]).predict(x)
     assert "ray" not in sys.modules, "loading a registered ensemble imported ray"
+    # the stored model-from-code imports what prediction needs, not psat's registry code
+    assert not [m for m in sys.modules if m.startswith("orchestrator")], "imported orchestrator"
+    from orchestrator.pull import load_ensemble
     ensemble = load_ensemble(sys.argv[1])
-    direct = predict_frame(ensemble, torch.from_numpy(x))
+    direct = pd.DataFrame(ensemble.predict(torch.from_numpy(x)))
     pyfunc.to_pickle(sys.argv[4] + "/pyfunc.pkl")
     direct.to_pickle(sys.argv[4] + "/direct.pkl")
     """
@@ -226,7 +224,7 @@ FRESH = textwrap.dedent(
 def test_fresh_process_predicts_bit_for_bit(store, tmp_path, members, images, request):
     name = model_name(request)
     register(store, tmp_path, members, name, 0.5)
-    expected = predict_frame(build_ensemble(members), images)
+    expected = pd.DataFrame(ensemble_from_checkpoints(members).predict(images))
     assert expected["member"].isin(NORMS).all() and expected["probability"].between(0, 1).all()
     np.save(tmp_path / "x.npy", images.numpy())
     uri = f"models:/{name}@{CHAMPION}"
@@ -278,7 +276,7 @@ def test_pull_refuses_tampering_the_artifact_store_can_hide(tmp_path, members, m
     shutil.copyfile(other / "state.pt", target / "state.pt")
     text = stored.read_text()
     recorded = MlflowClient(uri).get_model_version("psat-tamper", "1").tags["psat.sha256.l2"]
-    stored.write_text(text.replace(recorded, member_digest(target)))
+    stored.write_text(text.replace(recorded, checkpoint_digest(target)))
     marker = tmp_path / "code-ran"
     code = stored.parent / "psat_model.py"
     code.write_text(f"open({str(marker)!r}, 'w').close()\n" + code.read_text())
@@ -366,7 +364,7 @@ def post(port: int, body: dict):
 def test_served_model_answers_like_predict(server, tmp_path, members, images, monkeypatch, command):
     monkeypatch.chdir(tmp_path)
     register(server, tmp_path, members, "psat-served", 0.5)
-    ensemble = build_ensemble(members)
+    ensemble = ensemble_from_checkpoints(members)
     port = free_port()
     proc = start(
         [*SERVERS[command], "models:/psat-served@champion", "--host", "127.0.0.1", "-p", str(port)]
@@ -381,7 +379,7 @@ def test_served_model_answers_like_predict(server, tmp_path, members, images, mo
             body = {"inputs": images.tolist(), "params": {"strategy": strategy}}
             with post(port, body) as response:
                 served = pd.DataFrame(json.load(response)["predictions"])
-            expected = predict_frame(ensemble, images, strategy)
+            expected = pd.DataFrame(ensemble.predict(images, strategy))
             pd.testing.assert_frame_equal(served, expected, check_exact=True)
         nan = torch.full_like(images, float("nan")).tolist()
         bad = [

@@ -156,7 +156,8 @@ FRESH_STORE = textwrap.dedent(
     time.sleep(max(0.0, start - time.time()))
     tracking = {"uri": sys.argv[1], "experiment": "e"}
     job = parse_config({"name": "s" + sys.argv[3], "tracking": tracking})
-    Tracker(job).job_run("train")
+    with Tracker(job).job_run("train"):
+        pass
     """
 )
 
@@ -240,8 +241,8 @@ def test_sigterm_marks_the_jobs_runs_killed(tmp_path, tiny_job):
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=300)
     assert proc.returncode != 0, "".join(seen)
-    statuses = {r.data.tags["psat.role"] + r.data.tags.get("psat.norm", ""): r.info.status
+    statuses = {r.data.tags["psat.role"] + r.data.tags.get("psat.plan", ""): r.info.status
                 for r in runs(uri)}  # fmt: skip
-    assert statuses == {"train": "KILLED", **{f"member{n}": "KILLED" for n in NORMS}}
+    assert statuses == {"train": "KILLED", **{f"model{n}": "KILLED" for n in NORMS}}
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left in the session

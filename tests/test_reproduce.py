@@ -11,11 +11,13 @@ import pytest
 from orchestrator.config import parse_config
 from orchestrator.evaluation import evaluate_row
 from orchestrator.reproduce import (
+    Claim,
     Row,
     model_plans,
     paper_claims,
     table_rows,
 )
+from psat_core.models import NoiseGenerator, count_parameters
 
 TABLE_FILES = ("table1", "table3", "table4")
 
@@ -31,8 +33,14 @@ def test_every_method_gets_the_same_budget_and_architecture():
         "max",
         "avg",
         "msd",
+        "mng",
     }
-    assert plans["at_max"].norms == plans["at_msd"].norms == ("linf", "l2", "l1")
+    assert (
+        plans["at_max"].norms
+        == plans["at_mng"].norms
+        == plans["at_msd"].norms
+        == ("linf", "l2", "l1")
+    )
     assert plans["at_l2"].norms == ("l2",) and plans["at_l2"].embedding_dim is None
     # PSAT at every Figure 2 dimension, H_NAT at the Table 1 dimension only
     assert {n for n, p in plans.items() if p.embedding_dim} == {
@@ -62,7 +70,7 @@ def test_claims_follow_the_numbers(psat_wins):
     rows["psat_z8"] = _row(trade_off=0.4 + delta, max=0.2 + delta)
     rows["psat_z8_nat"] = _row(avg=0.15 if psat_wins else 0.16)  # PSAT's avg: 0.3
     claims = paper_claims(rows, tables)
-    assert len(claims) == 1 + 3 + 1 + 1  # best member, max/avg/msd, + H_NAT, Table 4
+    assert len(claims) == 1 + 4 + 1 + 1  # best member, max/avg/msd/mng, + H_NAT, Table 4
     assert all(claim.holds is psat_wins for claim in claims)
     assert all(("holds" if psat_wins else "does NOT hold") in c.line() for c in claims)
 
@@ -107,7 +115,7 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
     # each model's run records its own plan: Figure 2's members their embedding dimension
-    models = client.search_runs([run.info.experiment_id], "tags.`psat.role` = 'member'")
+    models = client.search_runs([run.info.experiment_id], "tags.`psat.role` = 'model'")
     params = {m.info.run_name.removeprefix("repro-"): m.data.params for m in models}
     assert params["h2_linf"]["model.embedding_dim"] == "2"
     assert params["h4_l1"]["model.embedding_dim"] == "4"
@@ -130,6 +138,22 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
             assert shown == [f"{100 * values[c]:.2f}%" for c in COLUMNS]
     table1 = _cells((folder / "table1.md").read_text())
     assert int(table1["PSAT"][len(COLUMNS)].replace(",", "")) == results["psat_z4"]["parameters"]
+    # AT_mng trains the plain ResNet and a noise generator: Table 1 counts both
+    generator = count_parameters(NoiseGenerator(1))
+    assert results["at_mng"]["parameters"] == payload["plain_parameters"] + generator
+    assert int(table1["AT_mng"][len(COLUMNS)].replace(",", "")) == results["at_mng"]["parameters"]
+    # each claim judged under both protocols, from each protocol's own numbers
+    by_protocol = {c["protocol"] for c in payload["claims"]}
+    assert by_protocol == {"paper", "full"}
+    for protocol, field in (("paper", "paper"), ("full", "row")):
+        rows = {key: value[field] for key, value in results.items()}
+        judged = [c for c in payload["claims"] if c["protocol"] == protocol]
+        assert [Claim(**c) for c in judged] == paper_claims(rows, table_rows(job), protocol)
+    report = (folder / "report.md").read_text()
+    assert "| Table | Claim | the paper's protocol | psat's full evaluation |" in report
+    paper1 = _cells((folder / "table1_paper.md").read_text())
+    assert paper1["PSAT"][1] == f"{100 * results['psat_z4']['paper']['linf']:.2f}%"
+    assert results["psat_z4"]["paper"]["linf"] >= results["psat_z4"]["row"]["linf"]
     saving = float(re.search(r"([\d.]+)%", table1["PSAT"][-1]).group(1))
     assert saving == pytest.approx(
         100 * (1 - results["psat_z4"]["parameters"] / payload["plain_parameters"]), abs=0.01

@@ -40,7 +40,9 @@ def test_sweep_writes_table_best_configs_plot_and_nested_runs(local_ray, tiny_jo
     assert set(best) == {"linf", "l2"}
     on_disk = json.loads((out / "best.json").read_text())
     for norm, row in on_disk.items():
-        assert row["metrics"]["robust"] == max(r["robust"] for r in table if r["norm"] == norm)
+        assert row["metrics"]["objective"] == max(
+            r["objective"] for r in table if r["norm"] == norm
+        )
         assert Path(row["checkpoint"], "member.json").is_file()
     assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
 

@@ -4,9 +4,12 @@ import signal
 import subprocess
 import sys
 
+import mlflow
+import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.tracking import ensure_experiment
+from orchestrator.config import parse_config
+from orchestrator.tracking import Tracker, ensure_experiment
 
 
 class RacedClient(MlflowClient):
@@ -65,3 +68,34 @@ def test_sigterm_inside_an_mlflow_call_ends_the_job_after_it():
     )
     assert done.stdout == "write finished\n", done.stderr
     assert done.returncode == 128 + signal.SIGTERM
+
+
+def _job(tmp_path, name="life"):
+    tracking = {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "e"}
+    return parse_config({"name": name, "tracking": tracking})
+
+
+def test_a_job_run_finishes_with_its_block_and_restores_the_tracking_uri(tmp_path):
+    tracker = Tracker(_job(tmp_path))
+    before = mlflow.get_tracking_uri()
+    with tracker.job_run("train") as run_id:
+        assert mlflow.get_tracking_uri() == tracker.uri != before
+        assert tracker.client.get_run(run_id).info.status == "RUNNING"
+    assert mlflow.get_tracking_uri() == before
+    assert tracker.client.get_run(run_id).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    ("error", "status"), [(ValueError("bad member"), "FAILED"), (KeyboardInterrupt(), "KILLED")]
+)
+def test_a_job_run_left_by_an_error_ends_its_running_children_alike(tmp_path, error, status):
+    tracker = Tracker(_job(tmp_path))
+    before = mlflow.get_tracking_uri()
+    with pytest.raises(type(error)), tracker.job_run("train") as parent:
+        done = tracker.child_run(parent, "done", "model", {}, **{"psat.plan": "linf"})
+        tracker.end(done, "FINISHED")
+        running = tracker.child_run(parent, "running", "model", {}, **{"psat.plan": "l2"})
+        raise error
+    statuses = {r: tracker.client.get_run(r).info.status for r in (parent, done, running)}
+    assert statuses == {parent: status, done: "FINISHED", running: status}
+    assert mlflow.get_tracking_uri() == before

@@ -23,9 +23,9 @@ def _member_runs(job):
     experiment = client.get_experiment_by_name(job.tracking.experiment)
     runs = client.search_runs(
         [experiment.experiment_id],
-        f"tags.`psat.job` = '{job.name}' and tags.`psat.role` = 'member'",
+        f"tags.`psat.job` = '{job.name}' and tags.`psat.role` = 'model'",
     )
-    return client, {r.data.tags["psat.norm"]: r for r in runs}
+    return client, {r.data.tags["psat.plan"]: r for r in runs}
 
 
 # enough work per epoch (seconds, not milliseconds) that members overlap and kills land mid-run
@@ -88,7 +88,7 @@ def _kill_after_epoch(ray, job, norm: str, epoch: int, seen: dict) -> None:
             events = ray.get(board.since.remote(0))
         except ValueError:
             events = []
-        mine = [e for e in events if e["member"] == norm]
+        mine = [e for e in events if e["model"] == norm]
         pids = [e["pid"] for e in mine if e["kind"] == "start"]
         if any(e["kind"] == "epoch" and e["epoch"] >= epoch for e in mine):
             seen["pid"] = pids[-1]

@@ -1,0 +1,200 @@
+"""Fitting one model, Ray-free: what each Ray Train worker runs, and what a bare loop runs.
+
+A `ModelPlan` says what to train (a PSAT member, eq. 9, or a Table 1 baseline); a `Fit` holds
+one model's training state on one worker (model, optimizer, schedule, training method) and
+does one epoch, one validation, one checkpoint state at a time. `trainers.train_loop` runs it
+under Ray Train; `train_in_process` runs it here (the overhead benchmark's bare loop).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from orchestrator.config import JobConfig
+from psat_core.accounting import trained_parameters
+from psat_core.attacks import make_attacks
+from psat_core.checkpoint import MemberSpec
+from psat_core.data import ImageArrays
+from psat_core.metrics import evaluate_robustness
+from psat_core.train import (
+    MetaNoiseTraining,
+    Method,
+    make_optimizer,
+    make_scheduler,
+    train_epoch,
+    training_inputs,
+    unwrap,
+)
+
+OBJECTIVE = "objective"  # the metric holding `ModelPlan.objective`'s value
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """One model to train: its run name, training method (eq. 5-9), the norms it trains
+    against, and its embedding dimension (None: a plain ResNet)."""
+
+    name: str
+    method: str
+    norms: tuple[str, ...]
+    embedding_dim: int | None
+
+    @property
+    def objective(self) -> str:
+        """The validation metric a sweep maximizes: own-norm accuracy for AT, else trade-off."""
+        return self.norms[0] if self.method == "at" else "trade_off"
+
+    def spec(self, job: JobConfig) -> MemberSpec:
+        """The checkpoint spec of this plan's model under `job`."""
+        info = job.dataset
+        return MemberSpec(
+            arch=job.model.arch,
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            mean=tuple(info.mean),
+            std=tuple(info.std),
+            dataset=info.name,
+            norms=self.norms,
+            method=self.method,
+            embedding_dim=self.embedding_dim,
+            reduction=job.model.reduction,
+        )
+
+
+def psat_members(
+    job: JobConfig, embedding_dim: int | None = None, prefix: str = ""
+) -> list[ModelPlan]:
+    """The PSAT members of ``job``: one hypernetwork per norm of ``training.members`` (eq. 9),
+    named ``<prefix><norm>``."""
+    dim = embedding_dim or job.model.embedding_dim
+    return [ModelPlan(f"{prefix}{norm}", "at", (norm,), dim) for norm in job.training.members]
+
+
+@dataclass
+class Fit:
+    """One model's training state on one worker. `model` may be DDP-wrapped; `net` is bare."""
+
+    job: JobConfig
+    plan: ModelPlan
+    spec: MemberSpec
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    method: Method  # what each update trains on (psat_core.train.training_inputs)
+    steps_per_epoch: int
+    device: torch.device
+
+    @classmethod
+    def build(
+        cls,
+        job: JobConfig,
+        plan: ModelPlan,
+        steps_per_epoch: int,
+        device: torch.device,
+        prepare: Callable[[nn.Module], nn.Module] = lambda model: model,
+    ) -> Fit:
+        """A fresh model on `device` (channels_last on GPUs), wrapped by `prepare` (Ray
+        Train's DDP `prepare_model` on a worker), with its optimizer and per-step schedule."""
+        spec = plan.spec(job)
+        model = spec.build().to(device)
+        if device.type == "cuda":
+            model = model.to(memory_format=torch.channels_last)
+        model = prepare(model)
+        cfg = job.training
+        optimizer = make_optimizer(
+            unwrap(model).parameters(), cfg.lr, cfg.momentum, cfg.weight_decay
+        )
+        scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch)
+        attacks = job.attack_configs("train")
+        method = training_inputs(
+            plan.method,
+            {norm: attacks[norm] for norm in plan.norms},
+            in_channels=spec.in_channels,
+            device=device,
+        )
+        return cls(job, plan, spec, model, optimizer, scheduler, method, steps_per_epoch, device)
+
+    @property
+    def net(self) -> nn.Module:
+        return unwrap(self.model)
+
+    def train_epoch(self, data: ImageArrays, epoch: int) -> dict[str, float]:
+        """One epoch of updates (`psat_core.train.train_epoch`) and its timing."""
+        cfg, started = self.job.training, time.time()
+        metrics = train_epoch(
+            self.model,
+            data,
+            self.optimizer,
+            self.scheduler,
+            self.method,
+            batch_size=cfg.batch_size,
+            steps=self.steps_per_epoch,
+            seed=cfg.seed + epoch,
+            augment=self.job.dataset.augment,
+            amp=cfg.amp,
+            device=self.device,
+        )
+        return metrics | {
+            "epoch": epoch,
+            "lr": self.scheduler.get_last_lr()[0],
+            "epoch_start": started,
+            "epoch_end": time.time(),
+            "params": trained_parameters(self.spec),
+        }
+
+    def validate(self, data: ImageArrays) -> dict[str, float]:
+        """Robust accuracy on the validation slice under the job's validation attacks, and
+        the sweep's objective."""
+        attacks = make_attacks(self.job.attack_configs("validation"))
+        x, y = data.to_float().to(self.device), data.labels.to(self.device)
+        metrics = evaluate_robustness(self.net, x, y, attacks)
+        return metrics | {OBJECTIVE: metrics[self.plan.objective]}
+
+    def state(self, epoch: int) -> dict:
+        """What a checkpoint holds to resume after `epoch` (AT_mng: its noise generator too)."""
+        state = {
+            "model": self.net.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "epoch": epoch,
+            "rng": torch.get_rng_state(),
+        }
+        if isinstance(self.method, MetaNoiseTraining):
+            state[MetaNoiseTraining.CHECKPOINT_KEY] = self.method.state_dict()
+        return state
+
+    def restore(self, state: dict) -> int:
+        """Load a checkpoint's state; returns the epoch to start from."""
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"].cpu())
+        if isinstance(self.method, MetaNoiseTraining):
+            self.method.load_state_dict(state[MetaNoiseTraining.CHECKPOINT_KEY])
+        return state["epoch"] + 1
+
+
+def steps_per_epoch(shard_sizes: list[int], world: int, batch_size: int) -> int:
+    """Updates per epoch: every worker takes as many as the smallest share allows (DDP
+    all-reduces every step)."""
+    smallest = min(sum(shard_sizes[rank::world]) for rank in range(world))
+    return -(-smallest // batch_size)
+
+
+def train_in_process(
+    job: JobConfig, plan: ModelPlan, train: ImageArrays, val: ImageArrays, device="cpu"
+) -> Fit:
+    """Train `plan`'s model in this process, validating every epoch as the workers do; returns
+    the finished `Fit` (its `net` is the trained model)."""
+    torch.manual_seed(job.training.seed)
+    steps = steps_per_epoch([len(train)], 1, job.training.batch_size)
+    fit = Fit.build(job, plan, steps, torch.device(device))
+    for epoch in range(job.training.epochs):
+        fit.train_epoch(train, epoch)
+        fit.validate(val)
+    return fit

@@ -1,0 +1,164 @@
+"""Models on Ray Train: one `TorchTrainer` per model, the models fitted concurrently.
+
+`train_loop` is the one train loop per worker (Ray's `train_loop_per_worker`) for every
+`ModelPlan` (a PSAT member or a Table 1 baseline): it runs a `fitting.Fit` on the worker's data
+shard, reports every epoch with a checkpoint, and posts progress to the job's `ProgressBoard`.
+The same loop serves the training job, the Tune sweep and the reproduction job; `train_on_ray`
+builds one model's trainer and fits it (the jobs run one per plan in a driver thread).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Any
+
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
+from ray.train.torch import TorchTrainer
+
+from orchestrator.config import JobConfig
+from orchestrator.fitting import Fit, ModelPlan, steps_per_epoch
+from orchestrator.shards import join, read_arrays
+from psat_core.checkpoint import load_state, save_member
+from psat_core.data import ImageArrays
+
+
+@ray.remote(num_cpus=0)
+class ProgressBoard:
+    """Where members' rank-0 workers post events; the driver reads them to log and print."""
+
+    def __init__(self) -> None:
+        self.events: list[dict] = []
+
+    def post(self, event: dict) -> None:
+        self.events.append(dict(event, time=time.time()))
+
+    def since(self, index: int) -> list[dict]:
+        return self.events[index:]
+
+
+class BoardReader:
+    """The driver's side of a :class:`ProgressBoard`: each call returns the events posted since
+    the previous call."""
+
+    def __init__(self, board: ray.actor.ActorHandle) -> None:
+        self.board, self.seen = board, 0
+
+    def __call__(self) -> list[dict]:
+        events = ray.get(self.board.since.remote(self.seen))
+        self.seen += len(events)
+        return events
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """Fit one plan's model on this worker's shard; report and checkpoint every epoch."""
+    job, plan = JobConfig.model_validate(config["job"]), ModelPlan(**config["plan"])
+    manifest, board = config["manifest"], config["board"]
+    torch.set_num_threads(job.resources.torch_threads)
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(job.training.seed + rank)
+    steps = steps_per_epoch(manifest["shard_sizes"], world, job.training.batch_size)
+    device = ray.train.torch.get_device()
+    fit = Fit.build(job, plan, steps, device, prepare=ray.train.torch.prepare_model)
+    start = _restore(fit)
+    train = _load_shards(manifest["train"][rank::world])
+    val = read_arrays(manifest["val"]) if rank == 0 else None
+    _post(board, rank, {"model": plan.name, "kind": "start", "epoch": start, "pid": os.getpid()})
+    for epoch in range(start, job.training.epochs):
+        metrics = fit.train_epoch(train, epoch)
+        metrics |= _report(fit, epoch, metrics, val)
+        _post(board, rank, {"model": plan.name, "kind": "epoch", **metrics})
+
+
+def _load_shards(uris: list[str]) -> ImageArrays:
+    parts = [read_arrays(uri) for uri in uris]
+    return ImageArrays(torch.cat([p.images for p in parts]), torch.cat([p.labels for p in parts]))
+
+
+def _restore(fit: Fit) -> int:
+    """Resume from Ray Train's latest checkpoint, if any; the epoch to start from."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0
+    with checkpoint.as_directory() as directory:
+        return fit.restore(load_state(directory, map_location=fit.device))
+
+
+def _report(fit: Fit, epoch: int, metrics: dict, val: ImageArrays | None) -> dict:
+    """Rank 0 validates and checkpoints; every rank reports (Ray Train needs all). Returns the
+    validation metrics (none on other ranks)."""
+    with tempfile.TemporaryDirectory() as directory:
+        if val is None:
+            ray.train.report(metrics)
+            return {}
+        validation = fit.validate(val)
+        save_member(directory, fit.spec, fit.state(epoch))
+        checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics | validation, checkpoint=checkpoint)
+    return validation
+
+
+def _post(board, rank: int, event: dict) -> None:
+    if rank == 0 and board is not None:
+        board.post.remote(event)
+
+
+def trainer_for(
+    job: JobConfig,
+    plan: ModelPlan,
+    manifest: dict,
+    board,
+    run_name: str | None = None,
+    callbacks=(),
+) -> TorchTrainer:
+    """The TorchTrainer of one model; relaunching with the same run name resumes it."""
+    res = job.resources
+    return TorchTrainer(
+        train_loop,
+        train_loop_config={
+            "job": job.model_dump(),
+            "plan": asdict(plan),
+            "manifest": manifest,
+            "board": board,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=res.workers_per_member,
+            use_gpu=res.use_gpu,
+            resources_per_worker={"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {}),
+        ),
+        run_config=RunConfig(
+            name=run_name or plan.name,
+            storage_path=join(job.storage.resolved(), job.name),
+            failure_config=FailureConfig(max_failures=res.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            callbacks=list(callbacks),
+        ),
+    )
+
+
+def train_on_ray(job: JobConfig, plan: ModelPlan, manifest: dict, board) -> dict:
+    """Fit one model's TorchTrainer (blocking; the jobs run one per driver thread).
+
+    A ValueError on a worker is a user fault (a damaged checkpoint or data file): it comes back
+    as one ValueError naming the model, not as Ray Train's multi-line report.
+    """
+    try:
+        result = trainer_for(job, plan, manifest, board).fit()
+    except WorkerGroupError as err:
+        faults = [e for e in err.worker_failures.values() if isinstance(e, ValueError)]
+        if faults:
+            raise ValueError(f"{plan.name}: {faults[0]}") from err
+        raise
+    return {
+        "model": plan.name,
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "metrics": dict(result.metrics or {}),
+        "path": result.path,
+    }

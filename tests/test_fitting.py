@@ -1,0 +1,73 @@
+"""One model's training, Ray-free (`orchestrator.fitting`): what every Ray Train worker runs."""
+
+import pytest
+import torch
+
+from orchestrator.config import parse_config
+from orchestrator.fitting import Fit, ModelPlan, train_in_process
+from psat_core.accounting import trained_parameters
+from psat_core.checkpoint import load_state, save_member
+from psat_core.data import ImageArrays, load_dataset
+from psat_core.models import NoiseGenerator, count_parameters
+from psat_core.train import MetaNoiseTraining
+
+NORMS = ("linf", "l2", "l1")
+PLANS = [
+    ModelPlan("linf", "at", ("linf",), 4),  # a PSAT member
+    ModelPlan("at_msd", "msd", NORMS, None),
+    ModelPlan("at_mng", "mng", NORMS, None),
+]
+
+
+@pytest.fixture
+def job(tiny_job):
+    return parse_config(tiny_job("fit"))
+
+
+@pytest.fixture
+def digits():
+    data = load_dataset("digits", "train", "unused")
+    return ImageArrays(data.images[:64], data.labels[:64]), data.subset(32, seed=1)
+
+
+@pytest.mark.parametrize("plan", PLANS, ids=lambda plan: plan.name)
+def test_a_checkpoint_resumes_the_whole_training_state(job, digits, plan, tmp_path):
+    train, _ = digits
+    torch.manual_seed(0)
+    fit = Fit.build(job, plan, steps_per_epoch=1, device=torch.device("cpu"))
+    fit.train_epoch(train, epoch=0)
+    save_member(tmp_path, fit.spec, fit.state(epoch=0))
+    state = load_state(tmp_path)
+    torch.manual_seed(1)  # another initialization, another RNG: restore must replace both
+    resumed = Fit.build(job, plan, steps_per_epoch=1, device=torch.device("cpu"))
+    assert resumed.restore(state) == 1
+    losses = []
+    for each in (fit, resumed):  # the next epoch from the same random state
+        torch.set_rng_state(state["rng"])
+        losses.append(each.train_epoch(train, epoch=1)["loss"])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for a, b in zip(fit.net.state_dict().values(), resumed.net.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+    if plan.method == "mng":
+        generators = [f.method.generator.state_dict() for f in (fit, resumed)]
+        for name, tensor in generators[0].items():
+            torch.testing.assert_close(tensor, generators[1][name])
+
+
+def test_at_mng_counts_its_noise_generator(job, digits):
+    train, val = digits
+    fit = train_in_process(job, PLANS[2], train, val)
+    assert isinstance(fit.method, MetaNoiseTraining)
+    classifier, generator = count_parameters(fit.net), count_parameters(NoiseGenerator(1))
+    assert fit.train_epoch(train, epoch=2)["params"] == classifier + generator
+    assert trained_parameters(fit.spec) == classifier + generator
+
+
+def test_validation_reports_the_sweeps_objective(job, digits):
+    train, val = digits
+    fit = train_in_process(job, PLANS[0], train, val)
+    metrics = fit.validate(val)
+    assert metrics["objective"] == metrics["linf"]
+    fit = Fit.build(job, PLANS[1], steps_per_epoch=1, device=torch.device("cpu"))
+    metrics = fit.validate(val)
+    assert metrics["objective"] == metrics["trade_off"]
