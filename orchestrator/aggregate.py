@@ -43,11 +43,10 @@ from orchestrator.report import (
 from orchestrator.shards import read_arrays
 from orchestrator.tracking import CHECKPOINT_TAG, JOB_TAG, ROLE_TAG, Tracker
 from orchestrator.training import prepare_job
-from psat_core.accounting import plain_parameters
+from psat_core.accounting import plain_parameters, trained_parameters
 from psat_core.checkpoint import MemberSpec, ensemble_from_checkpoints, read_spec
 from psat_core.ensemble import STRATEGIES
 from psat_core.metrics import summarize
-from psat_core.models import count_parameters
 
 TRAIN_RUN_TAG = "psat.train_run"
 VERSION_TAG = "psat.registered_version"
@@ -150,7 +149,7 @@ def check_members(job: JobConfig, dirs: Mapping[str, Path]) -> dict[str, MemberS
 def parameter_counts(specs: Mapping[str, MemberSpec]) -> dict[str, float]:
     """Each member's trainable parameters, their sum (the PSAT model F_H) and the saving
     against the plain ResNet of the same shape (Tables 1 and 2)."""
-    counts = {f"member.{name}": count_parameters(spec.build()) for name, spec in specs.items()}
+    counts = {f"member.{name}": trained_parameters(spec) for name, spec in specs.items()}
     spec = next(iter(specs.values()))
     aggregated = sum(counts.values())
     plain = plain_parameters(spec.arch, spec.num_classes, spec.in_channels)

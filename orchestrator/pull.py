@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.registry import DIGEST_TAG, MEMBERS_TAG, STRATEGY_TAG, TRADE_OFF_TAG
 from orchestrator.tracking import tracking
-from psat_core.accounting import plain_parameters
+from psat_core.accounting import plain_parameters, trained_parameters
 from psat_core.checkpoint import (
     MemberSpec,
     checkpoint_digest,
@@ -37,7 +37,6 @@ from psat_core.checkpoint import (
     read_spec,
 )
 from psat_core.ensemble import PSATEnsemble
-from psat_core.models import count_parameters
 
 _MODELS_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
@@ -196,9 +195,7 @@ def pull(
         specs=specs,
         strategy=strategy,
         trade_off=None if recorded is None else float(recorded),
-        member_parameters={
-            n: count_parameters(m) for n, m in zip(ensemble.names, ensemble.members, strict=True)
-        },
+        member_parameters={name: trained_parameters(spec) for name, spec in specs.items()},
         plain_parameters=plain_parameters(spec.arch, spec.num_classes, spec.in_channels),
         ensemble=ensemble,
     )

@@ -761,22 +761,22 @@ _IMAGE = {
 }
 
 # scikit-learn digits: 8x8 grayscale, 17 gray levels scaled to [0, 1], d = 64. ε∞ = 0.15 is
-# about 2.4 gray levels; ε2 = 1.0 < 8 * 0.15 = 1.2 (the ℓ∞ box's corner), and ε1 = 4 (about
-# four pixels fully flipped) < 8 * ε2 = 8 (the ℓ2 ball's ℓ1 reach), so no ball contains
-# another, as for CIFAR-10's radii: each norm is a distinct threat. Few steps keep CPU training
-# and per-epoch validation quick (validation: twice the training steps, one restart); the final
+# about 2.4 gray levels; ε2 = 0.6 < 8 * 0.15 = 1.2 (the ℓ∞ box's corner) and ε1 = 2 (two pixels
+# fully flipped) < 8 * ε2, so no ball contains another. Measured (bench/specialists.py, paper
+# protocol): at these radii each AT specialist is the most robust model on its own norm and
+# weakest on another, as in the paper's Table 3. CIFAR-10's ratios (ε∞·√d/ε2 = 3.5,
+# ε∞·d/ε1 = 8, i.e. ε2 = 0.34, ε1 = 1.2 here) leave ℓ2 and ℓ1 too weak on 64 pixels: every
+# specialist keeps 86-91% on both and AT_ℓ2 beats AT_ℓ1 on ℓ1. Few steps keep CPU training and
+# per-epoch validation quick (validation: twice the training steps, one restart); the final
 # evaluation's PGD takes 20/20/40 steps and 3 restarts. The ℓ1 step moves
 # L1Ball.MIN_COORDINATES = 8 pixels (the top 1% of 64 would be one).
-_DIGITS_EPS = {"linf": 0.15, "l2": 1.0, "l1": 4.0}
+_DIGITS_EPS = {"linf": 0.15, "l2": 0.6, "l1": 2.0}
+_DIGITS_STEP = {"linf": 0.075, "l2": 0.3, "l1": 0.5}
 _DIGITS = {
-    "train": _table(
-        _DIGITS_EPS, {"linf": 5, "l2": 5, "l1": 10}, {"linf": 0.075, "l2": 0.5, "l1": 1.0}, 1
-    ),
-    "validation": _table(
-        _DIGITS_EPS, {"linf": 10, "l2": 10, "l1": 20}, {"linf": 0.075, "l2": 0.5, "l1": 1.0}, 1
-    ),
+    "train": _table(_DIGITS_EPS, {"linf": 5, "l2": 5, "l1": 10}, _DIGITS_STEP, 1),
+    "validation": _table(_DIGITS_EPS, {"linf": 10, "l2": 10, "l1": 20}, _DIGITS_STEP, 1),
     "eval": _table(
-        _DIGITS_EPS, {"linf": 20, "l2": 20, "l1": 40}, {"linf": 0.0375, "l2": 0.25, "l1": 0.5}, 3
+        _DIGITS_EPS, {"linf": 20, "l2": 20, "l1": 40}, {"linf": 0.0375, "l2": 0.15, "l1": 0.25}, 3
     ),
 }
 
