@@ -31,7 +31,7 @@ from psat_core.data import ImageArrays
 
 @ray.remote(num_cpus=0)
 class ProgressBoard:
-    """Where members' rank-0 workers post events; the driver reads them to log and print."""
+    """Where models' rank-0 workers (and evaluation rows) post events; the driver reads them."""
 
     def __init__(self) -> None:
         self.events: list[dict] = []

@@ -129,7 +129,7 @@ def _check_capacity(job: JobConfig, required: dict, capacity: dict, where: str) 
 
 
 def board_name(job: JobConfig) -> str:
-    """The named actor holding a running job's progress events (members post, driver reads)."""
+    """The named actor holding a running job's progress events (models post, driver reads)."""
     return f"psat-progress-{job.name}"
 
 
