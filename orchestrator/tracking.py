@@ -86,7 +86,8 @@ def exit_on_sigterm() -> None:
 
     One that arrives inside an MLflow or SQLAlchemy call is sent again 0.1 s later: exiting
     half-way through a store write can leave the SQLite store locked, and the runs RUNNING.
-    Installed by the CLI, and again after `ray.init`, which installs a handler of its own.
+    Installed by the CLI; `ray.init`, which installs a handler of its own, keeps it
+    (`orchestrator.training.sigterm_kept`).
     """
     signal.signal(signal.SIGTERM, _on_sigterm)
 
