@@ -211,7 +211,8 @@ def train_models(
         raise  # the parent's run ends its nested runs still RUNNING
     finally:
         pool.shutdown(wait=False)
-        ray.kill(board)
+        if ray.is_initialized():  # an interrupted job has shut Ray down already
+            ray.kill(board)
     if errors:
         raise next(iter(errors.values()))
     return results
