@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import synthetic
 from torch import nn
 
 from psat_core.adaptive import ConfidentWrongMember, GatePGD, SoftGate, adaptive_attacks
@@ -12,7 +13,6 @@ from psat_core.crosscheck import crosscheck_attacks
 from psat_core.ensemble import PSATEnsemble, entropy
 from psat_core.metrics import evaluate_per_sample, summarize
 from psat_core.protocol import attack_suite
-from tests.helpers import synthetic
 
 EPS = 0.1
 
