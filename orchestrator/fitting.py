@@ -88,6 +88,7 @@ class Fit:
     method: Method  # what each update trains on (psat_core.train.training_inputs)
     steps_per_epoch: int
     device: torch.device
+    parameters: int  # Table 1's count (`accounting.trained_parameters`), once per fit
 
     @classmethod
     def build(
@@ -117,7 +118,10 @@ class Fit:
             in_channels=spec.in_channels,
             device=device,
         )
-        return cls(job, plan, spec, model, optimizer, scheduler, method, steps_per_epoch, device)
+        return cls(
+            job, plan, spec, model, optimizer, scheduler, method, steps_per_epoch, device,
+            trained_parameters(spec),
+        )  # fmt: skip
 
     @property
     def net(self) -> nn.Module:
@@ -144,7 +148,7 @@ class Fit:
             "lr": self.scheduler.get_last_lr()[0],
             "epoch_start": started,
             "epoch_end": time.time(),
-            "params": trained_parameters(self.spec),
+            "params": self.parameters,
         }
 
     def validate(self, data: ImageArrays) -> dict[str, float]:
