@@ -9,6 +9,7 @@ Ray or MLflow work starts.
 from __future__ import annotations
 
 import os
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -373,10 +374,16 @@ def parse_config(data: Any, source: str = "<config>", overrides: dict | None = N
     return config
 
 
+EXAMPLES = Path(str(files("jobs") / "configs"))  # the example configs, installed with psat
+
+
 def load_config(path: str | Path, overrides: dict | None = None) -> JobConfig:
     path = Path(path)
     if not path.exists():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(
+            f"config file {path} does not exist; the example configs are installed in "
+            f"{EXAMPLES}: copy one, e.g. cp {EXAMPLES / 'quickstart.yaml'} ."
+        )
     if not path.is_file():
         raise ConfigError(f"config file {path} is not a regular file")
     try:

@@ -26,7 +26,8 @@ def test_missing_config_is_one_line_and_writes_nothing(tmp_path, command):
     extra = ["--model", "models:/x@champion"] if command == "evaluate" else []
     proc = psat(command, "--config", "nope.yaml", *extra, cwd=tmp_path)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"psat {command}: error: config file nope.yaml does not exist"
+    line = f"psat {command}: error: config file nope.yaml does not exist; the example configs"
+    assert proc.stderr.startswith(line) and len(proc.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
 

@@ -52,8 +52,11 @@ def test_invalid_config_names_field_and_value(data, field, value):
 
 
 def test_missing_and_malformed_files(tmp_path):
-    with pytest.raises(ConfigError, match="does not exist"):
+    with pytest.raises(ConfigError, match="does not exist") as missing:
         load_config(tmp_path / "nope.yaml")
+    # the hint names where the installed examples are, and the copy it suggests loads
+    example = str(missing.value).rsplit("cp ", 1)[1].removesuffix(" .")
+    assert load_config(example).name == "quickstart"
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
