@@ -270,10 +270,14 @@ class MetaNoiseTraining:
         """Step 5: the classifier's update on the adversarial loss plus the consistency loss
         over clean, adversarial and fresh noise images (no cross-entropy on clean or noise
         images, as the reference). Touches no generator parameter or gradient."""
+        net = unwrap(model)
         with torch.no_grad():
             x_noise = self.noise_image(threat, x)
         with autocast(x.device, amp):
-            logits_clean, logits_adv, logits_noise = model(x), model(x_adv), model(x_noise)
+            # three passes in the reference's order, one of them through the DDP wrapper: each
+            # wrapped pass broadcasts the BN buffers in place, which cuDNN saved for backward
+            logits_clean = model(x)
+            logits_noise, logits_adv = net(x_noise), net(x_adv)
             consistency = js_divergence([logits_clean, logits_adv, logits_noise])
             loss = F.cross_entropy(logits_adv.float(), y) + self.js_weight * consistency
         optimizer.zero_grad(set_to_none=True)

@@ -216,10 +216,13 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     optimizer = make_optimizer(model.module.parameters(), lr=0.05)
     method = MetaNoiseTraining(ATTACKS, in_channels=1)
     x, y = synthetic(8, seed=rank, classes=CLASSES)  # a different batch on each rank
+    passes = []
+    model.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
     train_step(model, x, y, optimizer, method)
     parameters = {
         "generator": dict(method.generator.named_parameters()),
         "classifier": dict(model.module.named_parameters()),  # BN statistics are per rank
+        "wrapped passes": passes,
     }
     torch.save(parameters, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
@@ -228,6 +231,9 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
 def test_ddp_ranks_train_one_generator(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    # one pass per step through the wrapper, which broadcasts the BN buffers in place: a second
+    # one would modify what cuDNN's BatchNorm saved for backward (a CUDA-only error)
+    assert first["wrapped passes"] == second["wrapped passes"] == [8]
     for part in ("generator", "classifier"):
         for name, tensor in first[part].items():
             assert torch.equal(second[part][name], tensor), (part, name)
