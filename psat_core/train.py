@@ -191,8 +191,9 @@ class MetaNoiseTraining:
         """One generator and one classifier update on a batch (steps 1-5 above).
 
         `model` may be wrapped in DistributedDataParallel: the attack and the lookahead run on
-        the bare model, the classifier update through the wrapper. Returns the classifier's
-        loss, its accuracy on ``x_adv``, and the generator's loss.
+        the bare model, the classifier update's clean pass through the wrapper (its other two
+        on the bare model). Returns the classifier's loss, its accuracy on ``x_adv``, and the
+        generator's loss.
         """
         net = unwrap(model)
         if isinstance(net, HyperResNet):
