@@ -155,9 +155,13 @@ class RayCluster:
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
         )  # fmt: skip
-        wait_http(self.address, head, self.root / "head.log")
-        self._node("worker", f"--address=127.0.0.1:{self.gcs_port}")
-        self.wait_nodes(2)
+        try:
+            wait_http(self.address, head, self.root / "head.log")
+            self._node("worker", f"--address=127.0.0.1:{self.gcs_port}")
+            self.wait_nodes(2)
+        except BaseException:  # a node that did not start: stop the ones that did
+            self.stop()
+            raise
         return self
 
     @property
@@ -202,7 +206,11 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
             cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        wait_http(f"{self.uri}/health", self.proc, self.root / "server.log")
+        try:
+            wait_http(f"{self.uri}/health", self.proc, self.root / "server.log")
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     @property

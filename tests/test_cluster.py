@@ -51,7 +51,11 @@ class Site:
         shutil.copy(ROOT / "jobs" / "configs" / "quickstart.yaml", self.home / "mine.yaml")
         self.storage = root / "shared" / "runs"  # "shared": both nodes are on this machine
         self.cluster.start()
-        self.mlflow = MlflowServer(self.cluster.bin, root / "mlflow").start()
+        try:
+            self.mlflow = MlflowServer(self.cluster.bin, root / "mlflow").start()
+        except BaseException:  # leave no cluster behind a fixture that failed
+            self.cluster.stop()
+            raise
 
     def env(self, **extra: str) -> dict[str, str]:
         return self.cluster.env | {
