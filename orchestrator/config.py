@@ -374,15 +374,13 @@ def parse_config(data: Any, source: str = "<config>", overrides: dict | None = N
     return config
 
 
-EXAMPLES = Path(str(files("jobs") / "configs"))  # the example configs, installed with psat
-
-
 def load_config(path: str | Path, overrides: dict | None = None) -> JobConfig:
     path = Path(path)
     if not path.exists():
+        examples = Path(str(files("jobs") / "configs"))  # installed with psat
         raise ConfigError(
             f"config file {path} does not exist; the example configs are installed in "
-            f"{EXAMPLES}: copy one, e.g. cp {EXAMPLES / 'quickstart.yaml'} ."
+            f"{examples}: copy one, e.g. cp {examples / 'quickstart.yaml'} ."
         )
     if not path.is_file():
         raise ConfigError(f"config file {path} is not a regular file")

@@ -18,6 +18,8 @@ import sysconfig
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +47,17 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120)
             if time.time() > deadline:
                 raise TimeoutError(f"{url} did not answer in {timeout} s") from err
             time.sleep(1)
+
+
+@contextmanager
+def stopped_on_failure(service) -> Iterator[None]:
+    """Stop what `service` started so far if the block fails: no process outlives a start
+    that did not finish."""
+    try:
+        yield
+    except BaseException:
+        service.stop()
+        raise
 
 
 def stop(proc: subprocess.Popen) -> None:
@@ -155,13 +168,10 @@ class RayCluster:
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
             f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
         )  # fmt: skip
-        try:
+        with stopped_on_failure(self):
             wait_http(self.address, head, self.root / "head.log")
             self._node("worker", f"--address=127.0.0.1:{self.gcs_port}")
             self.wait_nodes(2)
-        except BaseException:  # a node that did not start: stop the ones that did
-            self.stop()
-            raise
         return self
 
     @property
@@ -206,11 +216,8 @@ class MlflowServer:
              "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
             cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
-        try:
+        with stopped_on_failure(self):
             wait_http(f"{self.uri}/health", self.proc, self.root / "server.log")
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     @property

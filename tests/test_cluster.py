@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster import ROOT, MlflowServer, RayCluster, free_port, make_venv
+from cluster import ROOT, MlflowServer, RayCluster, free_port, make_venv, stopped_on_failure
 from mlflow.tracking import MlflowClient
 
 NORMS = ("linf", "l2", "l1")
@@ -51,11 +51,8 @@ class Site:
         shutil.copy(ROOT / "jobs" / "configs" / "quickstart.yaml", self.home / "mine.yaml")
         self.storage = root / "shared" / "runs"  # "shared": both nodes are on this machine
         self.cluster.start()
-        try:
+        with stopped_on_failure(self.cluster):
             self.mlflow = MlflowServer(self.cluster.bin, root / "mlflow").start()
-        except BaseException:  # leave no cluster behind a fixture that failed
-            self.cluster.stop()
-            raise
 
     def env(self, **extra: str) -> dict[str, str]:
         return self.cluster.env | {
