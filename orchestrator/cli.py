@@ -15,6 +15,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
+from mlflow.utils.logging_utils import disable_logging as mlflow_output_off
 
 from orchestrator.config import (
     ConfigError,
@@ -26,7 +27,7 @@ from orchestrator.config import (
     parse_overrides,
 )
 from orchestrator.locking import job_lock
-from orchestrator.tracking import exit_on_sigterm
+from orchestrator.tracking import HTTP_BOUNDS, exit_on_sigterm
 from psat_core.accounting import parameter_report
 from psat_core.data import DatasetNotFoundError
 
@@ -314,10 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:  # their INFO chatter (uploads, "View run" links) drowns psat's progress
-        for name in QUIET_LIBRARIES:
+    for name, value in HTTP_BOUNDS.items():  # a user's own settings win
+        os.environ.setdefault(name, value)
+    if not args.verbose:  # only psat speaks: MLflow's progress bars, prints and "View run"
+        for name in QUIET_LIBRARIES:  # links, Ray's INFO chatter drown psat's progress
             logging.getLogger(name).setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mlflow_output_off()
     exit_on_sigterm()
     try:
         return args.run(args)

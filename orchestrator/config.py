@@ -30,6 +30,25 @@ from psat_core.models import ARCHS
 from psat_core.train import SCHEDULES
 
 Norm = Literal["linf", "l2", "l1"]
+MAX_CONFIG_BYTES = 1 << 20  # a job config is a page of settings, never megabytes
+
+
+class _DataLoader(yaml.SafeLoader):
+    """Safe YAML without anchors and aliases: a config is plain data of bounded size, and an
+    alias bomb ("billion laughs") expands to gigabytes once validated."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.YAMLError(
+                f"uses the YAML alias *{event.anchor} at line {event.start_mark.line + 1}; "
+                "psat configs take no anchors or aliases: write the values out"
+            )
+        return super().compose_node(parent, index)
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_DataLoader)  # noqa: S506 (a SafeLoader)
 
 
 def _one_of(kind: str, value: str, allowed) -> str:
@@ -384,14 +403,28 @@ def load_config(path: str | Path, overrides: dict | None = None) -> JobConfig:
         )
     if not path.is_file():
         raise ConfigError(f"config file {path} is not a regular file")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"config file {path} has {size:,} bytes; a psat config has at most "
+            f"{MAX_CONFIG_BYTES:,}: give the job's settings, not data"
+        )
     try:
-        data = yaml.safe_load(path.read_text())
+        data = _yaml(path.read_text())
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        raise ConfigError(f"{path}: {_yaml_problem(err)}") from None
     return parse_config(data, str(path), overrides)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    mark = getattr(err, "problem_mark", None)
+    if mark is None and not hasattr(err, "problem"):  # ours: already one sentence
+        return str(err)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    return f"not valid YAML{where}: {problem}"
 
 
 def parse_overrides(pairs: list[str]) -> dict:
@@ -405,7 +438,10 @@ def parse_overrides(pairs: list[str]) -> dict:
         *parents, leaf = key.split(".")
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
+        try:
+            node[leaf] = _yaml(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {key}: {_yaml_problem(err)}") from None
     return merged
 
 

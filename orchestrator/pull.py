@@ -28,7 +28,7 @@ from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
 from orchestrator.registry import DIGEST_TAG, MEMBERS_TAG, STRATEGY_TAG, TRADE_OFF_TAG
-from orchestrator.tracking import tracking
+from orchestrator.tracking import check_server, tracking
 from psat_core.accounting import plain_parameters, trained_parameters
 from psat_core.checkpoint import (
     MemberSpec,
@@ -226,7 +226,9 @@ def _verified_members(version: ModelVersion, meta: Model, path: Path) -> dict[st
 
 
 def _require_store(uri: str) -> None:
-    """A SQLite tracking URI must name an existing file: reading never creates a store."""
+    """A SQLite tracking URI must name an existing file (reading never creates a store); a
+    server must answer (`check_server`)."""
+    check_server(uri)
     if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
         raise ValueError(
             f"no MLflow store at {uri}; set --tracking-uri or MLFLOW_TRACKING_URI to the "

@@ -391,11 +391,12 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
     plans = model_plans(job)
     per_trainer = res.workers_per_member * (1 if res.use_gpu else res.cpus_per_worker)
     concurrency = job.reproduce.concurrent_trainers
+    tracker = Tracker(job)
+    tracker.resumable(ROLE)  # a changed config is refused before Ray starts
     manifest = prepare_job(job, per_trainer * (concurrency or 1))
     if concurrency is None:
         kind = "GPU" if res.use_gpu else "CPU"
         concurrency = max(1, int(ray.cluster_resources().get(kind, 0) // per_trainer))
-    tracker = Tracker(job)
     with tracker.job_run(ROLE) as run_id:  # FAILED (KILLED on Ctrl-C) if any step fails
         trained = train_models(job, plans, manifest, tracker, run_id, concurrency, echo)
         checkpoints = {name: result["checkpoint"] for name, result in trained.items()}

@@ -197,8 +197,9 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
     search = _search(job)
     res = job.resources
     trial = 1 + res.workers_per_member * res.cpus_per_worker  # the trial's driver + its workers
-    manifest = prepare_job(job, 3 * trial, trial)
     tracker = Tracker(job)
+    tracker.resumable("sweep")  # a changed config is refused before Ray starts
+    manifest = prepare_job(job, 3 * trial, trial)
     storage = join(job.storage.resolved(), job.name)
     experiment = join(storage, "sweep")
     # the trial driver keeps Tune's default of 1 CPU and no GPU; its workers ask for the rest

@@ -11,6 +11,8 @@ import signal
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -48,10 +50,38 @@ def artifact_location(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
 
 
+REACH_TIMEOUT_S = 5  # a tracking server that has not answered by then is down or elsewhere
+# MLflow's HTTP defaults retry for minutes (7 retries, 120 s timeouts); psat's are bounded
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
+
+
+def check_server(uri: str) -> None:
+    """An http(s) tracking URI must answer as an MLflow server within REACH_TIMEOUT_S: else a
+    ConfigError naming it, before any work (other URIs pass)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    fix = "fix tracking.uri, MLFLOW_TRACKING_URI or --tracking-uri"
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=REACH_TIMEOUT_S):
+            return
+    except urllib.error.HTTPError as err:
+        raise ConfigError(
+            f"{uri} does not answer as an MLflow tracking server (GET /health: HTTP "
+            f"{err.code}); {fix}"
+        ) from None
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise ConfigError(
+            f"cannot reach the MLflow tracking server {uri} ({reason}); {fix}"
+        ) from None
+
+
 def open_store(uri: str) -> MlflowClient:
-    """A client of `uri`; a SQLite store is created (schema and migrations) by one process at
-    a time: jobs that start together on a fresh file would otherwise race in the migration."""
+    """A client of `uri`; a server must answer first (`check_server`). A SQLite store is
+    created (schema and migrations) by one process at a time: jobs that start together on a
+    fresh file would otherwise race in the migration."""
     if not uri.startswith("sqlite:///"):
+        check_server(uri)
         return MlflowClient(uri)
     database = Path(uri.removeprefix("sqlite:///"))
     if not database.parent.is_dir():
@@ -81,23 +111,34 @@ def ended_status(err: BaseException) -> str:
     return "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
 
 
+SIGTERM_GRACE_S = 2.0  # a store write finishes in well under this; a network wait may not
+
+
 def exit_on_sigterm() -> None:
     """SIGTERM ends the job like Ctrl-C, its runs marked KILLED on the way out (`ended_status`).
 
-    One that arrives inside an MLflow or SQLAlchemy call is sent again 0.1 s later: exiting
-    half-way through a store write can leave the SQLite store locked, and the runs RUNNING.
-    Installed by the CLI; `ray.init`, which installs a handler of its own, keeps it
-    (`orchestrator.training.sigterm_kept`).
+    One that arrives inside a SQLAlchemy call (a write to a SQLite store) is sent again 0.1 s
+    later, for at most SIGTERM_GRACE_S: exiting half-way through the write can leave the store
+    locked and the runs RUNNING. Nothing else defers it: not an HTTP request, whose retries can
+    last minutes. Installed by the CLI; `ray.init`, which installs a handler of its own, keeps
+    it (`orchestrator.training.sigterm_kept`).
     """
+    _first_sigterm.clear()
     signal.signal(signal.SIGTERM, _on_sigterm)
 
 
+_first_sigterm: list[float] = []
+
+
 def _on_sigterm(signum: int, frame) -> None:
-    while frame is not None:
-        if frame.f_globals.get("__name__", "").partition(".")[0] in ("mlflow", "sqlalchemy"):
-            threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
-            return
-        frame = frame.f_back
+    if not _first_sigterm:
+        _first_sigterm.append(time.monotonic())
+    if time.monotonic() - _first_sigterm[0] < SIGTERM_GRACE_S:
+        while frame is not None:
+            if frame.f_globals.get("__name__", "").partition(".")[0] == "sqlalchemy":
+                threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
+                return
+            frame = frame.f_back
     sys.exit(128 + signum)
 
 
@@ -165,30 +206,36 @@ class Tracker:
         runs = self.client.search_runs([self.experiment_id], query, max_results=1)
         return runs[0] if runs else None
 
+    def resumable(self, role: str) -> Run | None:
+        """The job's earlier `role` run, if any; a ConfigError if it ran with another config.
+        Jobs ask before they start Ray: a refusal costs no start-up."""
+        existing = self.find(**{JOB_TAG: self.job.name, ROLE_TAG: role})
+        if existing is None:
+            return None
+        recorded = existing.data.params
+        changed = {
+            k: (recorded.get(k), v) for k, v in self.params().items() if recorded.get(k) != v
+        }
+        if changed:
+            first = ", ".join(
+                f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changed.items())[:3]
+            )
+            raise ConfigError(
+                f"job {self.job.name!r} already ran with a different config ({first}); "
+                "resume with the same config or choose a new name"
+            )
+        return existing
+
     def _job_run_id(self, role: str) -> str:
-        params = self.params()
-        tags = {JOB_TAG: self.job.name, ROLE_TAG: role}
-        existing = self.find(**tags)
+        existing = self.resumable(role)
         if existing is not None:
-            changed = {
-                k: (existing.data.params.get(k), v)
-                for k, v in params.items()
-                if existing.data.params.get(k) != v
-            }
-            if changed:
-                first = ", ".join(
-                    f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changed.items())[:3]
-                )
-                raise ConfigError(
-                    f"job {self.job.name!r} already ran with a different config ({first}); "
-                    "resume with the same config or choose a new name"
-                )
             self.client.update_run(existing.info.run_id, status="RUNNING")
             return existing.info.run_id
+        tags = {JOB_TAG: self.job.name, ROLE_TAG: role}
         run = self.client.create_run(
             self.experiment_id, run_name=f"{self.job.name}-{role}", tags=tags
         )
-        self.log_params(run.info.run_id, params)
+        self.log_params(run.info.run_id, self.params())
         return run.info.run_id
 
     def child_run(

@@ -146,8 +146,9 @@ def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[s
     """
     plans = psat_members(job)
     res = job.resources
-    manifest = prepare_job(job, len(plans) * res.workers_per_member * res.cpus_per_worker)
     tracker = Tracker(job)
+    tracker.resumable("train")  # a changed config is refused before Ray starts
+    manifest = prepare_job(job, len(plans) * res.workers_per_member * res.cpus_per_worker)
     with tracker.job_run("train") as parent:
         results = train_models(job, plans, manifest, tracker, parent, len(plans), echo)
     echo(f"members finished; MLflow parent run {parent}")

@@ -62,7 +62,7 @@ def stopped_on_failure(service) -> Iterator[None]:
 
 def stop(proc: subprocess.Popen) -> None:
     """Stop a process started with start_new_session=True and everything it started."""
-    for sig, wait in ((signal.SIGTERM, 60), (signal.SIGKILL, 30)):
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
@@ -121,8 +121,28 @@ class RayCluster:
     bin: Path
     root: Path
     cpus_per_node: int = 2
+    gpus_per_node: int = 0  # declared to Ray; no CUDA needed
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     procs: list[subprocess.Popen] = field(default_factory=list)
+    reserved: list[range] = field(default_factory=list)  # the nodes' worker port ranges
+    taken: set[int] = field(default_factory=set)  # every other port given out
+
+    def port(self) -> int:
+        """A free port outside every worker port range given out so far."""
+        while True:
+            port = free_port()
+            if not any(port in ports for ports in self.reserved):
+                self.taken.add(port)
+                return port
+
+    def worker_ports(self) -> range:
+        """100 ports for a node's workers, clear of every port given out so far."""
+        while True:
+            first = free_port() // 100 * 100
+            ports = range(first, first + 100)
+            if not self.taken.intersection(ports):
+                self.reserved.append(ports)
+                return ports
 
     @property
     def env(self) -> dict[str, str]:
@@ -136,19 +156,16 @@ class RayCluster:
 
     def _node(self, name: str, *args: str) -> subprocess.Popen:
         (self.root / name).mkdir(parents=True, exist_ok=True)
-        ports = {
-            "--node-manager-port": free_port(),
-            "--object-manager-port": free_port(),
-            "--dashboard-agent-listen-port": free_port(),
-            "--dashboard-agent-grpc-port": free_port(),
-            "--metrics-export-port": free_port(),
-            "--runtime-env-agent-port": free_port(),
-        }
-        worker_ports = free_port() // 100 * 100
+        workers = self.worker_ports()
+        options = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+                   "--dashboard-agent-grpc-port", "--metrics-export-port",
+                   "--runtime-env-agent-port")  # fmt: skip
+        ports = {option: self.port() for option in options}
         command = [
             str(self.bin / "ray"), "start", "--block", "--node-ip-address=127.0.0.1",
-            f"--num-cpus={self.cpus_per_node}", "--disable-usage-stats",
-            f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 99}",
+            f"--num-cpus={self.cpus_per_node}", f"--num-gpus={self.gpus_per_node}",
+            "--disable-usage-stats", f"--min-worker-port={workers.start}",
+            f"--max-worker-port={workers.stop - 1}",
             *(f"{k}={v}" for k, v in ports.items()), *args,
         ]  # fmt: skip
         log = open(self.root / f"{name}.log", "w")  # noqa: SIM115 (lives as long as the node)
@@ -160,13 +177,13 @@ class RayCluster:
         return proc
 
     def start(self) -> RayCluster:
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
+        self.gcs_port, self.dashboard_port = self.port(), self.port()
         # Ray's sockets live in its temp dir, and a socket path has at most 107 bytes
         self.temp_dir = Path(tempfile.mkdtemp(prefix="psat-ray-", dir="/tmp"))
         head = self._node(
             "head", "--head", f"--port={self.gcs_port}", "--include-dashboard=true",
             "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-            f"--ray-client-server-port={free_port()}", f"--temp-dir={self.temp_dir}",
+            f"--ray-client-server-port={self.port()}", f"--temp-dir={self.temp_dir}",
         )  # fmt: skip
         with stopped_on_failure(self):
             wait_http(self.address, head, self.root / "head.log")
@@ -213,8 +230,10 @@ class MlflowServer:
         self.proc = subprocess.Popen(
             [str(self.bin / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
-             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
+             "--artifacts-destination", str(self.root / "artifacts"), "--workers", "2",
+             "--uvicorn-opts", "--timeout-graceful-shutdown 3"],
             cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env=os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job runners
         )  # fmt: skip
         with stopped_on_failure(self):
             wait_http(f"{self.uri}/health", self.proc, self.root / "server.log")

@@ -34,29 +34,54 @@ def tiny_job(tmp_path):
     return make
 
 
-@pytest.fixture
-def local_ray():
-    """A real local Ray of the test's own, with enough logical CPUs for three members at once.
+@pytest.fixture(scope="session")
+def shared_ray():
+    """One local Ray for every test that needs *a* Ray (Ray's `ray_start_regular_shared`).
 
-    One per test: a Tune trial's Ray Train worker group can leave its placement group behind
-    (ray-project/ray#54305), which must not starve the next test.
+    The jobs under test find it initialized and use it (`connect_ray`); jobs in processes of
+    their own join it through `ray_address`. It has logical CPUs to spare: a Tune trial can
+    leave its worker group's placement group behind (ray-project/ray#54305), which must not
+    starve a later test. No preemption watchers, as `connect_ray` starts a local Ray.
     """
+    import logging
+
     import ray
 
-    # address="local": our own Ray, even where a `ray start` cluster runs (or ran) here
-    ray.init(address="local", num_cpus=6, log_to_driver=False)
+    # address="local": a Ray of our own, even where a `ray start` cluster runs on this machine
+    ray.init(
+        address="local",
+        num_cpus=12,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
+    )
     yield ray
     ray.shutdown()
 
 
 @pytest.fixture
-def own_ray():
-    """The code under test starts its own local Ray (`connect_ray`); stop it after the test."""
-    import ray
+def local_ray(shared_ray):
+    return shared_ray
 
-    assert not ray.is_initialized()
-    yield ray
-    ray.shutdown()
+
+@pytest.fixture
+def ray_address(shared_ray) -> str:
+    """The shared Ray's GCS address, for `resources.address` of a job run as a process."""
+    return shared_ray.get_runtime_context().gcs_address
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """One real `mlflow server` (SQLite backend, proxied artifacts) for the whole session;
+    tests keep apart by their own experiment and model names. Yields its HTTP URI."""
+    import sys
+    from pathlib import Path
+
+    from cluster import MlflowServer
+
+    server = MlflowServer(Path(sys.executable).parent, tmp_path_factory.mktemp("mlflow")).start()
+    yield server.uri
+    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -247,17 +247,28 @@ def test_bad_members_are_one_error_and_register_nothing(
     elif bad == "not_a_checkpoint":
         given["linf"] = str(tmp_path)
     error = FileNotFoundError if bad == "not_a_checkpoint" else ValueError
+    ray_work = _ray_work()
     with pytest.raises(error, match=message):
         if bad == "missing_run":
             aggregate(job, train_run="deadbeef", echo=lambda line: None)
         else:
             aggregate(job, given, echo=lambda line: None)
     _nothing_registered(job)
-    assert not ray.is_initialized()  # failed before any Ray work
+    assert _ray_work() == ray_work  # failed before any Ray work
+
+
+def _ray_work() -> int:
+    """How many tasks and actors the Ray of this process has run (0: no Ray)."""
+    if not ray.is_initialized():
+        return 0
+    from ray.util.state import list_actors, list_tasks
+
+    found = {"limit": 10_000, "raise_on_missing_output": False}
+    return len(list_tasks(**found)) + len(list_actors(**found))
 
 
 @pytest.mark.slow
-def test_aggregate_end_to_end(tmp_path, members, monkeypatch, own_ray, torch_threads):
+def test_aggregate_end_to_end(tmp_path, members, monkeypatch, local_ray, torch_threads):
     monkeypatch.chdir(tmp_path)
     job = tiny_job(tmp_path)
     train = _train_run(Tracker(job), job, members)

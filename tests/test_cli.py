@@ -22,12 +22,13 @@ def psat(*args, cwd, timeout=600, env=None):
 
 
 @pytest.mark.parametrize("command", ["run", "train", "sweep", "aggregate", "evaluate", "reproduce"])
-def test_missing_config_is_one_line_and_writes_nothing(tmp_path, command):
+def test_missing_config_is_one_line_and_writes_nothing(tmp_path, command, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # main() as `psat` runs it; the malformed file's test runs psat
     extra = ["--model", "models:/x@champion"] if command == "evaluate" else []
-    proc = psat(command, "--config", "nope.yaml", *extra, cwd=tmp_path)
-    assert proc.returncode == 2
+    assert main([command, "--config", "nope.yaml", *extra]) == 2
+    err = capsys.readouterr().err
     line = f"psat {command}: error: config file nope.yaml does not exist; the example configs"
-    assert proc.stderr.startswith(line) and len(proc.stderr.strip().splitlines()) == 1
+    assert err.startswith(line) and len(err.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster import ROOT, MlflowServer, RayCluster, free_port, make_venv, stopped_on_failure
+from cluster import ROOT, RayCluster, free_port, make_venv
 from mlflow.tracking import MlflowClient
 
 NORMS = ("linf", "l2", "l1")
@@ -42,8 +42,8 @@ def sets(values: dict) -> list[str]:
 class Site:
     """The cluster, the tracking server and a user's shell outside the checkout."""
 
-    def __init__(self, root: Path):
-        self.root = root
+    def __init__(self, root: Path, mlflow_uri: str):
+        self.root, self.mlflow_uri = root, mlflow_uri
         self.cluster = RayCluster(make_venv(root / "cluster-venv", with_psat=False), root / "ray")
         self.user_bin = make_venv(root / "user-venv", with_psat=True)
         self.home = root / "user"  # the user's folder: no checkout here
@@ -51,13 +51,11 @@ class Site:
         shutil.copy(ROOT / "jobs" / "configs" / "quickstart.yaml", self.home / "mine.yaml")
         self.storage = root / "shared" / "runs"  # "shared": both nodes are on this machine
         self.cluster.start()
-        with stopped_on_failure(self.cluster):
-            self.mlflow = MlflowServer(self.cluster.bin, root / "mlflow").start()
 
     def env(self, **extra: str) -> dict[str, str]:
         return self.cluster.env | {
             "PATH": f"{self.user_bin}:{self.cluster.env['PATH']}",
-            "MLFLOW_TRACKING_URI": self.mlflow.uri,
+            "MLFLOW_TRACKING_URI": self.mlflow_uri,
             "HOME": str(self.home),  # no ~/.ray/auth_token: the token comes from the env
         } | extra  # fmt: skip
 
@@ -68,7 +66,7 @@ class Site:
         )  # fmt: skip
 
     def runs(self, job: str) -> list:
-        client = MlflowClient(self.mlflow.uri)
+        client = MlflowClient(self.mlflow_uri)
         experiment = client.get_experiment_by_name("psat-quickstart")
         if experiment is None:
             return []
@@ -92,13 +90,12 @@ class Site:
         return set(out.stdout.split())
 
     def stop(self) -> None:
-        self.mlflow.stop()
         self.cluster.stop()
 
 
 @pytest.fixture(scope="module")
-def site(tmp_path_factory):
-    site = Site(tmp_path_factory.mktemp("site"))
+def site(tmp_path_factory, mlflow_server):
+    site = Site(tmp_path_factory.mktemp("site"), mlflow_server)
     yield site
     site.stop()
 
@@ -147,7 +144,7 @@ def test_ray_job_submit_as_the_readme_writes_it(site):
     block = readme.split("<!-- ray-job-submit")[1].split("```bash\n")[1].split("```")[0]
     storage = site.root / "shared" / "readme-runs"
     script = (
-        block.replace("http://<head>:5000", site.mlflow.uri)
+        block.replace("http://<head>:5000", site.mlflow_uri)
         .replace("http://127.0.0.1:8265", site.cluster.address)
         .replace("/mnt/psat/runs", str(storage))
         .rstrip()

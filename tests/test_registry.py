@@ -77,36 +77,10 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A real `mlflow server` (SQLite backend, proxied artifacts); yields its HTTP URI."""
-    root = tmp_path_factory.mktemp("server")
-    port = free_port()
-    proc = start(
-        [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{root / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(root / "artifacts"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "2",
-            "--uvicorn-opts",
-            "--timeout-graceful-shutdown 3",
-        ],
-        root / "server.log",
-        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job-runner processes
-    )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health", proc, root / "server.log")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        stop(proc)
+@pytest.fixture
+def server(mlflow_server) -> str:
+    """The session's `mlflow server` (SQLite backend, proxied artifacts): its HTTP URI."""
+    return mlflow_server
 
 
 @pytest.fixture(params=["sqlite", "server"])
@@ -423,14 +397,14 @@ AGGREGATE = textwrap.dedent(
     import sys
     from orchestrator.aggregate import aggregate
     from orchestrator.config import parse_config
-    name, storage, uri, model, *dirs = sys.argv[1:]
+    name, storage, uri, model, address, *dirs = sys.argv[1:]
     job = parse_config({
         "name": name,
         "data": {"dataset": "digits", "eval_size": 8, "val_size": 16},
         "model": {"arch": "resnet10", "embedding_dim": 4},
         "attacks": {"eval": {n: {"steps": 1} for n in ("linf", "l2", "l1")}},
         "evaluation": {"suite": "paper"},  # registration is under test, not the attacks
-        "resources": {"cpus_per_worker": 1, "address": "local"},
+        "resources": {"cpus_per_worker": 1, "address": address},
         "storage": {"path": storage},
         "tracking": {"uri": uri, "experiment": "concurrent"},
         "registry": {"model_name": model},
@@ -442,12 +416,21 @@ AGGREGATE = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_concurrent_aggregations_register_distinct_versions(server, tmp_path, members):
+def test_concurrent_aggregations_register_distinct_versions(server, tmp_path, members, ray_address):
     dirs = [str(members[n]) for n in NORMS]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", AGGREGATE, f"job-{i}", str(tmp_path), server, "psat-conc"]
-            + dirs,
+            [
+                sys.executable,
+                "-c",
+                AGGREGATE,
+                f"job-{i}",
+                str(tmp_path),
+                server,
+                "psat-conc",
+                ray_address,
+                *dirs,
+            ],  # fmt: skip
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

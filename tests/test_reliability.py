@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,11 +18,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from cluster import free_port
 from helpers import write_member
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import deep_merge, parse_config
+from orchestrator.config import ConfigError, deep_merge, load_config, parse_config
 from orchestrator.locking import job_lock
+from orchestrator.tracking import Tracker
 
 ROOT = Path(__file__).parents[1]
 NORMS = ("linf", "l2", "l1")
@@ -198,9 +202,11 @@ KILLED_AFTER_REGISTER = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_aggregation_killed_after_registering_is_completed_not_repeated(tmp_path, tiny_job):
+def test_aggregation_killed_after_registering_is_completed_not_repeated(
+    tmp_path, tiny_job, ray_address
+):
     members = [str(write_member(tmp_path / "ckpt" / n, n, i)) for i, n in enumerate(NORMS)]
-    config = job_file(tmp_path, tiny_job, resources={"address": "local"},
+    config = job_file(tmp_path, tiny_job, resources={"address": ray_address},
                       registry={"model_name": "psat-killed"},
                       evaluation={"suite": "paper"})  # fmt: skip
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -246,3 +252,83 @@ def test_sigterm_marks_the_jobs_runs_killed(tmp_path, tiny_job):
     assert statuses == {"train": "KILLED", **{f"model{n}": "KILLED" for n in NORMS}}
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left in the session
+
+
+BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 10)
+)  # "billion laughs": 9^10 strings once expanded
+PEAK_RSS = """
+import resource, subprocess, sys
+done = subprocess.run(sys.argv[1:], capture_output=True, text=True)
+sys.stderr.write(done.stderr)
+print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)  # KiB, of the psat process
+sys.exit(done.returncode)
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (BOMB + "name: bomb\n", "uses the YAML alias *a0 at line 2; psat configs take no anchors"),
+        ("# padding\n" * 120_000, "has 1,200,000 bytes; a psat config has at most 1,048,576"),
+    ],
+    ids=["alias-bomb", "oversize"],
+)
+def test_hostile_yaml_is_one_line_fast_and_small(tmp_path, text, message):
+    config = tmp_path / "hostile.yaml"
+    config.write_text(text)
+    start = time.monotonic()
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(config)
+    assert time.monotonic() - start < 2
+    command = [sys.executable, "-m", "orchestrator.cli", "train", "--config", str(config)]
+    proc = subprocess.run([sys.executable, "-c", PEAK_RSS, *command], cwd=tmp_path, env=ENV,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert message in one_line(proc)
+    assert int(proc.stdout) < 1 << 20  # peak memory under 1 GiB
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hostile.yaml"]
+
+
+def test_a_changed_config_is_refused_before_ray_starts(tmp_path, tiny_job):
+    with Tracker(parse_config(tiny_job("probe"))).job_run("train"):
+        pass  # the job ran before, with 2 epochs
+    config = job_file(tmp_path, tiny_job, training={"epochs": 3})
+    ray_temp = tmp_path / "ray"  # where a Ray started by the job would keep its session
+    proc = psat("train", "--config", str(config), cwd=tmp_path,
+                env=ENV | {"RAY_TMPDIR": str(ray_temp)})  # fmt: skip
+    line = one_line(proc)
+    assert "job 'probe' already ran with a different config (training.epochs: '2' -> '3')" in line
+    assert not ray_temp.exists() and not (tmp_path / "runs" / "probe" / "data").exists()
+
+
+@pytest.mark.parametrize("command", ["pull", "train", "evaluate", "submit"])
+def test_an_unreachable_tracking_server_is_one_line(tmp_path, tiny_job, command):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    config = ["--config", str(job_file(tmp_path, tiny_job)), "--set", f"tracking.uri={uri}"]
+    args = {
+        "pull": ["pull", "models:/psat-x@champion", "--tracking-uri", uri],
+        "train": ["train", *config],
+        "evaluate": ["evaluate", *config, "--model", "models:/psat-x@champion"],
+        "submit": ["submit", "train", *config, "--address", f"http://127.0.0.1:{free_port()}"],
+    }[command]
+    start = time.monotonic()
+    line = one_line(psat(*args, cwd=tmp_path, env=ENV | {"HOME": str(tmp_path)}))
+    assert time.monotonic() - start < 15
+    assert f"cannot reach the MLflow tracking server {uri} (" in line
+
+
+def test_sigterm_stops_a_pull_waiting_on_a_silent_server(tmp_path):
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        uri = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", "pull", "models:/x@champion",
+             "--tracking-uri", uri], cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        start = time.monotonic()
+        proc.wait(timeout=30)
+        assert time.monotonic() - start < 5
+    assert proc.returncode != 0

@@ -93,8 +93,9 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
     job = parse_config(
         tiny_job(
             "repro",
+            data={"train_size": 64, "val_size": 16, "eval_size": 8},
             training={"epochs": 1},
-            reproduce={"embedding_dims": [2], "concurrent_trainers": 3, "output": str(out)},
+            reproduce={"embedding_dims": [2], "concurrent_trainers": 4, "output": str(out)},
         )
     )
     lines: list[str] = []

@@ -14,69 +14,24 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ConfigError, parse_config
-from orchestrator.sweep import check_space, run_sweep
+from orchestrator.sweep import check_space
 
 ROOT = Path(__file__).parents[1]
 
 
 @pytest.mark.slow
-def test_sweep_writes_table_best_configs_plot_and_nested_runs(local_ray, tiny_job):
-    job = parse_config(
-        tiny_job("sweep", sweep={"space": {"embedding_dim": [4, 8], "norm": ["linf", "l2"]}})
-    )
-    best = run_sweep(job, echo=lambda line: None)
-    out = Path(job.storage.path, "sweep", "sweep")
-    table = pq.read_table(out / "results.parquet").to_pylist()
-    assert len(table) == 4
-    assert {(r["config.embedding_dim"], r["norm"]) for r in table} == {
-        ("4", "linf"),
-        ("8", "linf"),
-        ("4", "l2"),
-        ("8", "l2"),
-    }
-    assert all(r["member_params"] > 0 and 0 <= r["trade_off"] <= 1 for r in table)
-    dims = {r["embedding_dim"]: r["member_params"] for r in table}
-    assert dims[8] > dims[4]
-    assert set(best) == {"linf", "l2"}
-    on_disk = json.loads((out / "best.json").read_text())
-    for norm, row in on_disk.items():
-        assert row["metrics"]["objective"] == max(
-            r["objective"] for r in table if r["norm"] == norm
-        )
-        assert Path(row["checkpoint"], "member.json").is_file()
-    assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
-
-    client = MlflowClient(job.tracking.uri)
-    experiment = client.get_experiment_by_name(job.tracking.experiment).experiment_id
-    (parent,) = client.search_runs([experiment], "tags.`psat.role` = 'sweep'")
-    trials = client.search_runs([experiment], "tags.`psat.role` = 'trial'")
-    assert len(trials) == 4
-    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
-    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"results.parquet", "best.json", "tradeoff.png"} <= artifacts
-
-
-@pytest.mark.slow
-def test_asha_stops_trials_early(local_ray, tiny_job):
-    # ASHA's max_t of 1 epoch is below the 3 configured epochs: every trial is stopped by ASHA.
-    job = parse_config(
-        tiny_job(
-            "asha",
-            training={"epochs": 3},
-            sweep={"space": {"norm": ["linf", "l1"]}, "max_t": 1, "grace_period": 1},
-        )
-    )
-    run_sweep(job, echo=lambda line: None)
-    table = pq.read_table(Path(job.storage.path, "asha", "sweep", "results.parquet")).to_pylist()
-    assert len(table) == 2
-    assert all(r["epochs_run"] < 3 for r in table)
-
-
-@pytest.mark.slow
-def test_interrupted_sweep_continues_without_rerunning_finished_trials(tmp_path, tiny_job):
+def test_an_interrupted_sweep_continues_and_writes_table_best_configs_plot_and_runs(
+    tmp_path, tiny_job, ray_address
+):
+    """`python -m jobs.sweep`, Ctrl-C after its first trial, run again: the finished trial is
+    not rerun, and the sweep's table, best members, plot and nested MLflow runs are whole."""
+    space = {"embedding_dim": [4, 8], "norm": ["linf", "l2"]}
+    # ASHA's max_t of 1 epoch is below the 2 configured epochs: every trial is stopped by ASHA
     config = tiny_job(
-        "resume",
-        sweep={"space": {"embedding_dim": [4, 8], "norm": ["linf"]}, "max_concurrent_trials": 1},
+        "sweep",
+        training={"epochs": 2},
+        sweep={"space": space, "max_t": 1, "max_concurrent_trials": 1},
+        resources={"address": ray_address},  # the session's Ray: no start-up per process
     )
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -104,8 +59,37 @@ def test_interrupted_sweep_continues_without_rerunning_finished_trials(tmp_path,
     assert "continuing the sweep" in second.stdout
     started = [line for line in second.stderr.splitlines() if "started:" in line]
     assert started and not any(finished[0] in line for line in started), started
-    table = pq.read_table(tmp_path / "runs" / "resume" / "sweep" / "results.parquet").to_pylist()
-    assert len(table) == 2
+
+    job = parse_config(config)
+    out = Path(job.storage.path, "sweep", "sweep")
+    table = pq.read_table(out / "results.parquet").to_pylist()
+    assert {(r["config.embedding_dim"], r["norm"]) for r in table} == {
+        ("4", "linf"),
+        ("8", "linf"),
+        ("4", "l2"),
+        ("8", "l2"),
+    }
+    assert len(table) == 4 and all(r["epochs_run"] < 2 for r in table)
+    assert all(r["member_params"] > 0 and 0 <= r["trade_off"] <= 1 for r in table)
+    dims = {r["embedding_dim"]: r["member_params"] for r in table}
+    assert dims[8] > dims[4]
+    best = json.loads((out / "best.json").read_text())
+    assert set(best) == {"linf", "l2"}
+    for norm, row in best.items():
+        assert row["metrics"]["objective"] == max(
+            r["objective"] for r in table if r["norm"] == norm
+        )
+        assert Path(row["checkpoint"], "member.json").is_file()
+    assert (out / "tradeoff.png").read_bytes()[:4] == b"\x89PNG"
+
+    client = MlflowClient(job.tracking.uri)
+    experiment = client.get_experiment_by_name(job.tracking.experiment).experiment_id
+    (parent,) = client.search_runs([experiment], "tags.`psat.role` = 'sweep'")
+    trials = client.search_runs([experiment], "tags.`psat.role` = 'trial'")
+    assert len(trials) == 4
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {parent.info.run_id}
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"results.parquet", "best.json", "tradeoff.png"} <= artifacts
 
 
 def test_unknown_sweep_parameter_is_one_clear_error():

@@ -3,6 +3,7 @@
 import signal
 import subprocess
 import sys
+import time
 
 import mlflow
 import pytest
@@ -43,31 +44,44 @@ def test_experiment_created_by_a_racing_job_is_used(tmp_path):
     ]
 
 
-# a function that runs as MLflow code would: SIGTERM arrives half-way through a "store write"
-SIGTERM_IN_A_WRITE = """
+# a function that runs as library code would: SIGTERM arrives half-way through a call that
+# lasts `seconds` (a store write, or an HTTP request retrying against a server that is down)
+SIGTERM_IN_A_CALL = """
 import os, signal, sys, time
 from orchestrator.tracking import exit_on_sigterm
 exit_on_sigterm()
-write = '''
-def write():
+module, seconds = sys.argv[1], float(sys.argv[2])
+call = '''
+def call():
     os.kill(os.getpid(), signal.SIGTERM)
-    time.sleep(0.05)  # the handler has run; the write goes on
-    print("write finished", flush=True)
+    time.sleep(seconds)  # the handler has run; the call goes on
+    print("call finished", flush=True)
 '''
-store = {"__name__": "mlflow.store.tracking.fake", "os": os, "signal": signal, "time": time}
-exec(write, store)
-store["write"]()
+code = {"__name__": module, "os": os, "signal": signal, "time": time, "seconds": seconds}
+exec(call, code)
+code["call"]()
 time.sleep(5)
 print("not stopped", flush=True)
 """
 
 
-def test_sigterm_inside_an_mlflow_call_ends_the_job_after_it():
+@pytest.mark.parametrize(
+    ("module", "seconds", "finished"),
+    [
+        ("sqlalchemy.engine.fake", 0.05, True),  # a store write: it finishes, then the exit
+        ("sqlalchemy.engine.fake", 30, False),  # deferred for SIGTERM_GRACE_S at most
+        ("mlflow.utils.rest_utils", 30, False),  # an HTTP wait: never deferred
+    ],
+)
+def test_sigterm_waits_only_for_a_quick_store_write(module, seconds, finished):
+    start = time.monotonic()
     done = subprocess.run(
-        [sys.executable, "-c", SIGTERM_IN_A_WRITE], capture_output=True, text=True, timeout=60
-    )
-    assert done.stdout == "write finished\n", done.stderr
-    assert done.returncode == 128 + signal.SIGTERM
+        [sys.executable, "-c", SIGTERM_IN_A_CALL, module, str(seconds)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert done.stdout == ("call finished\n" if finished else ""), done.stderr
+    assert time.monotonic() - start < 15  # the interpreter's start-up included
 
 
 def _job(tmp_path, name="life"):
