@@ -42,7 +42,7 @@ from orchestrator.report import (
 )
 from orchestrator.shards import read_arrays
 from orchestrator.tracking import CHECKPOINT_TAG, JOB_TAG, ROLE_TAG, Tracker
-from orchestrator.training import prepare_job
+from orchestrator.training import check_local_capacity, prepare_job
 from psat_core.accounting import plain_parameters, trained_parameters
 from psat_core.checkpoint import MemberSpec, ensemble_from_checkpoints, read_spec
 from psat_core.ensemble import STRATEGIES
@@ -209,6 +209,7 @@ def aggregate(
             of ``job.training.members`` (unless ``partial``). Nothing is logged or registered
             then.
     """
+    check_local_capacity(job, job.resources.cpus_per_worker)  # refused before any work
     tracker = Tracker(job)
     if members is None:
         members = member_checkpoints(job, tracker, train_run)

@@ -15,7 +15,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 from mlflow.exceptions import MlflowException
-from mlflow.utils.logging_utils import disable_logging as mlflow_output_off
 
 from orchestrator.config import (
     ConfigError,
@@ -317,12 +316,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     for name, value in HTTP_BOUNDS.items():  # a user's own settings win
         os.environ.setdefault(name, value)
-    if not args.verbose:  # only psat speaks: MLflow's progress bars, prints and "View run"
-        for name in QUIET_LIBRARIES:  # links, Ray's INFO chatter drown psat's progress
+    if not args.verbose:  # only psat speaks: MLflow's progress bars and "View run" links,
+        for name in QUIET_LIBRARIES:  # Ray's INFO chatter drown psat's progress
             logging.getLogger(name).setLevel(logging.WARNING)
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-        mlflow_output_off()
     exit_on_sigterm()
     try:
         return args.run(args)

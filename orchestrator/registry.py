@@ -12,11 +12,12 @@ loading a version: :mod:`orchestrator.pull`.
 from __future__ import annotations
 
 import importlib.metadata
+import io
 import logging
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,13 +210,26 @@ def register_ensemble(
                 PARTIAL_TAG: str(partial).lower(),
                 **(tags or {}),
             }
-            registered = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
+            with prints_to_log():  # "Successfully registered model", "Created version"
+                registered = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
             version = int(registered.version)
         client.set_registered_model_alias(model_name, CANDIDATE, str(version))
         champion, previous = _promote(
             client, model_name, version, trade_off, force_champion, partial
         )
     return Registration(model_name, version, run_id, float(trade_off), champion, previous)
+
+
+@contextmanager
+def prints_to_log() -> Iterator[None]:
+    """What MLflow prints on stderr inside the block goes to psat's debug log (`psat -v`)."""
+    printed = io.StringIO()
+    try:
+        with redirect_stderr(printed):
+            yield
+    finally:
+        for line in printed.getvalue().splitlines():
+            log.debug("mlflow: %s", line)
 
 
 def _registered_by(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:

@@ -37,7 +37,7 @@ from orchestrator.report import (
     percent,
 )
 from orchestrator.tracking import Tracker
-from orchestrator.training import prepare_job, train_models
+from orchestrator.training import check_local_capacity, prepare_job, train_models
 from psat_core.accounting import plain_parameters
 
 ROLE = "reproduce"
@@ -391,8 +391,9 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
     plans = model_plans(job)
     per_trainer = res.workers_per_member * (1 if res.use_gpu else res.cpus_per_worker)
     concurrency = job.reproduce.concurrent_trainers
+    check_local_capacity(job, per_trainer)  # what can be refused before Ray starts is
     tracker = Tracker(job)
-    tracker.resumable(ROLE)  # a changed config is refused before Ray starts
+    tracker.resumable(ROLE)  # refused first
     manifest = prepare_job(job, per_trainer * (concurrency or 1))
     if concurrency is None:
         kind = "GPU" if res.use_gpu else "CPU"

@@ -40,6 +40,7 @@ import jobs
 import orchestrator
 import psat_core
 from orchestrator.config import ConfigError, check_cluster_locations, load_config, parse_overrides
+from orchestrator.tracking import check_server
 
 log = logging.getLogger(__name__)
 SDK_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk")
@@ -137,6 +138,8 @@ def submit(
     path = Path(config)
     job = load_config(path, parse_overrides(list(overrides)))
     check_cluster_locations(job, command, env)
+    # a server this machine cannot reach is refused here (one the cluster alone reaches is too)
+    check_server(job.tracking.uri or env.get("MLFLOW_TRACKING_URI", ""))
     client = connect(address, token)
     args = ["python", "-m", module, *(["-v"] if verbose else []), "--config", path.name]
     args += job_args

@@ -35,7 +35,7 @@ from orchestrator.fitting import OBJECTIVE, ModelPlan
 from orchestrator.shards import join
 from orchestrator.tracking import Tracker, flatten
 from orchestrator.trainers import trainer_for
-from orchestrator.training import prepare_job
+from orchestrator.training import check_local_capacity, prepare_job
 from psat_core.accounting import parameter_report
 
 log = logging.getLogger(__name__)
@@ -197,8 +197,9 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
     search = _search(job)
     res = job.resources
     trial = 1 + res.workers_per_member * res.cpus_per_worker  # the trial's driver + its workers
+    check_local_capacity(job, trial)  # what can be refused before Ray starts is refused first
     tracker = Tracker(job)
-    tracker.resumable("sweep")  # a changed config is refused before Ray starts
+    tracker.resumable("sweep")
     manifest = prepare_job(job, 3 * trial, trial)
     storage = join(job.storage.resolved(), job.name)
     experiment = join(storage, "sweep")

@@ -241,11 +241,13 @@ class Tracker:
     def child_run(
         self, parent_id: str, name: str, role: str, params: dict[str, str], **tags: str
     ) -> str:
-        """A nested run under `parent_id`, created or resumed by its tags."""
+        """A nested run under `parent_id`, created or resumed by its tags (RUNNING again,
+        unless it FINISHED: its work is done)."""
         tags = {JOB_TAG: self.job.name, ROLE_TAG: role, PARENT_TAG: parent_id, **tags}
         existing = self.find(**tags)
         if existing is not None:
-            self.client.update_run(existing.info.run_id, status="RUNNING")
+            if existing.info.status != "FINISHED":
+                self.client.update_run(existing.info.run_id, status="RUNNING")
             return existing.info.run_id
         run_id = self.client.create_run(self.experiment_id, run_name=name, tags=tags).info.run_id
         self.log_params(run_id, params)

@@ -160,5 +160,4 @@ def train_on_ray(job: JobConfig, plan: ModelPlan, manifest: dict, board) -> dict
         "model": plan.name,
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "metrics": dict(result.metrics or {}),
-        "path": result.path,
     }

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
+from pathlib import Path
 
 import ray
 import torch
@@ -46,11 +47,7 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
     workers_per_member × cpus_per_worker, and its GPUs) must fit in what the Ray can ever
     offer: else a ConfigError naming the fields, before any Ray work.
     """
-    res = job.resources
-    required = {
-        "CPU": cpus_required or res.workers_per_member * res.cpus_per_worker,
-        "GPU": res.workers_per_member if res.use_gpu else 0,
-    }
+    required = _required(job, cpus_required)
     address = join_cluster(job)
     if address:
         # an autoscaling cluster's ceiling (what Ray Train checks too), else what it has now
@@ -59,9 +56,9 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
         return
     if ray.is_initialized():  # a Ray this process started itself
         return
+    check_local_capacity(job, cpus_required)
     cores = os.cpu_count() or 1
-    capacity = {"CPU": LOCAL_CPU_OVERSUBSCRIPTION * cores, "GPU": torch.cuda.device_count()}
-    _check_capacity(job, required, capacity, f"a local Ray on this machine's {cores} cores")
+    most = LOCAL_CPU_OVERSUBSCRIPTION * cores
     # progress comes through the ProgressBoard; worker logs stay in Ray's log files.
     # address="local": a new Ray of our own, even if another one runs on this machine.
     # The dashboard stays: Train's PlacementGroupCleaner asks its state API whether the
@@ -70,11 +67,31 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
     with sigterm_kept():
         ray.init(
             address="local",
-            num_cpus=min(capacity["CPU"], max(cores, math.ceil(cpus_wanted))),
+            num_cpus=min(most, max(cores, math.ceil(cpus_wanted))),
             log_to_driver=False,
             logging_level=logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING,
             runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
         )
+
+
+def _required(job: JobConfig, cpus_required: float | None) -> dict[str, float]:
+    res = job.resources
+    return {
+        "CPU": cpus_required or res.workers_per_member * res.cpus_per_worker,
+        "GPU": res.workers_per_member if res.use_gpu else 0,
+    }
+
+
+def check_local_capacity(job: JobConfig, cpus_required: float | None = None) -> None:
+    """Where the job starts a Ray of its own (no cluster to join, none running here), what one
+    model needs at once must fit this machine: else a ConfigError, before anything is
+    written or started."""
+    if job.resources.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return
+    cores = os.cpu_count() or 1
+    capacity = {"CPU": LOCAL_CPU_OVERSUBSCRIPTION * cores, "GPU": torch.cuda.device_count()}
+    where = f"a local Ray on this machine's {cores} cores"
+    _check_capacity(job, _required(job, cpus_required), capacity, where)
 
 
 def prepare_job(job: JobConfig, cpus_wanted: float, cpus_required: float | None = None) -> dict:
@@ -146,8 +163,9 @@ def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[s
     """
     plans = psat_members(job)
     res = job.resources
+    check_local_capacity(job)  # what can be refused before Ray starts is refused first
     tracker = Tracker(job)
-    tracker.resumable("train")  # a changed config is refused before Ray starts
+    tracker.resumable("train")
     manifest = prepare_job(job, len(plans) * res.workers_per_member * res.cpus_per_worker)
     with tracker.job_run("train") as parent:
         results = train_models(job, plans, manifest, tracker, parent, len(plans), echo)
@@ -177,9 +195,15 @@ def train_models(
         )
         for plan in plans
     }
+    epochs = job.training.epochs
+    results = {name: done for name, run in runs.items() if (done := _trained(tracker, run, epochs))}
+    for name in results:
+        echo(f"[{name}] already trained ({epochs}/{epochs} epochs)")
+    plans = [plan for plan in plans if plan.name not in results]
     board = ProgressBoard.options(name=board_name(job)).remote()
-    echo(f"training {', '.join(runs)}, {concurrency} at a time; MLflow {tracker.uri}")
-    results: dict[str, dict] = {}
+    if plans:
+        echo(f"training {', '.join(p.name for p in plans)}, {concurrency} at a time; MLflow "
+             f"{tracker.uri}")  # fmt: skip
     errors: dict[str, BaseException] = {}
     new_events = BoardReader(board)
 
@@ -217,6 +241,20 @@ def train_models(
     if errors:
         raise next(iter(errors.values()))
     return results
+
+
+def _trained(tracker: Tracker, run_id: str, epochs: int) -> dict | None:
+    """The result of a model an earlier launch of the job finished (its run FINISHED, its final
+    checkpoint recorded and still there), else None: a relaunch starts no trainer for it."""
+    run = tracker.client.get_run(run_id)
+    checkpoint = run.data.tags.get(CHECKPOINT_TAG)
+    if run.info.status != "FINISHED" or not checkpoint:
+        return None
+    if "://" not in checkpoint and not Path(checkpoint, "member.json").is_file():
+        return None  # removed since: train it again
+    metrics = run.data.metrics | {"epoch": epochs - 1}  # the last epoch's, as a trainer's
+    return {"model": run.data.tags[PLAN_TAG], "checkpoint": checkpoint, "metrics": metrics,
+            "run_id": run_id}  # fmt: skip
 
 
 def _record(tracker: Tracker, parent: str, run_id: str, result: dict) -> None:

@@ -1,4 +1,10 @@
+import os
+
 import pytest
+
+# Ray's default for a local cluster, made explicit before any test starts a process: those
+# that join the session's Ray (`ray_address`) present the token Ray keeps in ~/.ray/auth_token
+os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 TINY = {
     "data": {"dataset": "digits", "train_size": 128, "val_size": 32, "eval_size": 32},

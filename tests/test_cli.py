@@ -104,12 +104,12 @@ def test_params_prints_table2_row(tmp_path):
 
 
 @pytest.mark.slow
-def test_quickstart_runs_end_to_end_and_its_model_loads(tmp_path):
+def test_quickstart_runs_end_to_end_and_its_model_loads(tmp_path, ray_address):
     sets = {
         "training.epochs": 1,
-        "data.train_size": 128,
-        "data.val_size": 32,
-        "data.eval_size": 24,
+        "data.train_size": 96,
+        "data.val_size": 16,
+        "data.eval_size": 12,
         "model.embedding_dim": 4,
         **{f"attacks.train.{n}.steps": 1 for n in ("linf", "l2", "l1")},
         **{f"attacks.eval.{n}.steps": 2 for n in ("linf", "l2", "l1")},
@@ -121,6 +121,10 @@ def test_quickstart_runs_end_to_end_and_its_model_loads(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     for column in ("Clean", "ℓ∞", "ℓ2", "ℓ1", "Max", "Avg", "Trade-off"):
         assert column in proc.stdout
+    # only psat speaks: no MLflow progress bars or registration prints
+    for chatter in ("Downloading artifacts", "Successfully registered", "Created version", "\r"):
+        assert chatter not in proc.stdout + proc.stderr, chatter
+    assert "registered models:/psat-digits/1" in proc.stdout
     uri = re.search(r"models:/psat-digits@champion", proc.stdout)
     assert uri, proc.stdout
     load = subprocess.run(
@@ -134,7 +138,8 @@ def test_quickstart_runs_end_to_end_and_its_model_loads(tmp_path):
     assert '"member"' in load.stdout and '"class"' in load.stdout
 
     evaluated = psat("evaluate", "--config", str(config), *args, "--model",
-                     "models:/psat-digits@champion", cwd=tmp_path, timeout=600)  # fmt: skip
+                     "models:/psat-digits@champion", "--set", f"resources.address={ray_address}",
+                     cwd=tmp_path, timeout=600)  # fmt: skip
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     rows = [line for line in evaluated.stdout.splitlines() if line.startswith("PSAT ")]
     assert len(rows) == 2 and all(line.count("%") == 7 for line in rows)

@@ -94,7 +94,7 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
         tiny_job(
             "repro",
             data={"train_size": 64, "val_size": 16, "eval_size": 8},
-            training={"epochs": 1},
+            training={"epochs": 1, "members": ["linf", "l1"]},  # two norms: 12 models
             reproduce={"embedding_dims": [2], "concurrent_trainers": 4, "output": str(out)},
         )
     )
@@ -121,7 +121,8 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
     assert params["h2_linf"]["model.embedding_dim"] == "2"
     assert params["h4_l1"]["model.embedding_dim"] == "4"
     assert params["at_max"]["model.embedding_dim"] == "none (plain ResNet)"
-    assert (params["at_max"]["plan.method"], params["at_l2"]["plan.norms"]) == ("max", "l2")
+    assert (params["at_max"]["plan.method"], params["at_l1"]["plan.norms"]) == ("max", "l1")
+    assert params["at_max"]["plan.norms"] == "linf,l1"
     payload = json.loads((folder / "results.json").read_text())
     results = payload["results"]
     assert run.data.metrics["psat_z4.trade_off"] == pytest.approx(
@@ -163,9 +164,7 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
     # ... and a real one: evaluating PSAT again from its checkpoints gives the same row
     manifest = materialize(job, data_uri(job), 1)
     train = client.search_runs([run.info.experiment_id], "tags.`psat.role` = 'reproduce'")[0]
-    checkpoints = {
-        m: train.data.tags[f"psat.checkpoint.{m}"] for m in ("h4_linf", "h4_l2", "h4_l1")
-    }
+    checkpoints = {m: train.data.tags[f"psat.checkpoint.{m}"] for m in ("h4_linf", "h4_l1")}
     again = evaluate_row(job.model_dump(), checkpoints, "lowest_entropy", manifest["eval"])
     assert again.row == results["psat_z4"]["row"]
     # the adaptive and third-party attacks ran and count in the norm they attack
