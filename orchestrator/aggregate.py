@@ -31,6 +31,7 @@ from orchestrator.evaluation import (
     progress_to,
     staged,
 )
+from orchestrator.ray_session import check_local_capacity
 from orchestrator.registry import EXAMPLE_SIZE, Registration, register_ensemble
 from orchestrator.report import (
     STRATEGY_NAMES,
@@ -42,7 +43,7 @@ from orchestrator.report import (
 )
 from orchestrator.shards import read_arrays
 from orchestrator.tracking import CHECKPOINT_TAG, JOB_TAG, ROLE_TAG, Tracker
-from orchestrator.training import check_local_capacity, prepare_job
+from orchestrator.training import prepare_job
 from psat_core.accounting import plain_parameters, trained_parameters
 from psat_core.checkpoint import MemberSpec, ensemble_from_checkpoints, read_spec
 from psat_core.ensemble import STRATEGIES

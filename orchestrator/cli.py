@@ -125,7 +125,8 @@ def _serve(args: argparse.Namespace) -> int:
     from orchestrator.serve import serve
 
     pulled = pull(args.uri, args.dst, tracking_uri=_tracking_uri(args))
-    serve(pulled, args.host, args.port, verbose=args.verbose)
+    max_body = int(args.max_body_mb * (1 << 20))
+    serve(pulled, args.host, args.port, args.verbose, max_body, args.max_rows)
     return 0
 
 
@@ -272,6 +273,17 @@ def _add_submit(commands) -> None:
     submit.set_defaults(run=_submit)
 
 
+def _positive(kind: type) -> Callable[[str], float]:
+    def parse(text: str):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="psat", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -293,6 +305,15 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=5001, help="default 5001")
     serve.add_argument("--dst", help="download folder (default ~/.psat/models/NAME/vN)")
     serve.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI or ./mlflow.db")
+    serve.add_argument(
+        "--max-body-mb",
+        type=_positive(float),
+        default=8,  # a few thousand 32x32x3 images as JSON
+        help="larger requests get 413 (default 8)",
+    )
+    serve.add_argument(
+        "--max-rows", type=_positive(int), default=1024, help="more rows get 400 (default 1024)"
+    )
     serve.set_defaults(run=_serve)
     _add_submit(commands)
 

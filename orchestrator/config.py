@@ -156,12 +156,33 @@ class TrainingConfig(Section):
 
 
 class ResourcesConfig(Section):
+    """What each model's Ray Train workers ask for.
+
+    With `use_gpu`, each worker holds `gpus_per_worker` of a GPU (0.33: three members share
+    one) and trains on the one Ray assigns it; a node whose CUDA sees none (GPUs declared to
+    Ray only) trains on its CPU, and says so. `ddp_backend`: auto is NCCL with GPUs, else gloo.
+    """
+
     workers_per_member: int = Field(1, gt=0)
     use_gpu: bool = False
+    gpus_per_worker: float = Field(1, gt=0, description="with use_gpu; above 1, a whole number")
+    ddp_backend: Literal["auto", "nccl", "gloo"] = "auto"
     cpus_per_worker: float = Field(1, gt=0)
     torch_threads: int = Field(1, gt=0, description="torch threads per worker")
     max_failures: int = Field(2, ge=0)
     address: str | None = Field(None, description="Ray address; None: connect or start locally")
+
+    @field_validator("gpus_per_worker")
+    @classmethod
+    def _whole_above_one(cls, value: float) -> float:
+        if value > 1 and value != int(value):  # Ray's rule for fractional resources
+            raise ValueError("a fraction of a GPU must be at most 1; above 1, a whole number")
+        return value
+
+    @property
+    def gpus(self) -> float:
+        """GPUs one worker holds (0 without use_gpu)."""
+        return self.gpus_per_worker if self.use_gpu else 0
 
 
 class StorageConfig(Section):

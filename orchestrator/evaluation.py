@@ -233,7 +233,7 @@ def evaluate_rows(
 ) -> dict[str, RowResult]:
     """Every row as a Ray task on the connected cluster, printing each finished attack."""
     res = job.resources
-    task = evaluate_row_task.options(num_cpus=res.cpus_per_worker, num_gpus=1 if res.use_gpu else 0)
+    task = evaluate_row_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus)
     board = ProgressBoard.remote()
     new_events = BoardReader(board)
     job_dict = job.model_dump()

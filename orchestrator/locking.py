@@ -99,7 +99,7 @@ def _name_holder():
 def _cluster_lock(job: JobConfig, about: str) -> Iterator[None]:
     import ray
 
-    from orchestrator.training import join_cluster  # training -> tracking -> this module
+    from orchestrator.ray_session import join_cluster  # imports Ray: only where needed
 
     if join_cluster(job) is None:
         yield

@@ -106,12 +106,23 @@ def markdown_report(
     parameters: Mapping[str, float],
     registration: Registration | None = None,
 ) -> str:
-    """The human-readable summary: Tables 3 and 4, member choice, parameters, registry."""
-    rows, choice = evaluation.rows, evaluation.choice
+    """The human-readable summary: Tables 3 and 4, every attack, member choice, parameters,
+    registry; one section each."""
     names = list(members)
-    header = ["Model", *(HEADERS[c] for c in COLUMNS)]
-    strategy = job.registry.strategy
-    lines = [
+    sections = [
+        _summary(job, members, evaluation),
+        _tables_3_and_4(evaluation.rows, names, job.registry.strategy),
+        _every_attack(evaluation, names),
+        _member_choice(evaluation.choice, names),
+        _parameters(parameters, names, job.model.arch),
+    ]
+    if registration is not None:
+        sections.append(["## Registry", "", *(f"- {line}" for line in registration.lines())])
+    return "\n\n".join("\n".join(section) for section in sections) + "\n"
+
+
+def _summary(job: JobConfig, members: Mapping[str, str], evaluation: Evaluation) -> list[str]:
+    return [
         f"# PSAT aggregation of job `{job.name}`",
         "",
         f"{evaluation.samples} evaluation images of {job.data.dataset} "
@@ -120,68 +131,64 @@ def markdown_report(
         *attacks_described(job),
         "",
         "Members:",
-        *(f"- `{n}`: {members[n]}" for n in names),
-        "",
+        *(f"- `{n}`: {location}" for n, location in members.items()),
+    ]
+
+
+def _tables_3_and_4(rows: Mapping[str, dict], names: list[str], strategy: str) -> list[str]:
+    header = [HEADERS[c] for c in COLUMNS]
+    members = [_accuracy_row(f"H_{n}", rows[f"member.{n}"]) for n in names]
+    ensemble = _accuracy_row(f"PSAT ({STRATEGY_NAMES[strategy]})", rows[strategy])
+    strategies = [_accuracy_row(STRATEGY_NAMES[s], rows[s]) for s in STRATEGIES]
+    return [
         "## Members and the PSAT ensemble (Table 3)",
         "",
-        *markdown_table(
-            header,
-            [_accuracy_row(f"H_{n}", rows[f"member.{n}"]) for n in names]
-            + [_accuracy_row(f"PSAT ({STRATEGY_NAMES[strategy]})", rows[strategy])],
-        ),
+        *markdown_table(["Model", *header], [*members, ensemble]),
         "",
         "## Inference strategy (Table 4)",
         "",
-        *markdown_table(
-            ["Strategy", *(HEADERS[c] for c in COLUMNS)],
-            [_accuracy_row(STRATEGY_NAMES[s], rows[s]) for s in STRATEGIES],
-        ),
-        "",
+        *markdown_table(["Strategy", *header], strategies),
+    ]
+
+
+def _every_attack(evaluation: Evaluation, names: list[str]) -> list[str]:
+    rows = evaluation.rows
+    models = {f"H_{n}": rows[f"member.{n}"] for n in names}
+    models |= {f"PSAT ({STRATEGY_NAMES[s]})": rows[s] for s in STRATEGIES}
+    return [
         "## Every attack",
         "",
         "Accuracy after each attack (and the attacks of its norm before it), and how many points "
         "that attack was the first to break.",
         "",
-        *attack_breakdown(
-            {f"H_{n}": rows[f"member.{n}"] for n in names}
-            | {f"PSAT ({STRATEGY_NAMES[s]})": rows[s] for s in STRATEGIES},
-            evaluation.samples,
-        ),
-        "",
+        *attack_breakdown(models, evaluation.samples),
+    ]
+
+
+def _member_choice(choice: Mapping[str, dict], names: list[str]) -> list[str]:
+    lines = [
         "## Which member answers",
         "",
         "Fraction of the images each member answered (under an attack: on its adversarial "
         "examples for the points it attacked, the clean image otherwise).",
     ]
     for s in STRATEGIES:
-        inputs = list(choice[s])
-        lines += [
-            "",
-            f"### {STRATEGY_NAMES[s]}",
-            "",
-            *markdown_table(
-                ["Input", *names],
-                [[attack_label(k), *(percent(choice[s][k][n]) for n in names)] for k in inputs],
-            ),
+        fractions = [
+            [attack_label(k), *(percent(by_member[n]) for n in names)]
+            for k, by_member in choice[s].items()
         ]
-    spec_arch = job.model.arch
-    lines += [
-        "",
-        "## Parameters",
-        "",
-        *markdown_table(
-            ["Model", "Parameters"],
-            [[f"H_{n}", f"{int(parameters[f'member.{n}']):,}"] for n in names]
-            + [
-                [f"PSAT ({len(names)} members)", f"{int(parameters['aggregated']):,}"],
-                [f"plain {spec_arch}", f"{int(parameters['plain']):,}"],
-                ["saving", percent(parameters["saving"])],
-            ],
-        ),
+        lines += ["", f"### {STRATEGY_NAMES[s]}", "", *markdown_table(["Input", *names], fractions)]
+    return lines
+
+
+def _parameters(parameters: Mapping[str, float], names: list[str], arch: str) -> list[str]:
+    counts = [[f"H_{n}", f"{int(parameters[f'member.{n}']):,}"] for n in names]
+    counts += [
+        [f"PSAT ({len(names)} members)", f"{int(parameters['aggregated']):,}"],
+        [f"plain {arch}", f"{int(parameters['plain']):,}"],
+        ["saving", percent(parameters["saving"])],
     ]
-    if registration is not None:
-        lines += ["", "## Registry", "", *(f"- {line}" for line in registration.lines())]
-    return "\n".join(lines) + "\n"
+    return ["## Parameters", "", *markdown_table(["Model", "Parameters"], counts)]
 
 
 def accuracy_figure(rows: Mapping[str, Mapping[str, float]], names: list[str]) -> Figure:

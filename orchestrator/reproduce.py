@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from orchestrator.config import JobConfig
 from orchestrator.evaluation import RowResult, evaluate_rows
 from orchestrator.fitting import ModelPlan, psat_members
+from orchestrator.ray_session import check_local_capacity
 from orchestrator.report import (
     COLUMNS,
     HEADERS,
@@ -37,7 +38,7 @@ from orchestrator.report import (
     percent,
 )
 from orchestrator.tracking import Tracker
-from orchestrator.training import check_local_capacity, prepare_job, train_models
+from orchestrator.training import prepare_job, train_models
 from psat_core.accounting import plain_parameters
 
 ROLE = "reproduce"
@@ -389,7 +390,7 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
     """
     res = job.resources
     plans = model_plans(job)
-    per_trainer = res.workers_per_member * (1 if res.use_gpu else res.cpus_per_worker)
+    per_trainer = res.workers_per_member * (res.gpus or res.cpus_per_worker)
     concurrency = job.reproduce.concurrent_trainers
     check_local_capacity(job, per_trainer)  # what can be refused before Ray starts is
     tracker = Tracker(job)

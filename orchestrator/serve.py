@@ -36,36 +36,70 @@ def scoring_model(pulled: PulledModel) -> PyFuncModel:
     return PyFuncModel(meta, _PythonModelPyfuncWrapper(python_model, context, meta.signature))
 
 
-def strict_app(model: PyFuncModel):
-    """MLflow's scoring app, answering 400 to a JSON request with params it does not declare."""
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error_code": "INVALID_PARAMETER_VALUE", "message": message}, status)
+
+
+def strict_app(model: PyFuncModel, max_body: int, max_rows: int):
+    """MLflow's scoring app, answering a request to /invocations that is larger than `max_body`
+    bytes with 413 (before reading it), one of more than `max_rows` rows or with params the
+    model does not declare with 400."""
     app = scoring_app(model)
     allowed = {param.name for param in model.metadata.get_params_schema().params}
 
     @app.middleware("http")
-    async def refuse_unknown_params(request: Request, call_next):
-        if request.method == "POST" and request.url.path == "/invocations":
-            unknown = _unknown_params(await request.body(), allowed)
-            if unknown:
-                message = f"unknown param(s) {unknown}; this model takes {sorted(allowed)}"
-                return JSONResponse(
-                    {"error_code": "INVALID_PARAMETER_VALUE", "message": message}, 400
-                )
+    async def bound_and_check(request: Request, call_next):
+        if request.method != "POST" or request.url.path != "/invocations":
+            return await call_next(request)
+        length = request.headers.get("content-length")
+        if length is None or not length.isdigit():
+            return _error(411, "a request to /invocations needs a Content-Length header")
+        if int(length) > max_body:
+            return _error(413, f"request body of {int(length):,} bytes; the limit is "
+                               f"{max_body:,} (psat serve --max-body-mb)")  # fmt: skip
+        request_json = _json_object(await request.body())
+        rows = _rows(request_json)
+        if rows > max_rows:
+            return _error(400, f"{rows} rows in one request; the limit is {max_rows} "
+                               "(psat serve --max-rows): send smaller batches")  # fmt: skip
+        params = request_json.get("params")
+        unknown = sorted(set(params) - allowed) if isinstance(params, dict) else []
+        if unknown:
+            return _error(400, f"unknown param(s) {unknown}; this model takes {sorted(allowed)}")
         return await call_next(request)
 
     return app
 
 
-def _unknown_params(body: bytes, allowed: set[str]) -> list[str]:
-    """Param names in a JSON request body that the model does not declare (else [])."""
+def _json_object(body: bytes) -> dict:
+    """A JSON request body's object (else {}: not JSON, MLflow's parser answers it)."""
     try:
-        params = json.loads(body).get("params")
-    except (ValueError, AttributeError):
-        return []  # not a JSON object: MLflow's parser answers it
-    return sorted(set(params) - allowed) if isinstance(params, dict) else []
+        parsed = json.loads(body)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
 
 
-def serve(pulled: PulledModel, host: str, port: int, verbose: bool = False) -> None:
-    """Serve `pulled` on host:port until interrupted; a port in use is a ValueError."""
+def _rows(request_json: dict) -> int:
+    """Rows of a scoring request in any of MLflow's JSON formats (0 if none is recognised)."""
+    for key in ("inputs", "instances", "dataframe_records"):
+        if isinstance(request_json.get(key), list):
+            return len(request_json[key])
+    split = request_json.get("dataframe_split")
+    data = split.get("data") if isinstance(split, dict) else None
+    return len(data) if isinstance(data, list) else 0
+
+
+def serve(
+    pulled: PulledModel,
+    host: str,
+    port: int,
+    verbose: bool,
+    max_body: int,
+    max_rows: int,
+) -> None:
+    """Serve `pulled` on host:port until interrupted (`strict_app`'s bounds); a port in use is
+    a ValueError."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -73,7 +107,7 @@ def serve(pulled: PulledModel, host: str, port: int, verbose: bool = False) -> N
     except OSError as err:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}; choose --port") from None
-    app = strict_app(scoring_model(pulled))
+    app = strict_app(scoring_model(pulled), max_body, max_rows)
     config = uvicorn.Config(app, log_level="info" if verbose else "warning")
     print(f"serving {pulled.uri} at http://{host}:{port}/invocations", flush=True)
     uvicorn.Server(config).run(sockets=[sock])

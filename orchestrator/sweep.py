@@ -32,10 +32,11 @@ from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.config import ConfigError, JobConfig, SweepRange, deep_merge
 from orchestrator.fitting import OBJECTIVE, ModelPlan
+from orchestrator.ray_session import check_local_capacity
 from orchestrator.shards import join
 from orchestrator.tracking import Tracker, flatten
 from orchestrator.trainers import trainer_for
-from orchestrator.training import check_local_capacity, prepare_job
+from orchestrator.training import prepare_job
 from psat_core.accounting import parameter_report
 
 log = logging.getLogger(__name__)
@@ -116,7 +117,7 @@ def _concurrency(job: JobConfig) -> int:
     res = job.resources
     available = ray.cluster_resources()
     if res.use_gpu:
-        return max(1, int(available.get("GPU", 0) // res.workers_per_member))
+        return max(1, int(available.get("GPU", 0) // (res.workers_per_member * res.gpus)))
     per_trial = 1 + res.workers_per_member * res.cpus_per_worker
     return max(1, int(available.get("CPU", 1) // per_trial))
 

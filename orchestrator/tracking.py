@@ -121,7 +121,7 @@ def exit_on_sigterm() -> None:
     later, for at most SIGTERM_GRACE_S: exiting half-way through the write can leave the store
     locked and the runs RUNNING. Nothing else defers it: not an HTTP request, whose retries can
     last minutes. Installed by the CLI; `ray.init`, which installs a handler of its own, keeps
-    it (`orchestrator.training.sigterm_kept`).
+    it (`orchestrator.ray_session.sigterm_kept`).
     """
     _first_sigterm.clear()
     signal.signal(signal.SIGTERM, _on_sigterm)
@@ -207,15 +207,15 @@ class Tracker:
         return runs[0] if runs else None
 
     def resumable(self, role: str) -> Run | None:
-        """The job's earlier `role` run, if any; a ConfigError if it ran with another config.
-        Jobs ask before they start Ray: a refusal costs no start-up."""
+        """The job's earlier `role` run, if any; a ConfigError if it ran with another config
+        (settings a newer psat added are not compared). Jobs ask before they start Ray: a
+        refusal costs no start-up."""
         existing = self.find(**{JOB_TAG: self.job.name, ROLE_TAG: role})
         if existing is None:
             return None
-        recorded = existing.data.params
-        changed = {
-            k: (recorded.get(k), v) for k, v in self.params().items() if recorded.get(k) != v
-        }
+        recorded = existing.data.params  # a setting it lacks is newer than that run
+        params = self.params().items()
+        changed = {k: (recorded[k], v) for k, v in params if k in recorded and recorded[k] != v}
         if changed:
             first = ", ".join(
                 f"{k}: {old!r} -> {new!r}" for k, (old, new) in list(changed.items())[:3]

@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 import ray
@@ -20,7 +21,7 @@ import ray.train
 import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from orchestrator.config import JobConfig
 from orchestrator.fitting import Fit, ModelPlan, steps_per_epoch
@@ -65,16 +66,33 @@ def train_loop(config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.manual_seed(job.training.seed + rank)
     steps = steps_per_epoch(manifest["shard_sizes"], world, job.training.batch_size)
-    device = ray.train.torch.get_device()
-    fit = Fit.build(job, plan, steps, device, prepare=ray.train.torch.prepare_model)
+    device, placement = worker_device()
+    prepare = partial(ray.train.torch.prepare_model, move_to_device=device)  # DDP if several
+    fit = Fit.build(job, plan, steps, device, prepare=prepare)
     start = _restore(fit)
     train = _load_shards(manifest["train"][rank::world])
     val = read_arrays(manifest["val"]) if rank == 0 else None
-    _post(board, rank, {"model": plan.name, "kind": "start", "epoch": start, "pid": os.getpid()})
+    started = {"model": plan.name, "kind": "start", "epoch": start, "pid": os.getpid()}
+    _post(board, rank, started | placement)
     for epoch in range(start, job.training.epochs):
         metrics = fit.train_epoch(train, epoch)
         metrics |= _report(fit, epoch, metrics, val)
         _post(board, rank, {"model": plan.name, "kind": "epoch", **metrics})
+
+
+def worker_device() -> tuple[torch.device, dict]:
+    """This worker's device, from Ray's assignment, and where it is (for the model's run).
+
+    The GPU Ray assigned (`ray.get_gpu_ids()`, as Ray Train indexes it in CUDA_VISIBLE_DEVICES)
+    where CUDA sees it; the CPU where Ray assigned none, or where GPUs are only declared to
+    Ray (CUDA is never initialized then).
+    """
+    gpus = [str(gpu) for gpu in ray.get_gpu_ids()]
+    placement = {"gpu_ids": ",".join(gpus), "node": ray.get_runtime_context().get_node_id()}
+    device = torch.device("cpu")
+    if gpus and torch.cuda.is_available():
+        device = ray.train.torch.get_device()
+    return device, placement | {"device": str(device)}
 
 
 def _load_shards(uris: list[str]) -> ImageArrays:
@@ -128,10 +146,12 @@ def trainer_for(
             "manifest": manifest,
             "board": board,
         },
+        torch_config=TorchConfig(backend=None if res.ddp_backend == "auto" else res.ddp_backend),
         scaling_config=ScalingConfig(
             num_workers=res.workers_per_member,
             use_gpu=res.use_gpu,
-            resources_per_worker={"CPU": res.cpus_per_worker} | ({"GPU": 1} if res.use_gpu else {}),
+            resources_per_worker={"CPU": res.cpus_per_worker}
+            | ({"GPU": res.gpus} if res.gpus else {}),
         ),
         run_config=RunConfig(
             name=run_name or plan.name,

@@ -47,7 +47,8 @@ def shared_ray():
     The jobs under test find it initialized and use it (`connect_ray`); jobs in processes of
     their own join it through `ray_address`. It has logical CPUs to spare: a Tune trial can
     leave its worker group's placement group behind (ray-project/ray#54305), which must not
-    starve a later test. No preemption watchers, as `connect_ray` starts a local Ray.
+    starve a later test. It declares 3 GPUs (no CUDA needed) for the placement tests. No
+    preemption watchers, as `connect_ray` starts a local Ray.
     """
     import logging
 
@@ -57,6 +58,7 @@ def shared_ray():
     ray.init(
         address="local",
         num_cpus=12,
+        num_gpus=3,
         log_to_driver=False,
         logging_level=logging.WARNING,
         runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},

@@ -51,7 +51,7 @@ OPTIONS = {
     "aggregate": [*JOB, "--from-sweep", "--train-run", "--force-champion", "--allow-partial"],
     "evaluate": [*JOB, "--model"],
     "pull": ["uri", "--dst", "--tracking-uri"],
-    "serve": ["uri", "--host", "--port", "--dst", "--tracking-uri"],
+    "serve": ["uri", "--host", "--port", "--dst", "--tracking-uri", "--max-body-mb", "--max-rows"],
     "submit": ["JOB"],
     "params": ["--arch", "--num-classes", "--embedding-dim", "--members", "--in-channels"],
 }

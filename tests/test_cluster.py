@@ -188,6 +188,9 @@ def test_temporary_locations_are_refused_before_any_work(site, name, storage, me
     assert proc.returncode == 2 and proc.stdout == ""
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("psat submit: error: ") and message in line
+    assert site.runs(name) == []
+    if name != "relative":  # the job's own check of both is test_config's; once on a cluster:
+        return
     # the job refuses too, when submitted by hand: failed, before any run or checkpoint
     proc = _ray_job(site, "python", "-m", "jobs.train_members", "--config",
                     "jobs/configs/quickstart.yaml", *sets(config))  # fmt: skip

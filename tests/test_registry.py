@@ -320,7 +320,7 @@ def test_predict_rejects_pixels_outside_unit_range(tmp_path, members, images, mo
 
 SERVERS = {
     "mlflow": [str(BIN / "mlflow"), "models", "serve", "--env-manager", "local", "-m"],
-    "psat": [str(BIN / "psat"), "serve"],
+    "psat": [str(BIN / "psat"), "serve", "--max-body-mb", "0.05", "--max-rows", "6"],
 }
 
 
@@ -364,12 +364,19 @@ def test_served_model_answers_like_predict(server, tmp_path, members, images, mo
         if command == "psat":  # MLflow's server drops undeclared params with a logged warning
             params = {"strategy": "average", "temperature": 2}
             bad.append(({"inputs": images.tolist(), "params": params}, "['temperature']"))
+            # bounded requests: 7 rows (the limit is 6); 200 rows, over 0.05 MB, unread
+            bad.append(({"inputs": images[[0] * 7].tolist()}, "7 rows in one request"))
+            big = {"inputs": images[[0] * 200].tolist()}
+            assert len(json.dumps(big)) > 52_428
+            bad.append((big, "the limit is 52,428 (psat serve --max-body-mb)"))
         for body, reason in bad:
             with pytest.raises(urllib.error.HTTPError) as answer:
                 post(port, body)
-            assert answer.value.code == 400
+            assert answer.value.code == (413 if "max-body" in reason else 400)
             error = json.load(answer.value)
             assert reason in error["message"] and "stack_trace" not in error
+        with post(port, {"inputs": images.tolist()}) as response:  # and it answers on
+            assert response.status == 200
     finally:
         stop(proc)
 

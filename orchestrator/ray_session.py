@@ -1,0 +1,128 @@
+"""Connecting a job to Ray: join the configured cluster, or start a Ray of its own here.
+
+Below the jobs (`training`, `sweep`, `aggregate`, `reproduce`) and beside `locking`, which
+asks it for the cluster; it imports no job module.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import ray
+import torch
+from ray._private.state import state as ray_state  # the cluster's ceiling, as Train reads it
+
+from orchestrator.config import ConfigError, JobConfig
+
+log = logging.getLogger(__name__)
+
+
+LOCAL_CPU_OVERSUBSCRIPTION = 2  # a local Ray gets at most this many logical CPUs per core
+
+
+def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None = None) -> None:
+    """Join the configured cluster (or $RAY_ADDRESS, set inside Ray Jobs), else start one here.
+
+    A local Ray gets `cpus_wanted` logical CPUs (so that the members run concurrently even
+    where there are fewer cores), but at least the cores and at most
+    LOCAL_CPU_OVERSUBSCRIPTION per core; each worker keeps its torch threads to
+    `resources.torch_threads`. What one model needs at once (`cpus_required`, default
+    workers_per_member × cpus_per_worker, and its GPUs) must fit in what the Ray can ever
+    offer: else a ConfigError naming the fields, before any Ray work.
+    """
+    required = _required(job, cpus_required)
+    address = join_cluster(job)
+    if address:
+        # an autoscaling cluster's ceiling (what Ray Train checks too), else what it has now
+        capacity = ray_state.get_max_resources_from_cluster_config() or ray.cluster_resources()
+        _check_capacity(job, required, capacity, f"the Ray cluster at {address}")
+        return
+    if ray.is_initialized():  # a Ray this process started itself
+        return
+    check_local_capacity(job, cpus_required)
+    cores = os.cpu_count() or 1
+    most = LOCAL_CPU_OVERSUBSCRIPTION * cores
+    # progress comes through the ProgressBoard; worker logs stay in Ray's log files.
+    # address="local": a new Ray of our own, even if another one runs on this machine.
+    # The dashboard stays: Train's PlacementGroupCleaner asks its state API whether the
+    # controller lives, and without it every trainer's shutdown waits out a 12 s timeout.
+    # One machine is never preempted: no PreemptionWatcher process per trainer.
+    with sigterm_kept():
+        ray.init(
+            address="local",
+            num_cpus=min(most, max(cores, math.ceil(cpus_wanted))),
+            log_to_driver=False,
+            logging_level=logging.INFO if log.isEnabledFor(logging.DEBUG) else logging.WARNING,
+            runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}},
+        )
+
+
+def _required(job: JobConfig, cpus_required: float | None) -> dict[str, float]:
+    res = job.resources
+    return {
+        "CPU": cpus_required or res.workers_per_member * res.cpus_per_worker,
+        "GPU": res.workers_per_member * res.gpus,
+    }
+
+
+def check_local_capacity(job: JobConfig, cpus_required: float | None = None) -> None:
+    """Where the job starts a Ray of its own (no cluster to join, none running here), what one
+    model needs at once must fit this machine: else a ConfigError, before anything is
+    written or started."""
+    if job.resources.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+        return
+    cores = os.cpu_count() or 1
+    capacity = {"CPU": LOCAL_CPU_OVERSUBSCRIPTION * cores, "GPU": torch.cuda.device_count()}
+    where = f"a local Ray on this machine's {cores} cores"
+    _check_capacity(job, _required(job, cpus_required), capacity, where)
+
+
+def join_cluster(job: JobConfig) -> str | None:
+    """Connect to `resources.address` (else $RAY_ADDRESS, set inside Ray Jobs) once; return it,
+    or None where there is no cluster to join."""
+    address = job.resources.address or os.environ.get("RAY_ADDRESS")
+    if address and not ray.is_initialized():
+        verbose = log.isEnabledFor(logging.DEBUG)
+        # worker and actor output (Ray Train's own chatter) stays in Ray's logs unless -v;
+        # ray.init resets Ray's logger to logging_level
+        with sigterm_kept():
+            ray.init(
+                address=address,
+                log_to_driver=verbose,
+                logging_level=logging.INFO if verbose else logging.WARNING,
+            )
+    return address
+
+
+@contextmanager
+def sigterm_kept() -> Iterator[None]:
+    """`ray.init` installs its own SIGTERM handler; keep the process's (the CLI's
+    `exit_on_sigterm`, which never exits half-way through an MLflow write)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
+
+
+def _check_capacity(job: JobConfig, required: dict, capacity: dict, where: str) -> None:
+    res = job.resources
+    if required["CPU"] > capacity.get("CPU", 0):
+        raise ConfigError(
+            f"one model needs {required['CPU']:g} CPUs at once (resources.workers_per_member="
+            f"{res.workers_per_member} x resources.cpus_per_worker={res.cpus_per_worker:g}); "
+            f"{where} offers at most {capacity.get('CPU', 0):g}: lower them, or run on a "
+            "larger cluster (resources.address, psat submit)"
+        )
+    if required["GPU"] > capacity.get("GPU", 0):
+        raise ConfigError(
+            f"resources.use_gpu asks for {required['GPU']:g} GPU(s) per model "
+            f"(resources.workers_per_member x resources.gpus_per_worker); {where} offers "
+            f"{capacity.get('GPU', 0):g}: set "
+            "resources.use_gpu=false, fewer workers, or run on a cluster with GPUs"
+        )
