@@ -31,7 +31,7 @@ from orchestrator.evaluation import (
     progress_to,
     staged,
 )
-from orchestrator.ray_session import check_local_capacity
+from orchestrator.ray_session import check_ray
 from orchestrator.registry import EXAMPLE_SIZE, Registration, register_ensemble
 from orchestrator.report import (
     STRATEGY_NAMES,
@@ -210,7 +210,7 @@ def aggregate(
             of ``job.training.members`` (unless ``partial``). Nothing is logged or registered
             then.
     """
-    check_local_capacity(job, job.resources.cpus_per_worker)  # refused before any work
+    check_ray(job, job.resources.cpus_per_worker)  # refused before any work
     tracker = Tracker(job)
     if members is None:
         members = member_checkpoints(job, tracker, train_run)

@@ -10,6 +10,7 @@ import logging
 import math
 import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,7 +46,7 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
         return
     if ray.is_initialized():  # a Ray this process started itself
         return
-    check_local_capacity(job, cpus_required)
+    check_ray(job, cpus_required)
     cores = os.cpu_count() or 1
     most = LOCAL_CPU_OVERSUBSCRIPTION * cores
     # progress comes through the ProgressBoard; worker logs stay in Ray's log files.
@@ -71,11 +72,17 @@ def _required(job: JobConfig, cpus_required: float | None) -> dict[str, float]:
     }
 
 
-def check_local_capacity(job: JobConfig, cpus_required: float | None = None) -> None:
-    """Where the job starts a Ray of its own (no cluster to join, none running here), what one
-    model needs at once must fit this machine: else a ConfigError, before anything is
-    written or started."""
-    if job.resources.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized():
+REACH_TIMEOUT_S = 5  # a Ray head that does not accept a connection by then is down or elsewhere
+
+
+def check_ray(job: JobConfig, cpus_required: float | None = None) -> None:
+    """What can be checked about Ray before anything is written or started, else a
+    ConfigError: the cluster to join accepts connections (`check_address`); where the job
+    starts a Ray of its own, what one model needs at once fits this machine."""
+    address = job.resources.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_address(address)
+    if address or ray.is_initialized():
         return
     cores = os.cpu_count() or 1
     capacity = {"CPU": LOCAL_CPU_OVERSUBSCRIPTION * cores, "GPU": torch.cuda.device_count()}
@@ -83,11 +90,30 @@ def check_local_capacity(job: JobConfig, cpus_required: float | None = None) -> 
     _check_capacity(job, _required(job, cpus_required), capacity, where)
 
 
+def check_address(address: str) -> None:
+    """A Ray address `host:port` (or `ray://host:port`) must accept a TCP connection within
+    REACH_TIMEOUT_S; `auto`, `local` and other forms are Ray's to resolve."""
+    if "://" in address.removeprefix("ray://"):
+        return  # a URL (a dashboard's, say): Ray's own error names it
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address} ({reason}); check resources.address "
+            "or RAY_ADDRESS, or leave both unset for a local Ray"
+        ) from None
+
+
 def join_cluster(job: JobConfig) -> str | None:
     """Connect to `resources.address` (else $RAY_ADDRESS, set inside Ray Jobs) once; return it,
     or None where there is no cluster to join."""
     address = job.resources.address or os.environ.get("RAY_ADDRESS")
     if address and not ray.is_initialized():
+        check_address(address)
         verbose = log.isEnabledFor(logging.DEBUG)
         # worker and actor output (Ray Train's own chatter) stays in Ray's logs unless -v;
         # ray.init resets Ray's logger to logging_level

@@ -27,7 +27,7 @@ from matplotlib.figure import Figure
 from orchestrator.config import JobConfig
 from orchestrator.evaluation import RowResult, evaluate_rows
 from orchestrator.fitting import ModelPlan, psat_members
-from orchestrator.ray_session import check_local_capacity
+from orchestrator.ray_session import check_ray
 from orchestrator.report import (
     COLUMNS,
     HEADERS,
@@ -392,7 +392,7 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
     plans = model_plans(job)
     per_trainer = res.workers_per_member * (res.gpus or res.cpus_per_worker)
     concurrency = job.reproduce.concurrent_trainers
-    check_local_capacity(job, per_trainer)  # what can be refused before Ray starts is
+    check_ray(job, per_trainer)  # what can be refused before Ray starts is
     tracker = Tracker(job)
     tracker.resumable(ROLE)  # refused first
     manifest = prepare_job(job, per_trainer * (concurrency or 1))

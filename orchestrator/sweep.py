@@ -32,7 +32,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.config import ConfigError, JobConfig, SweepRange, deep_merge
 from orchestrator.fitting import OBJECTIVE, ModelPlan
-from orchestrator.ray_session import check_local_capacity
+from orchestrator.ray_session import check_ray
 from orchestrator.shards import join
 from orchestrator.tracking import Tracker, flatten
 from orchestrator.trainers import trainer_for
@@ -198,7 +198,7 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
     search = _search(job)
     res = job.resources
     trial = 1 + res.workers_per_member * res.cpus_per_worker  # the trial's driver + its workers
-    check_local_capacity(job, trial)  # what can be refused before Ray starts is refused first
+    check_ray(job, trial)  # what can be refused before Ray starts is refused first
     tracker = Tracker(job)
     tracker.resumable("sweep")
     manifest = prepare_job(job, 3 * trial, trial)

@@ -19,7 +19,7 @@ from mlflow.entities import RunTag
 
 from orchestrator.config import JobConfig
 from orchestrator.fitting import ModelPlan, psat_members
-from orchestrator.ray_session import check_local_capacity, connect_ray
+from orchestrator.ray_session import check_ray, connect_ray
 from orchestrator.shards import join, materialize
 from orchestrator.tracking import CHECKPOINT_TAG, PLAN_TAG, Tracker, ended_status
 from orchestrator.trainers import BoardReader, ProgressBoard, train_on_ray
@@ -52,7 +52,7 @@ def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[s
     """
     plans = psat_members(job)
     res = job.resources
-    check_local_capacity(job)  # what can be refused before Ray starts is refused first
+    check_ray(job)  # what can be refused before Ray starts is refused first
     tracker = Tracker(job)
     tracker.resumable("train")
     manifest = prepare_job(job, len(plans) * res.workers_per_member * res.cpus_per_worker)

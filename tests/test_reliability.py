@@ -333,3 +333,13 @@ def test_sigterm_stops_a_pull_waiting_on_a_silent_server(tmp_path):
         proc.wait(timeout=30)
         assert time.monotonic() - start < 5
     assert proc.returncode != 0
+
+
+def test_an_unreachable_ray_address_is_one_line_before_any_work(tmp_path, tiny_job):
+    address = f"127.0.0.1:{free_port()}"  # nothing listens there
+    config = job_file(tmp_path, tiny_job, resources={"address": address})
+    start = time.monotonic()
+    line = one_line(psat("train", "--config", str(config), cwd=tmp_path))
+    assert time.monotonic() - start < 15
+    assert f"cannot reach the Ray cluster at {address} (Connection refused)" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.yaml", "runs"]  # the lock only
