@@ -129,7 +129,7 @@ def join_cluster(job: JobConfig) -> str | None:
 @contextmanager
 def sigterm_kept() -> Iterator[None]:
     """`ray.init` installs its own SIGTERM handler; keep the process's (the CLI's
-    `exit_on_sigterm`, which never exits half-way through an MLflow write)."""
+    `exit_on_sigterm`, which never exits half-way through a SQLite store write)."""
     handler = signal.getsignal(signal.SIGTERM)
     yield
     if threading.current_thread() is threading.main_thread():
