@@ -16,6 +16,7 @@ import io
 import logging
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
@@ -213,7 +214,7 @@ def register_ensemble(
             with prints_to_log():  # "Successfully registered model", "Created version"
                 registered = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
             version = int(registered.version)
-        client.set_registered_model_alias(model_name, CANDIDATE, str(version))
+        _set_alias(client, model_name, CANDIDATE, version)
         champion, previous = _promote(
             client, model_name, version, trade_off, force_champion, partial
         )
@@ -258,5 +259,23 @@ def _promote(
             log.warning("%s v%s has no %s tag; replacing it", name, previous, TRADE_OFF_TAG)
         elif not trade_off > float(recorded):
             return False, previous
-    client.set_registered_model_alias(name, CHAMPION, str(version))
+    _set_alias(client, name, CHAMPION, version)
     return True, previous
+
+
+# what SQLite, MySQL and PostgreSQL say when two first writes of one alias collide
+_ALIAS_RACE = ("UNIQUE constraint failed", "Duplicate entry", "duplicate key value")
+
+
+def _set_alias(client: MlflowClient, name: str, alias: str, version: int, tries: int = 5) -> None:
+    """Point `alias` at `version`. The store writes an alias by read-then-insert, so two
+    registrations creating the same alias at once collide on its unique key; the alias exists
+    after the first, and the retry overwrites it like any later write."""
+    for attempt in range(1, tries + 1):
+        try:
+            client.set_registered_model_alias(name, alias, str(version))
+            return
+        except MlflowException as err:
+            if attempt == tries or not any(text in str(err) for text in _ALIAS_RACE):
+                raise
+            time.sleep(0.1 * attempt)
