@@ -5,6 +5,9 @@ import pytest
 # Ray's default for a local cluster, made explicit before any test starts a process: those
 # that join the session's Ray (`ray_address`) present the token Ray keeps in ~/.ray/auth_token
 os.environ.setdefault("RAY_AUTH_MODE", "token")
+# Ray Train's controllers poll their workers every 2 s: a tiny run ends up to 2 s after its
+# workers. Every Ray the tests start (and its workers) inherits this from the environment.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 TINY = {
     "data": {"dataset": "digits", "train_size": 128, "val_size": 32, "eval_size": 32},
