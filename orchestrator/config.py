@@ -94,6 +94,9 @@ class ModelConfig(Section):
     arch: str = "resnet18"
     embedding_dim: int = Field(64, gt=0)
     reduction: Literal["sum", "avg", "max"] = "sum"
+    init: Literal["fan_in", "shared"] = Field(
+        "fan_in", description="generated layers start at their plain conv's std, or all at one"
+    )
 
     @field_validator("arch")
     @classmethod
@@ -131,6 +134,27 @@ class EvaluationConfig(Section):
     gate_temperature: float = Field(0.1, gt=0, description="SoftGate's τ (entropy in nats)")
 
 
+class GroupScale(Section):
+    """Multipliers of `training.lr` and `training.weight_decay` for one parameter group."""
+
+    lr: float = Field(1.0, gt=0)
+    weight_decay: float = Field(1.0, ge=0)
+
+
+class OptimizerConfig(Section):
+    """The optimizer and its per-group settings (`psat_core.train.param_groups`): a
+    hypernetwork's shared generator, its layer embeddings, and the rest (stem, BN, head; all of
+    a plain ResNet). `momentum` applies to SGD; Adam and AdamW keep their default betas."""
+
+    name: Literal["sgd", "adam", "adamw"] = "sgd"
+    generator: GroupScale = GroupScale()
+    embeddings: GroupScale = GroupScale()
+    rest: GroupScale = GroupScale()
+
+    def scales(self) -> dict[str, tuple[float, float]]:
+        return {g: (s.lr, s.weight_decay) for g, s in self if isinstance(s, GroupScale)}
+
+
 class TrainingConfig(Section):
     members: list[Norm] = Field(list(NORMS), min_length=1)
     epochs: int = Field(10, gt=0)
@@ -138,6 +162,7 @@ class TrainingConfig(Section):
     lr: float = Field(0.1, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(5e-4, ge=0)
+    optimizer: OptimizerConfig = OptimizerConfig()
     schedule: str = "cosine"
     amp: bool = True
     seed: int = 0
@@ -210,8 +235,11 @@ class RegistryConfig(Section):
     force_champion: bool = False
 
 
-SWEEP_PARAMS = ("norm", "embedding_dim", "steps", "step_size", "random_start", "lr")
-RANGE_PARAMS = ("step_size", "lr")
+SWEEP_PARAMS = (
+    "norm", "embedding_dim", "steps", "step_size", "random_start", "lr",
+    "optimizer", "generator_lr", "embeddings_lr",  # training.optimizer: name, lr multipliers
+)  # fmt: skip
+RANGE_PARAMS = ("step_size", "lr", "generator_lr", "embeddings_lr")
 
 
 class SweepRange(Section):

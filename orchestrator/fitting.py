@@ -26,6 +26,7 @@ from psat_core.train import (
     Method,
     make_optimizer,
     make_scheduler,
+    param_groups,
     train_epoch,
     training_inputs,
     unwrap,
@@ -63,6 +64,7 @@ class ModelPlan:
             method=self.method,
             embedding_dim=self.embedding_dim,
             reduction=job.model.reduction,
+            init=job.model.init,
         )
 
 
@@ -108,8 +110,9 @@ class Fit:
         model = prepare(model)
         cfg = job.training
         optimizer = make_optimizer(
-            unwrap(model).parameters(), cfg.lr, cfg.momentum, cfg.weight_decay
-        )
+            param_groups(unwrap(model)), cfg.lr, cfg.momentum, cfg.weight_decay,
+            cfg.optimizer.name, cfg.optimizer.scales(),
+        )  # fmt: skip
         scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch)
         attacks = job.attack_configs("train")
         method = training_inputs(

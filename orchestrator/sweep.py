@@ -50,6 +50,12 @@ def trial_job(job: JobConfig, params: dict[str, Any]) -> tuple[JobConfig, ModelP
     changes: dict[str, Any] = {"training": {"members": [norm]}}
     if "lr" in params:
         changes["training"]["lr"] = params["lr"]
+    optimizer = {"name": params["optimizer"]} if "optimizer" in params else {}
+    for group in ("generator", "embeddings"):
+        if f"{group}_lr" in params:
+            optimizer[group] = {"lr": params[f"{group}_lr"]}
+    if optimizer:
+        changes["training"]["optimizer"] = optimizer
     attack = {k: params[k] for k in ATTACK_PARAMS if k in params}
     if attack:
         changes["attacks"] = {"train": {norm: attack}}

@@ -41,6 +41,7 @@ class MemberSpec:
     method: str = "at"
     embedding_dim: int | None = None  # None: a plain ResNet
     reduction: str = "sum"
+    init: str = "fan_in"  # how generated layers start (HyperResNet); the state overrides it
     extra: dict = field(default_factory=dict)
 
     @property
@@ -66,6 +67,7 @@ class MemberSpec:
         kwargs |= {"mean": self.mean, "std": self.std}
         if self.embedding_dim is not None:
             kwargs |= {"embedding_dim": self.embedding_dim, "reduction": self.reduction}
+            kwargs |= {"init": self.init}
         return create_model(self.model_name, **kwargs)
 
     @classmethod

@@ -25,6 +25,8 @@ from torch import Tensor, nn
 
 from psat_core.hypernet import UNIT, HyperNetwork, tile_units
 
+INITS = ("fan_in", "shared")  # how generated layers start (HyperResNet)
+
 
 class Normalize(nn.Module):
     """Per-channel standardization as the model's first module: inputs stay in [0, 1]."""
@@ -172,10 +174,20 @@ class HyperResNet(ResNet):
         `load_state_dict`, `.to()`), checked through the parameters' version counters;
       * inside `with model.pinned(weights):`, from `weights` (see `generate`), so one parameter
         update can generate once and reuse the tensors for every attack iteration.
+
+    `init`: "fan_in" (default) starts every generated layer at the std of the plain ResNet's
+    conv of its shape (PyTorch's conv init, 1/sqrt(3 fan_in)), hyperfan-in style (Chang et al.,
+    ICLR 2020): the generator starts bias-free, so its output is homogeneous in z and each
+    layer's embeddings are scaled by that layer's gain. "shared" leaves every unit at the
+    generator's one scale (a 64-input 3x3 conv's Kaiming std), as psat did before.
     """
 
-    def __init__(self, *args, embedding_dim: int, reduction: str = "sum", **kwargs):
+    def __init__(
+        self, *args, embedding_dim: int, reduction: str = "sum", init: str = "fan_in", **kwargs
+    ):
         super().__init__(*args, conv=GeneratedConv2d, **kwargs)
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
         self.generator = HyperNetwork(embedding_dim, reduction)
         self.generated = [m for m in self.modules() if isinstance(m, GeneratedConv2d)]
         for conv in self.generated:
@@ -195,6 +207,18 @@ class HyperResNet(ResNet):
         )
         self._pinned: list[Tensor] | None = None
         self._cache: tuple[tuple, list[Tensor]] | None = None
+        if init == "fan_in":
+            self._scale_embeddings_to_fan_in()
+
+    @torch.no_grad()
+    def _scale_embeddings_to_fan_in(self) -> None:
+        """Scale each layer's embeddings so its generated weight starts at the std of a plain
+        conv of its fan-in: weight(c z) = c weight(z) while the generator's biases are zero."""
+        rows = {k: iter(z.split([_units(c) for c in self.generated if c.kernel_size == int(k[1:])]))
+                for k, z in self.embeddings.items()}  # fmt: skip
+        for conv, weight in zip(self.generated, self.generate(), strict=True):
+            fan_in = conv.in_channels * conv.kernel_size**2
+            next(rows[f"k{conv.kernel_size}"]).mul_(1 / math.sqrt(3 * fan_in) / weight.std())
 
     def generate(self) -> list[Tensor]:
         """All generated conv weights, in `self.generated` order (eq. 8: theta^l = H(z^l))."""

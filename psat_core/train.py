@@ -32,6 +32,8 @@ from psat_core.models import HyperResNet, NoiseGenerator, count_parameters
 
 METHODS = ("nat", "at", "max", "avg", "msd", "mng")
 SCHEDULES = ("cosine", "multistep", "constant")
+OPTIMIZERS = ("sgd", "adam", "adamw")
+PARAM_GROUPS = ("generator", "embeddings", "rest")  # `param_groups`
 
 # (model, x, y) -> the inputs the loss is averaged over
 TrainingInputs = Callable[[nn.Module, Tensor, Tensor], list[Tensor]]
@@ -360,10 +362,49 @@ def train_epoch(
     return {"loss": sum(losses) / steps, "train_accuracy": sum(accuracies) / steps}
 
 
+def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
+    """A model's parameters by role: a hypernetwork's shared generator (H_p, eq. 11), its layer
+    embeddings (z, eq. 9), and the rest (stem, BatchNorm, head; all of a plain ResNet)."""
+    groups: dict[str, list[nn.Parameter]] = {group: [] for group in PARAM_GROUPS}
+    for name, param in model.named_parameters():
+        top = name.split(".", 1)[0]
+        groups[top if top in groups else "rest"].append(param)
+    return groups
+
+
 def make_optimizer(
-    params: Iterable[nn.Parameter], lr: float, momentum: float = 0.9, weight_decay: float = 5e-4
-) -> torch.optim.SGD:
-    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    params: Iterable[nn.Parameter] | Mapping[str, Iterable[nn.Parameter]],
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    name: str = "sgd",
+    scales: Mapping[str, tuple[float, float]] | None = None,
+) -> torch.optim.Optimizer:
+    """SGD (with `momentum`), Adam or AdamW over `params`: parameters, or named groups
+    (`param_groups`) whose lr and weight decay are `lr` and `weight_decay` times
+    ``scales[group] = (lr multiplier, weight-decay multiplier)``.
+
+    Adam's weight decay is an L2 term in the gradient, AdamW's is decoupled; both keep their
+    default betas.
+    """
+    named = dict(params) if isinstance(params, Mapping) else {"rest": params}
+    scales = scales or {}
+    groups = []
+    for group, members in named.items():
+        members = list(members)
+        if members:
+            lr_scale, decay_scale = scales.get(group, (1.0, 1.0))
+            groups.append({
+                "params": members, "name": group,
+                "lr": lr * lr_scale, "weight_decay": weight_decay * decay_scale,
+            })  # fmt: skip
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(groups, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; allowed: {', '.join(OPTIMIZERS)}")
 
 
 def make_scheduler(

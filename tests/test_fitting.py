@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from orchestrator.config import parse_config
+from orchestrator.config import deep_merge, parse_config
 from orchestrator.fitting import Fit, ModelPlan, train_in_process
 from psat_core.accounting import trained_parameters
 from psat_core.checkpoint import load_state, save_member
@@ -71,3 +71,33 @@ def test_validation_reports_the_sweeps_objective(job, digits):
     fit = Fit.build(job, PLANS[1], steps_per_epoch=1, device=torch.device("cpu"))
     metrics = fit.validate(val)
     assert metrics["objective"] == metrics["trade_off"]
+
+
+def test_optimizer_groups_follow_the_config_and_resume(job, digits, tmp_path):
+    """`training.optimizer`: AdamW with the generator's lr and the embeddings' weight decay
+    scaled; a plain ResNet is all "rest". A checkpoint restores every group and its state."""
+    train, _ = digits
+    changed = {"name": "adamw", "generator": {"lr": 0.2}, "embeddings": {"weight_decay": 0.0}}
+    job = parse_config(deep_merge(job.model_dump(), {"training": {"optimizer": changed}}))
+    fit = Fit.build(job, PLANS[0], steps_per_epoch=1, device=torch.device("cpu"))
+    assert isinstance(fit.optimizer, torch.optim.AdamW)
+    groups = {g["name"]: g for g in fit.optimizer.param_groups}
+    lr, decay = job.training.lr, job.training.weight_decay
+    assert {n: (g["lr"], g["weight_decay"]) for n, g in groups.items()} == {
+        "generator": (pytest.approx(0.2 * lr), decay),
+        "embeddings": (pytest.approx(lr), 0.0),
+        "rest": (pytest.approx(lr), decay),
+    }
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(fit.net.parameters()))
+    plain = Fit.build(job, PLANS[1], steps_per_epoch=1, device=torch.device("cpu"))
+    assert [g["name"] for g in plain.optimizer.param_groups] == ["rest"]
+
+    fit.train_epoch(train, epoch=0)
+    save_member(tmp_path, fit.spec, fit.state(epoch=0))
+    resumed = Fit.build(job, PLANS[0], steps_per_epoch=1, device=torch.device("cpu"))
+    resumed.restore(load_state(tmp_path))
+    for a, b in zip(fit.optimizer.param_groups, resumed.optimizer.param_groups, strict=True):
+        assert (a["name"], a["lr"], a["weight_decay"]) == (b["name"], b["lr"], b["weight_decay"])
+    torch.testing.assert_close(
+        fit.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    )

@@ -74,6 +74,24 @@ def test_generated_weights_have_the_plain_conv_shapes(arch):
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("reduction", ["sum", "max"])
+def test_generated_layers_start_at_their_plain_convs_std(arch, reduction):
+    """Hyperfan-in: every generated layer, 1x1 included, starts at the std PyTorch gives the
+    plain conv of its shape; "shared" keeps every 3x3 layer at one scale whatever its fan-in."""
+    torch.manual_seed(0)
+    plain = create_model(arch)
+    plain_convs = [m for n, m in plain.named_modules() if isinstance(m, nn.Conv2d) and n != "stem"]
+    hyper = create_model(f"hyper_{arch}", embedding_dim=8, reduction=reduction)
+    for weight, conv in zip(hyper.generate(), plain_convs, strict=True):
+        assert weight.std().item() == pytest.approx(conv.weight.std().item(), rel=0.1), conv
+    shared = create_model(f"hyper_{arch}", embedding_dim=8, init="shared")
+    for weight, conv in zip(shared.generate(), plain_convs, strict=True):
+        if conv.weight.shape[1:] == (512, 3, 3):  # 8x its fan-in's variance, std ~2.8x
+            assert weight.std().item() > 2 * conv.weight.std().item()
+    assert count_parameters(hyper) == count_parameters(shared)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_only_generator_embeddings_stem_bn_and_fc_are_trainable(arch):
     model = create_model(f"hyper_{arch}", num_classes=10, embedding_dim=8)
     expected = {"generator", "embeddings", "stem", "bn", "fc"}

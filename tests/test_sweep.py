@@ -14,7 +14,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ConfigError, parse_config
-from orchestrator.sweep import check_space
+from orchestrator.sweep import check_space, trial_job
 
 ROOT = Path(__file__).parents[1]
 
@@ -100,3 +100,15 @@ def test_unknown_sweep_parameter_is_one_clear_error():
     job = parse_config({"name": "x", "sweep": {"space": {"steps": [3, 0]}}})
     with pytest.raises(ConfigError, match="sweep.space.steps: value 0"):
         check_space(job)
+    job = parse_config({"name": "x", "sweep": {"space": {"optimizer": ["adam", "lion"]}}})
+    with pytest.raises(ConfigError, match="sweep.space.optimizer: value 'lion'"):
+        check_space(job)
+
+
+def test_a_trial_sets_the_optimizer_and_its_group_multipliers():
+    job = parse_config({"name": "x", "training": {"lr": 0.01}})
+    params = {"norm": "l2", "optimizer": "adam", "generator_lr": 0.3, "embeddings_lr": 4.0}
+    trial, plan = trial_job(job, params)
+    optimizer = trial.training.optimizer
+    assert (optimizer.name, optimizer.generator.lr, optimizer.embeddings.lr) == ("adam", 0.3, 4.0)
+    assert optimizer.rest.lr == 1.0 and trial.training.lr == 0.01 and plan.norms == ("l2",)
