@@ -30,7 +30,14 @@ from orchestrator.trainers import BoardReader, ProgressBoard
 from psat_core.accounting import trained_parameters
 from psat_core.checkpoint import ensemble_from_checkpoints, read_spec
 from psat_core.ensemble import STRATEGIES, PSATEnsemble
-from psat_core.metrics import PerSampleResult, Progress, evaluate_per_sample, summarize
+from psat_core.metrics import (
+    PerSampleResult,
+    Progress,
+    evaluate_per_sample,
+    example_scores,
+    standard_error,
+    summarize,
+)
 from psat_core.protocol import attack_suite, paper_view
 
 Rows = Mapping[str, tuple[dict[str, str], str | None]]
@@ -44,7 +51,9 @@ class RowResult:
     norm before it) -> fraction; ``paper``: Table 1's columns under the paper's protocol, read
     off the same run (`psat_core.protocol.paper_view`); ``choice`` (ensembles): input
     (``clean`` or an attack) -> member -> fraction of the images it answered; ``seconds``: the
-    evaluation's wall time.
+    evaluation's wall time; ``scores``: protocol (``full``, ``paper``) -> Table 1's columns
+    image by image (`psat_core.metrics.example_scores`), for standard errors and paired
+    comparisons.
     """
 
     row: dict[str, float]
@@ -54,10 +63,19 @@ class RowResult:
     samples: int
     device: str
     seconds: float
+    scores: dict[str, dict[str, list[float]]]
 
     def under(self, protocol: str) -> dict[str, float]:
         """The row under ``"paper"`` (the paper's protocol) or ``"full"`` (the suite's)."""
         return self.paper if protocol == "paper" else self.row
+
+    def examples(self, protocol: str) -> dict[str, torch.Tensor]:
+        """Table 1's columns image by image under `protocol`."""
+        return {column: torch.tensor(v) for column, v in self.scores[protocol].items()}
+
+    def errors(self, protocol: str) -> dict[str, float]:
+        """The standard error of each of Table 1's columns under `protocol`."""
+        return {column: standard_error(v) for column, v in self.examples(protocol).items()}
 
 
 @dataclass(frozen=True)
@@ -191,14 +209,19 @@ def evaluate_row(
     else:
         ensemble.strategy = strategy
         per, choice = evaluate_ensemble(job, ensemble, images, labels, progress)
+    views = {"full": per, "paper": paper_view(per)}
     return RowResult(
         row=summarize(per),
-        paper=summarize(paper_view(per)),
+        paper=summarize(views["paper"]),
         choice=choice,
         parameters=parameters,
         samples=len(labels),
         device=str(device),
         seconds=time.monotonic() - started,
+        scores={
+            protocol: {column: v.tolist() for column, v in example_scores(view).items()}
+            for protocol, view in views.items()
+        },
     )
 
 

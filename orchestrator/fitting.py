@@ -194,14 +194,20 @@ def steps_per_epoch(shard_sizes: list[int], world: int, batch_size: int) -> int:
 
 
 def train_in_process(
-    job: JobConfig, plan: ModelPlan, train: ImageArrays, val: ImageArrays, device="cpu"
+    job: JobConfig,
+    plan: ModelPlan,
+    train: ImageArrays,
+    val: ImageArrays,
+    device="cpu",
+    on_epoch: Callable[[dict], object] = lambda metrics: None,
 ) -> Fit:
-    """Train `plan`'s model in this process, validating every epoch as the workers do; returns
-    the finished `Fit` (its `net` is the trained model)."""
+    """Train `plan`'s model in this process, validating every epoch as the workers do (each
+    epoch's training and validation metrics go to `on_epoch`); returns the finished `Fit`
+    (its `net` is the trained model)."""
     torch.manual_seed(job.training.seed)
     steps = steps_per_epoch([len(train)], 1, job.training.batch_size)
     fit = Fit.build(job, plan, steps, torch.device(device))
     for epoch in range(job.training.epochs):
-        fit.train_epoch(train, epoch)
-        fit.validate(val)
+        metrics = fit.train_epoch(train, epoch)
+        on_epoch(metrics | {f"val_{k}": v for k, v in fit.validate(val).items()})
     return fit

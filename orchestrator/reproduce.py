@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import ray
+import torch
 from matplotlib.figure import Figure
 
 from orchestrator.config import JobConfig
@@ -40,6 +41,7 @@ from orchestrator.report import (
 from orchestrator.tracking import Tracker
 from orchestrator.training import prepare_job, train_models
 from psat_core.accounting import plain_parameters
+from psat_core.metrics import paired_bootstrap
 
 ROLE = "reproduce"
 MULTI_NORM = ("max", "avg", "msd", "mng")  # Table 1's multi-norm methods (eq. 5-7, MNG-AC)
@@ -121,56 +123,82 @@ PROTOCOLS = {
 }
 
 
+OUTCOMES = ("holds", "does not hold", "inconclusive")
+
+
 @dataclass(frozen=True)
 class Claim:
     """One qualitative claim of the paper, checked against this run's numbers under one of
-    the :data:`PROTOCOLS`."""
+    the :data:`PROTOCOLS`: ``difference`` (points; positive means the claim's side is ahead)
+    and its 95% interval from a paired bootstrap over the evaluation images. It holds when the
+    whole interval is above zero, does not hold when it is below, else it is inconclusive."""
 
     table: str
     text: str
-    holds: bool
+    outcome: str
     evidence: str
+    difference: float
+    low: float
+    high: float
     protocol: str = "full"
 
     @property
     def verdict(self) -> str:
-        return f"{'holds' if self.holds else '**does NOT hold**'} ({self.evidence})"
+        outcome = self.outcome if self.outcome != "does not hold" else "**does NOT hold**"
+        interval = f"{self.difference:+.2f} pts, 95% CI [{self.low:+.2f}, {self.high:+.2f}]"
+        return f"{outcome} ({interval}; {self.evidence})"
 
     def line(self) -> str:
         return f"- {self.table}: {self.text}, under {PROTOCOLS[self.protocol]}: {self.verdict}"
 
 
+def judge(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[str, float, float, float]:
+    """Whether ``ours`` beats ``theirs`` (per-image scores on the same images): the outcome,
+    the difference in points and its 95% paired-bootstrap interval."""
+    difference, low, high = (100 * v for v in paired_bootstrap(ours, theirs))
+    outcome = OUTCOMES[0] if low > 0 else OUTCOMES[1] if high < 0 else OUTCOMES[2]
+    return outcome, difference, low, high
+
+
 def paper_claims(
-    rows: Mapping[str, Mapping[str, float]], tables: dict[str, list[Row]], protocol: str = "full"
+    scores: Mapping[str, Mapping[str, torch.Tensor]],
+    tables: dict[str, list[Row]],
+    protocol: str = "full",
 ) -> list[Claim]:
-    """The paper's comparisons, each with whether it holds here (rows: key -> accuracies
-    under `protocol`)."""
+    """The paper's comparisons, each judged here (scores: row key -> Table 1's columns image
+    by image under `protocol`, every row on the same images)."""
     psat = tables["table1"][-1]
     claims = []
 
+    def claim(table: str, text: str, ours: torch.Tensor, theirs: torch.Tensor, evidence: str):
+        outcome, difference, low, high = judge(ours, theirs)
+        claims.append(Claim(table, text, outcome, evidence, difference, low, high, protocol))
+
     def beats(table: str, text: str, other: Row, column: str) -> None:
-        ours, theirs = rows[psat.key][column], rows[other.key][column]
-        evidence = f"{HEADERS[column]} {percent(ours)} vs {other.label} {percent(theirs)}"
-        claims.append(Claim(table, text, ours > theirs, evidence, protocol))
+        ours, theirs = scores[psat.key][column], scores[other.key][column]
+        evidence = (
+            f"{HEADERS[column]} {percent(ours.mean().item())} vs {other.label} "
+            f"{percent(theirs.mean().item())}"
+        )
+        claim(table, text, ours, theirs, evidence)
 
     members = [r for r in tables["table3"] if r.strategy is None and r.label != "H_NAT"]
-    best = max(members, key=lambda r: rows[r.key]["trade_off"])
+    best = max(members, key=lambda r: scores[r.key]["trade_off"].mean().item())
     beats("Table 3", "PSAT's trade-off beats its best single-norm member", best, "trade_off")
     for row in tables["table1"]:
         if row.key in {f"at_{method}" for method in MULTI_NORM}:
             beats("Table 1", f"PSAT's trade-off beats {row.label}", row, "trade_off")
     plus_nat = next((r for r in tables["table3"] if r.label == "+ H_NAT"), None)
     if plus_nat is not None:
-        before, after = rows[psat.key], rows[plus_nat.key]
-        claims.append(
-            Claim(
-                "Table 3",
-                "adding H_NAT collapses adversarial accuracy (avg at least halved)",
-                after["avg"] <= before["avg"] / 2,
-                f"max {percent(before['max'])} -> {percent(after['max'])}, "
-                f"avg {percent(before['avg'])} -> {percent(after['avg'])}",
-                protocol,
-            )
+        before, after = scores[psat.key], scores[plus_nat.key]
+        claim(
+            "Table 3",
+            "adding H_NAT collapses adversarial accuracy (avg at least halved)",
+            before["avg"] / 2,
+            after["avg"],
+            f"max {percent(before['max'].mean().item())} -> "
+            f"{percent(after['max'].mean().item())}, avg {percent(before['avg'].mean().item())}"
+            f" -> {percent(after['avg'].mean().item())}",
         )
     average = tables["table4"][1]
     beats("Table 4", "lowest-entropy beats average inference on max", average, "max")
@@ -190,8 +218,10 @@ def claims_table(claims: list[Claim]) -> list[str]:
 # --------------------------------------------------------------------------- report
 
 
-def _row_cells(row: Row, values: Mapping[str, float], extra: list[str]) -> list[str]:
-    return [row.label, *(percent(values[c]) for c in COLUMNS), *extra]
+def _row_cells(row: Row, result: RowResult, protocol: str, extra: list[str]) -> list[str]:
+    """The row's label and each column's accuracy with its standard error."""
+    values, errors = result.under(protocol), result.errors(protocol)
+    return [row.label, *(f"{percent(values[c])} ± {100 * errors[c]:.2f}" for c in COLUMNS), *extra]
 
 
 def table_markdown(
@@ -201,19 +231,16 @@ def table_markdown(
     plain: int,
     protocol: str = "full",
 ) -> list[str]:
-    """One table as Markdown under `protocol`; Table 1 adds parameters and the saving against
-    the plain ResNet."""
+    """One table as Markdown under `protocol`, accuracies ± their standard errors (points);
+    Table 1 adds parameters and the saving against the plain ResNet."""
     header = ["Method", *(HEADERS[c] for c in COLUMNS)]
-    values = {
-        r.key: results[r.key].paper if protocol == "paper" else results[r.key].row for r in rows
-    }
     if name != "table1":
-        return markdown_table(header, [_row_cells(r, values[r.key], []) for r in rows])
+        return markdown_table(header, [_row_cells(r, results[r.key], protocol, []) for r in rows])
     cells = []
     for row in rows:
         parameters = results[row.key].parameters
         saving = "-" if row.strategy is None else f"↓ {percent(1 - parameters / plain)}"
-        cells.append(_row_cells(row, values[row.key], [f"{parameters:,}", saving]))
+        cells.append(_row_cells(row, results[row.key], protocol, [f"{parameters:,}", saving]))
     return markdown_table([*header, "# of Paras", "Paras Saving"], cells)
 
 
@@ -294,7 +321,7 @@ def write_report(
         claim
         for protocol in PROTOCOLS
         for claim in paper_claims(
-            {key: result.under(protocol) for key, result in results.items()}, tables, protocol
+            {key: result.examples(protocol) for key, result in results.items()}, tables, protocol
         )
     ]
     samples = next(iter(results.values())).samples
@@ -309,6 +336,9 @@ def write_report(
         "## The paper's claims, checked here under both protocols",
         "",
         f"The paper's protocol is the PGD attacks of the full evaluation alone ({PAPER_VIEW}).",
+        "Each verdict is the difference in points with its 95% interval from a paired bootstrap "
+        f"over the {samples} images: it holds (or not) only when the interval excludes zero. "
+        "Accuracies below are ± their standard error.",
         "",
         *claims_table(claims),
     ]

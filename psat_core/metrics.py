@@ -43,6 +43,9 @@ __all__ = [
     "evaluate_per_sample",
     "norm_of",
     "summarize",
+    "example_scores",
+    "standard_error",
+    "paired_bootstrap",
     "evaluate_robustness",
     "subset_indices",
 ]
@@ -257,28 +260,58 @@ def norm_of(attack_name: str) -> str:
     return attack_name.split("/", 1)[0]
 
 
-def summarize(result: PerSampleResult) -> dict[str, float]:
-    """Table 1's accuracies (fractions) from per-example results: ``clean``, one per norm (the
-    per-example worst over that norm's attacks), ``max`` (correct under every attack), ``avg``
-    (mean over norms), ``trade_off``, and one per ``"<norm>/<variant>"`` attack."""
+def example_scores(result: PerSampleResult) -> dict[str, Tensor]:
+    """Table 1's columns image by image (float ``(N,)``): ``clean``, one per norm (withstood
+    every attack of that norm), ``max`` (every attack), ``avg`` (the mean over norms) and
+    ``trade_off`` (`trade_off` of the others). Each column's accuracy is its vector's mean, so
+    two rows evaluated on the same images can be compared image by image (`paired_bootstrap`)."""
     names = result.attack_names
-    row = {key: ok.float().mean().item() for key, ok in result.correct.items()}
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(norm_of(name), []).append(name)
+    scores = {"clean": result.correct["clean"].float()}
     for norm, members in groups.items():
-        survived = torch.stack([result.correct[n] for n in members]).all(dim=0)
-        row[norm] = survived.float().mean().item()
-    every = torch.stack([result.correct[n] for n in names]).all(dim=0)
-    row["max"] = every.float().mean().item()
-    row["avg"] = sum(row[norm] for norm in groups) / len(groups)
-    row["trade_off"] = trade_off(row, norms=tuple(groups))
-    for name in names:
+        scores[norm] = torch.stack([result.correct[n] for n in members]).all(dim=0).float()
+    scores["max"] = torch.stack([result.correct[n] for n in names]).all(dim=0).float()
+    scores["avg"] = torch.stack([scores[norm] for norm in groups]).mean(dim=0)
+    keys = ("clean", *groups, "max", "avg")
+    scores["trade_off"] = torch.stack([scores[k] for k in keys]).mean(dim=0)  # `trade_off`
+    return scores
+
+
+def summarize(result: PerSampleResult) -> dict[str, float]:
+    """Table 1's accuracies (fractions) from per-example results: the means of
+    `example_scores`, and one per ``"<norm>/<variant>"`` attack."""
+    row = {key: ok.float().mean().item() for key, ok in result.correct.items()}
+    row |= {key: scores.mean().item() for key, scores in example_scores(result).items()}
+    for name in result.attack_names:
         norm = norm_of(name)
         _check(row[name] <= row["clean"], f"robust accuracy under {name!r} exceeds clean accuracy")
         _check(row[norm] <= row[name], f"accuracy under {norm!r} exceeds that under {name!r}")
         _check(row["max"] <= row[norm], f"worst-case accuracy exceeds accuracy under {norm!r}")
     return row
+
+
+def standard_error(scores: Tensor) -> float:
+    """The standard error of an accuracy, the mean of ``scores`` over N images: sd / sqrt(N)."""
+    n = scores.numel()
+    return 0.0 if n < 2 else (scores.double().std() / n**0.5).item()
+
+
+def paired_bootstrap(
+    ours: Tensor, theirs: Tensor, resamples: int = 10_000, seed: int = 0, level: float = 0.95
+) -> tuple[float, float, float]:
+    """``mean(ours) - mean(theirs)`` over the same N images, and its ``level`` percentile
+    interval from ``resamples`` resamplings of the images (both sides resampled together)."""
+    if ours.shape != theirs.shape or ours.dim() != 1:
+        raise ValueError(f"paired scores need one shape (N,), got {ours.shape} and {theirs.shape}")
+    differences = (ours - theirs).double()
+    generator = torch.Generator().manual_seed(seed)
+    picks = torch.randint(len(differences), (resamples, len(differences)), generator=generator)
+    means = differences[picks].mean(dim=1)
+    tail = (1 - level) / 2
+    low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64))
+    return differences.mean().item(), low.item(), high.item()
 
 
 def evaluate_robustness(

@@ -65,9 +65,12 @@ def test_at_mng_counts_its_noise_generator(job, digits):
 
 def test_validation_reports_the_sweeps_objective(job, digits):
     train, val = digits
-    fit = train_in_process(job, PLANS[0], train, val)
+    history = []
+    fit = train_in_process(job, PLANS[0], train, val, on_epoch=history.append)
     metrics = fit.validate(val)
     assert metrics["objective"] == metrics["linf"]
+    assert [h["epoch"] for h in history] == list(range(job.training.epochs))
+    assert history[-1]["val_linf"] == metrics["linf"] and "loss" in history[-1]
     fit = Fit.build(job, PLANS[1], steps_per_epoch=1, device=torch.device("cpu"))
     metrics = fit.validate(val)
     assert metrics["objective"] == metrics["trade_off"]

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 from orchestrator.config import parse_config
 from orchestrator.evaluation import evaluate_row
@@ -17,6 +18,7 @@ from orchestrator.reproduce import (
     paper_claims,
     table_rows,
 )
+from psat_core.metrics import standard_error
 from psat_core.models import NoiseGenerator, count_parameters
 
 TABLE_FILES = ("table1", "table3", "table4")
@@ -55,24 +57,36 @@ def test_every_method_gets_the_same_budget_and_architecture():
     assert [r.key for r in tables["figure2"]] == ["psat_z4", "psat_z16"]
 
 
-def _row(**values):
-    return {"clean": 0.9, "linf": 0.3, "l2": 0.3, "l1": 0.3, "max": 0.2, "avg": 0.3} | values
+def _scores(n: int = 400, **accuracy: float) -> dict[str, torch.Tensor]:
+    """Table 1's columns image by image: the first ``accuracy * n`` images right."""
+    columns = {"clean": 0.9, "linf": 0.3, "l2": 0.3, "l1": 0.3, "max": 0.2, "avg": 0.3}
+    columns |= {"trade_off": 0.4} | accuracy
+    return {c: (torch.arange(n) < round(v * n)).float() for c, v in columns.items()}
 
 
-@pytest.mark.parametrize("psat_wins", [True, False])
-def test_claims_follow_the_numbers(psat_wins):
+@pytest.mark.parametrize(
+    ("delta", "nat_avg", "outcome"),
+    [(0.1, 0.05, "holds"), (-0.1, 0.25, "does not hold"), (0.0025, 0.15, "inconclusive")],
+)
+def test_claims_are_judged_by_a_paired_bootstrap(delta, nat_avg, outcome):
     job = parse_config(
         {"name": "r", "model": {"embedding_dim": 8}, "reproduce": {"embedding_dims": [8]}}
     )
     tables = table_rows(job)
-    delta = 0.1 if psat_wins else -0.1
-    rows = {row.key: _row(trade_off=0.4, max=0.2) for rows in tables.values() for row in rows}
-    rows["psat_z8"] = _row(trade_off=0.4 + delta, max=0.2 + delta)
-    rows["psat_z8_nat"] = _row(avg=0.15 if psat_wins else 0.16)  # PSAT's avg: 0.3
-    claims = paper_claims(rows, tables)
+    scores = {row.key: _scores() for rows in tables.values() for row in rows}
+    scores["psat_z8"] = _scores(trade_off=0.4 + delta, max=0.2 + delta)
+    scores["psat_z8_nat"] = _scores(avg=nat_avg)  # PSAT's avg: 0.3, halved 0.15
+    claims = paper_claims(scores, tables)
     assert len(claims) == 1 + 4 + 1 + 1  # best member, max/avg/msd/mng, + H_NAT, Table 4
-    assert all(claim.holds is psat_wins for claim in claims)
-    assert all(("holds" if psat_wins else "does NOT hold") in c.line() for c in claims)
+    assert [claim.outcome for claim in claims] == [outcome] * len(claims)
+    for claim in claims:
+        assert claim.low <= claim.difference <= claim.high
+        assert (claim.low > 0) == (outcome == "holds") and (claim.high < 0) == (
+            outcome == "does not hold"
+        )
+        assert "95% CI [" in claim.line()
+    beats = claims[1]  # PSAT vs AT_max on the trade-off, one image is 0.25 points
+    assert beats.difference == pytest.approx(100 * delta)
 
 
 def _cells(markdown: str) -> dict[str, list[str]]:
@@ -135,9 +149,12 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
         rows = [Row(**r) for r in payload["tables"][table]]
         assert list(cells) == [r.label for r in rows]
         for row in rows:
-            values = results[row.key]["row"]
+            values, scores = results[row.key]["row"], results[row.key]["scores"]["full"]
+            errors = {column: standard_error(torch.tensor(v)) for column, v in scores.items()}
             shown = cells[row.label][: len(COLUMNS)]
-            assert shown == [f"{100 * values[c]:.2f}%" for c in COLUMNS]
+            assert shown == [f"{100 * values[c]:.2f}% ± {100 * errors[c]:.2f}" for c in COLUMNS]
+            assert all(len(scores[c]) == 8 and torch.tensor(scores[c]).mean() == values[c]
+                       for c in COLUMNS)  # fmt: skip
     table1 = _cells((folder / "table1.md").read_text())
     assert int(table1["PSAT"][len(COLUMNS)].replace(",", "")) == results["psat_z4"]["parameters"]
     # AT_mng trains the plain ResNet and a noise generator: Table 1 counts both
@@ -147,14 +164,17 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
     # each claim judged under both protocols, from each protocol's own numbers
     by_protocol = {c["protocol"] for c in payload["claims"]}
     assert by_protocol == {"paper", "full"}
-    for protocol, field in (("paper", "paper"), ("full", "row")):
-        rows = {key: value[field] for key, value in results.items()}
+    for protocol in ("paper", "full"):
+        rows = {
+            key: {c: torch.tensor(v) for c, v in value["scores"][protocol].items()}
+            for key, value in results.items()
+        }
         judged = [c for c in payload["claims"] if c["protocol"] == protocol]
         assert [Claim(**c) for c in judged] == paper_claims(rows, table_rows(job), protocol)
     report = (folder / "report.md").read_text()
     assert "| Table | Claim | the paper's protocol | psat's full evaluation |" in report
     paper1 = _cells((folder / "table1_paper.md").read_text())
-    assert paper1["PSAT"][1] == f"{100 * results['psat_z4']['paper']['linf']:.2f}%"
+    assert paper1["PSAT"][1].startswith(f"{100 * results['psat_z4']['paper']['linf']:.2f}% ± ")
     assert results["psat_z4"]["paper"]["linf"] >= results["psat_z4"]["row"]["linf"]
     saving = float(re.search(r"([\d.]+)%", table1["PSAT"][-1]).group(1))
     assert saving == pytest.approx(
