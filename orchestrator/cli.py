@@ -351,7 +351,16 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         log.debug("psat %s failed", args.command, exc_info=True)
         print(f"psat {args.command}: error: {err}", file=sys.stderr)
+        _stop_trainers()
         return 2
+
+
+def _stop_trainers() -> None:
+    """A failed job's trainers go with it: its driver threads, blocked in Ray Train's fit(),
+    return once Ray is shut down, so the process exits now, not when they finish."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 def job_main(command: str) -> int:

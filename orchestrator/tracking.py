@@ -6,6 +6,7 @@ runs are found again by their `psat.*` tags, so a relaunched job keeps logging i
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -25,6 +26,8 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ConfigError, JobConfig
 from orchestrator.locking import file_lock
+
+log = logging.getLogger(__name__)
 
 JOB_TAG, ROLE_TAG, CHECKPOINT_TAG = "psat.job", "psat.role", "psat.checkpoint"
 PLAN_TAG = "psat.plan"  # a model's run: the plan's name (a member's norm, "at_linf", "h8_l2")
@@ -51,18 +54,19 @@ def artifact_location(uri: str) -> str | None:
 
 
 REACH_TIMEOUT_S = 5  # a tracking server that has not answered by then is down or elsewhere
+RETURN_WAIT_S = 60.0  # how long a job whose server went away waits for it to end its runs
 # MLflow's HTTP defaults retry for minutes (7 retries, 120 s timeouts); psat's are bounded
 HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
-def check_server(uri: str) -> None:
-    """An http(s) tracking URI must answer as an MLflow server within REACH_TIMEOUT_S: else a
-    ConfigError naming it, before any work (other URIs pass)."""
+def check_server(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """An http(s) tracking URI must answer as an MLflow server within `timeout` seconds: else
+    a ConfigError naming it, before any work (other URIs pass)."""
     if not uri.startswith(("http://", "https://")):
         return
     fix = "fix tracking.uri, MLFLOW_TRACKING_URI or --tracking-uri"
     try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=REACH_TIMEOUT_S):
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
             return
     except urllib.error.HTTPError as err:
         raise ConfigError(
@@ -74,6 +78,14 @@ def check_server(uri: str) -> None:
         raise ConfigError(
             f"cannot reach the MLflow tracking server {uri} ({reason}); {fix}"
         ) from None
+
+
+def _answers(uri: str) -> bool:
+    try:
+        check_server(uri, timeout=2)
+    except ConfigError:
+        return False
+    return True
 
 
 def open_store(uri: str) -> MlflowClient:
@@ -179,9 +191,28 @@ class Tracker:
             try:
                 yield run_id
             except BaseException as err:
-                self.end(run_id, ended_status(err), nested=True)
+                status = ended_status(err)
+                if status == "FAILED" and not _answers(self.uri):
+                    raise ConnectionError(self._end_when_back(run_id, status)) from None
+                self.end(run_id, status, nested=True)
                 raise
             self.end(run_id, "FINISHED")
+
+    def _end_when_back(self, run_id: str, status: str) -> str:
+        """The job failed because its tracking server went away: wait up to RETURN_WAIT_S for
+        it to answer again and end the runs, so none is left RUNNING. Returns what happened."""
+        lost = f"the MLflow tracking server {self.uri} stopped answering during the job"
+        log.warning("%s; waiting up to %.0f s for it to end the job's runs", lost, RETURN_WAIT_S)
+        deadline = time.monotonic() + RETURN_WAIT_S
+        while time.monotonic() < deadline:
+            if _answers(self.uri):
+                self.end(run_id, status, nested=True)
+                return f"{lost}; its runs are marked {status}: run it again to resume"
+            time.sleep(1.0)
+        return (
+            f"{lost} and did not answer within {RETURN_WAIT_S:.0f} s: its runs stay RUNNING "
+            "until the job runs again under the same name, which resumes them"
+        )
 
     @contextmanager
     def job_run(self, role: str) -> Iterator[str]:

@@ -148,6 +148,8 @@ class RayCluster:
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MLFLOW_"))}
         return env | {
+            # the tests' Ray Train poll interval (conftest), for the nodes' workers
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": self.token,
             "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
@@ -223,8 +225,9 @@ class MlflowServer:
     root: Path
     proc: subprocess.Popen | None = None
 
-    def start(self) -> MlflowServer:
-        self.port = free_port()
+    def start(self, port: int | None = None) -> MlflowServer:
+        """Start on `port` (default: a free one), e.g. again where it listened before."""
+        self.port = port or free_port()
         self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / "server.log", "w")  # noqa: SIM115 (lives as long as the server)
         self.proc = subprocess.Popen(

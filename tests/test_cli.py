@@ -109,7 +109,7 @@ def test_quickstart_runs_end_to_end_and_its_model_loads(tmp_path, ray_address):
         "training.epochs": 1,
         "data.train_size": 96,
         "data.val_size": 16,
-        "data.eval_size": 12,
+        "data.eval_size": 6,
         "model.embedding_dim": 4,
         **{f"attacks.train.{n}.steps": 1 for n in ("linf", "l2", "l1")},
         **{f"attacks.eval.{n}.steps": 2 for n in ("linf", "l2", "l1")},

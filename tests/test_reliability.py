@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cluster import free_port
+from cluster import MlflowServer, free_port
 from helpers import write_member
 from mlflow.tracking import MlflowClient
 
@@ -253,6 +253,44 @@ def test_sigterm_marks_the_jobs_runs_killed(tmp_path, tiny_job, ray_address):
     assert statuses == {"train": "KILLED", "modellinf": "KILLED", "modell1": "KILLED"}
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # whatever Ray left in the session
+
+
+@pytest.mark.slow
+def test_a_tracking_server_gone_mid_job_ends_it_in_one_line_with_no_run_left_running(
+    tmp_path, tiny_job, ray_address
+):
+    server = MlflowServer(Path(sys.executable).parent, tmp_path / "server").start()
+    config = job_file(tmp_path, tiny_job, training={"epochs": 50, "members": ["linf"]},
+                      tracking={"uri": server.uri}, resources={"address": ray_address})  # fmt: skip
+    quick = {"PYTHONUNBUFFERED": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}  # no 2+4 s waits
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "orchestrator.cli", "train", "--config", str(config)],
+        cwd=tmp_path, env=ENV | quick, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True,
+    )  # fmt: skip
+    seen = []
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if "epoch 1/50" in line:  # training, its runs RUNNING
+                os.killpg(server.proc.pid, signal.SIGKILL)
+                server.proc.wait()
+            if "stopped answering" in line:  # the job waits for the server to end its runs
+                server.start(port=server.port)  # the same store, at the same address
+                break
+        seen.append(proc.communicate(timeout=120)[0])
+        output = "".join(seen)
+        assert proc.returncode == 2 and "Traceback" not in output, output[-3000:]
+        last = output.strip().splitlines()[-1]
+        assert last.startswith(f"psat train: error: the MLflow tracking server {server.uri} "
+                               "stopped answering during the job"), output[-3000:]  # fmt: skip
+        assert "runs are marked FAILED" in last
+        statuses = {r.data.tags["psat.role"]: r.info.status for r in runs(server.uri)}
+        assert statuses == {"train": "FAILED", "model": "FAILED"}
+    finally:
+        server.stop()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x]\n" + "".join(

@@ -57,6 +57,25 @@ def test_every_method_gets_the_same_budget_and_architecture():
     assert [r.key for r in tables["figure2"]] == ["psat_z4", "psat_z16"]
 
 
+def test_each_models_run_records_its_own_plan(tmp_path):
+    from orchestrator.tracking import Tracker
+    from orchestrator.training import plan_params
+
+    job = parse_config({
+        "name": "r", "model": {"embedding_dim": 16}, "reproduce": {"embedding_dims": [2, 16]},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    })  # fmt: skip
+    tracker = Tracker(job)
+    for plan in model_plans(job):  # Figure 2's members their own embedding dimension
+        params = plan_params(tracker, plan)
+        dim = "none (plain ResNet)" if plan.embedding_dim is None else str(plan.embedding_dim)
+        assert params["model.embedding_dim"] == dim
+        norms = ",".join(plan.norms) or "none"
+        assert (params["plan.method"], params["plan.norms"]) == (plan.method, norms)
+        assert params["training.epochs"] == str(job.training.epochs)
+    assert {p.embedding_dim for p in model_plans(job)} == {None, 2, 16}
+
+
 def _scores(n: int = 400, **accuracy: float) -> dict[str, torch.Tensor]:
     """Table 1's columns image by image: the first ``accuracy * n`` images right."""
     columns = {"clean": 0.9, "linf": 0.3, "l2": 0.3, "l1": 0.3, "max": 0.2, "avg": 0.3}
@@ -108,8 +127,8 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
         tiny_job(
             "repro",
             data={"train_size": 64, "val_size": 16, "eval_size": 8},
-            training={"epochs": 1, "members": ["linf", "l1"]},  # two norms: 12 models
-            reproduce={"embedding_dims": [2], "concurrent_trainers": 4, "output": str(out)},
+            training={"epochs": 1, "members": ["linf", "l1"]},  # two norms: 10 models
+            reproduce={"embedding_dims": [4], "concurrent_trainers": 4, "output": str(out)},
         )
     )
     lines: list[str] = []
@@ -129,10 +148,10 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
     assert expected <= logged
     run = client.get_run(result["run_id"])
     assert run.info.status == "FINISHED"
-    # each model's run records its own plan: Figure 2's members their embedding dimension
+    # each model's run records its own plan (`plan_params`)
     models = client.search_runs([run.info.experiment_id], "tags.`psat.role` = 'model'")
     params = {m.info.run_name.removeprefix("repro-"): m.data.params for m in models}
-    assert params["h2_linf"]["model.embedding_dim"] == "2"
+    assert len(params) == 10
     assert params["h4_l1"]["model.embedding_dim"] == "4"
     assert params["at_max"]["model.embedding_dim"] == "none (plain ResNet)"
     assert (params["at_max"]["plan.method"], params["at_l1"]["plan.norms"]) == ("max", "l1")
