@@ -10,6 +10,7 @@ paired bootstrap over (seed, image) pairs, each seed's gap, and the train/val cu
 
     python bench/member_parity.py [--config jobs/configs/reproduce_digits.yaml]
         [--seeds 0 1] [--eval-size 360] [--set model.init=shared ...]
+        [--norms linf] [--kinds H]   # a screen: each model's own-norm accuracy ± its SE
 """
 
 from __future__ import annotations
@@ -26,7 +27,12 @@ from orchestrator.config import JobConfig, load_config, parse_overrides
 from orchestrator.evaluation import final_attacks
 from orchestrator.fitting import ModelPlan, train_in_process
 from orchestrator.shards import materialize, read_arrays
-from psat_core.metrics import evaluate_per_sample, example_scores, paired_bootstrap
+from psat_core.metrics import (
+    evaluate_per_sample,
+    example_scores,
+    paired_bootstrap,
+    standard_error,
+)
 from psat_core.protocol import paper_view
 
 PROTOCOLS = ("paper", "full")
@@ -58,6 +64,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--eval-size", type=int, default=360)
     parser.add_argument("--set", action="append", default=[])
+    parser.add_argument("--norms", nargs="+", help="default: training.members")
+    parser.add_argument("--kinds", nargs="+", default=["AT", "H"], help="AT and/or H")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         overrides = parse_overrides(args.set) | {"name": "parity"}
@@ -75,17 +83,19 @@ def main() -> None:
                 seeded = job.model_copy(
                     update={"training": job.training.model_copy(update={"seed": seed})}
                 ).model_dump()
-                for norm in job.training.members:
+                for norm in args.norms or job.training.members:
                     for kind, dim in (("AT", None), ("H", job.model.embedding_dim)):
+                        if kind not in args.kinds:
+                            continue
                         plan = ModelPlan(f"{kind}_{norm}", "at", (norm,), dim)
                         tasks[seed, norm, kind] = pool.submit(
                             fit_and_evaluate, seeded, manifest, plan
                         )
             results = {key: task.result() for key, task in tasks.items()}
-    report(results, args.seeds, job.training.members)
+    report(results, args.seeds, args.norms or job.training.members, args.kinds)
 
 
-def report(results: dict, seeds: list[int], norms: list[str]) -> None:
+def report(results: dict, seeds: list[int], norms: list[str], kinds: list[str]) -> None:
     for (seed, norm, kind), result in results.items():
         trained, evaluated = result["seconds"]
         curve = "  ".join(
@@ -94,6 +104,13 @@ def report(results: dict, seeds: list[int], norms: list[str]) -> None:
         )
         print(f"seed {seed} {kind}_{norm}: trained {trained:.0f} s, evaluated {evaluated:.0f} s; "
               f"{curve}")  # fmt: skip
+    if kinds != ["AT", "H"]:
+        for (seed, norm, kind), result in results.items():
+            for protocol in PROTOCOLS:
+                own = result["scores"][protocol][norm]
+                print(f"seed {seed} {kind}_{norm} {protocol}: {100 * own.mean():.2f}% ± "
+                      f"{100 * standard_error(own):.2f}")  # fmt: skip
+        return
     print("\nown-norm accuracy, AT_p - H_p in points (mean over seeds), 95% paired-bootstrap CI")
     print("| norm | protocol | AT_p | H_p | gap | 95% CI | per seed |")
     print("|---|---|---|---|---|---|---|")

@@ -22,10 +22,13 @@ def psat(*args, cwd, timeout=600, env=None):
 
 
 @pytest.mark.parametrize("command", ["run", "train", "sweep", "aggregate", "evaluate", "reproduce"])
-def test_missing_config_is_one_line_and_writes_nothing(tmp_path, command, monkeypatch, capsys):
+def test_missing_config_is_one_line_and_writes_nothing(
+    tmp_path, command, monkeypatch, capsys, local_ray
+):
     monkeypatch.chdir(tmp_path)  # main() as `psat` runs it; the malformed file's test runs psat
     extra = ["--model", "models:/x@champion"] if command == "evaluate" else []
     assert main([command, "--config", "nope.yaml", *extra]) == 2
+    assert local_ray.is_initialized()  # a failed command leaves a Ray it did not start
     err = capsys.readouterr().err
     line = f"psat {command}: error: config file nope.yaml does not exist; the example configs"
     assert err.startswith(line) and len(err.strip().splitlines()) == 1

@@ -260,7 +260,7 @@ def test_a_tracking_server_gone_mid_job_ends_it_in_one_line_with_no_run_left_run
     tmp_path, tiny_job, ray_address
 ):
     server = MlflowServer(Path(sys.executable).parent, tmp_path / "server").start()
-    config = job_file(tmp_path, tiny_job, training={"epochs": 50, "members": ["linf"]},
+    config = job_file(tmp_path, tiny_job, training={"epochs": 500, "members": ["linf"]},
                       tracking={"uri": server.uri}, resources={"address": ray_address})  # fmt: skip
     quick = {"PYTHONUNBUFFERED": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}  # no 2+4 s waits
     proc = subprocess.Popen(
@@ -272,13 +272,15 @@ def test_a_tracking_server_gone_mid_job_ends_it_in_one_line_with_no_run_left_run
     try:
         for line in proc.stdout:
             seen.append(line)
-            if "epoch 1/50" in line:  # training, its runs RUNNING
+            if "epoch 1/500" in line:  # training, its runs RUNNING
                 os.killpg(server.proc.pid, signal.SIGKILL)
                 server.proc.wait()
             if "stopped answering" in line:  # the job waits for the server to end its runs
                 server.start(port=server.port)  # the same store, at the same address
+                back = time.monotonic()
                 break
         seen.append(proc.communicate(timeout=120)[0])
+        assert time.monotonic() - back < 30  # its trainers stopped: 500 epochs are minutes
         output = "".join(seen)
         assert proc.returncode == 2 and "Traceback" not in output, output[-3000:]
         last = output.strip().splitlines()[-1]
