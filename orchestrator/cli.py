@@ -343,7 +343,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     exit_on_sigterm()
-    ray_before = _ray_initialized()
     try:
         return args.run(args)
     except KeyboardInterrupt:
@@ -352,16 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as err:
         log.debug("psat %s failed", args.command, exc_info=True)
         print(f"psat {args.command}: error: {err}", file=sys.stderr)
-        if _ray_initialized() and not ray_before:
-            # a failed job's trainers go with it: its driver threads, blocked in Ray Train's
-            # fit(), return once Ray is shut down, so the process exits now, not when they end
-            sys.modules["ray"].shutdown()
         return 2
-
-
-def _ray_initialized() -> bool:
-    ray = sys.modules.get("ray")  # never imported here: most commands need no Ray
-    return ray is not None and ray.is_initialized()
 
 
 def job_main(command: str) -> int:

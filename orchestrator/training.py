@@ -10,8 +10,9 @@ open parent run, which the reproduction job uses for every model of Tables 1 and
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, wait
 from pathlib import Path
 
 import ray
@@ -21,7 +22,7 @@ from orchestrator.config import JobConfig
 from orchestrator.fitting import ModelPlan, psat_members
 from orchestrator.ray_session import check_ray, connect_ray
 from orchestrator.shards import join, materialize
-from orchestrator.tracking import CHECKPOINT_TAG, PLAN_TAG, Tracker, ended_status
+from orchestrator.tracking import CHECKPOINT_TAG, PLAN_TAG, Tracker
 from orchestrator.trainers import BoardReader, ProgressBoard, train_on_ray
 
 PROGRESS_KEYS = ("loss", "clean", "linf", "l2", "l1", "trade_off")
@@ -101,9 +102,12 @@ def train_models(
             _on_event(tracker, runs, event, job.training.epochs, echo)
 
     # one driver thread per model blocks in TorchTrainer.fit(); Ray runs the workers
-    pool = ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="psat-trainer")
+    slots = threading.Semaphore(concurrency)
+    pending = {
+        _in_daemon_thread(slots, train_on_ray, job, plan, manifest, board): plan.name
+        for plan in plans
+    }
     try:
-        pending = {pool.submit(train_on_ray, job, p, manifest, board): p.name for p in plans}
         while pending:
             done, _ = wait(pending, timeout=2.0)
             drain()
@@ -118,18 +122,34 @@ def train_models(
                 else:
                     _record(tracker, parent, runs[name], results[name])
         drain()
-    except BaseException as err:
-        pool.shutdown(wait=False, cancel_futures=True)
-        if ended_status(err) == "KILLED":
-            ray.shutdown()  # the threads blocked in fit() return, so the process can exit
+    except BaseException:
+        for future in pending:  # those not started yet never start
+            future.cancel()
         raise  # the parent's run ends its nested runs still RUNNING
     finally:
-        pool.shutdown(wait=False)
-        if ray.is_initialized():  # an interrupted job has shut Ray down already
-            ray.kill(board)
+        ray.kill(board)
     if errors:
         raise next(iter(errors.values()))
     return results
+
+
+def _in_daemon_thread(slots: threading.Semaphore, fn: Callable, *args) -> Future:
+    """``fn(*args)`` in a daemon thread once one of `slots` is free. A job that ends early
+    (Ctrl-C, SIGTERM, a failure) exits without waiting for threads blocked in Ray Train's
+    fit(), which a thread pool would join at exit; its trainers end with its Ray session."""
+    future: Future = Future()
+
+    def run() -> None:
+        with slots:
+            if not future.set_running_or_notify_cancel():
+                return  # cancelled before it started
+            try:
+                future.set_result(fn(*args))
+            except BaseException as err:
+                future.set_exception(err)
+
+    threading.Thread(target=run, name="psat-trainer", daemon=True).start()
+    return future
 
 
 def _trained(tracker: Tracker, run_id: str, epochs: int) -> dict | None:
