@@ -22,6 +22,7 @@ import ray.train.torch
 import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.v2._internal.callbacks import DatasetsCallback
 
 from orchestrator.config import JobConfig
 from orchestrator.fitting import Fit, ModelPlan, steps_per_epoch
@@ -128,6 +129,16 @@ def _post(board, rank: int, event: dict) -> None:
         board.post.remote(event)
 
 
+class ShardTrainer(TorchTrainer):
+    """A TorchTrainer whose workers read their own shards (`train_loop`): it takes no Ray
+    Datasets, so its runs start no Ray Data actor (Ray Train starts a DatasetManager per run
+    whether or not there are datasets: one more process per model)."""
+
+    def _create_default_callbacks(self) -> list:
+        callbacks = super()._create_default_callbacks()
+        return [c for c in callbacks if self.datasets or not isinstance(c, DatasetsCallback)]
+
+
 def trainer_for(
     job: JobConfig,
     plan: ModelPlan,
@@ -138,7 +149,7 @@ def trainer_for(
 ) -> TorchTrainer:
     """The TorchTrainer of one model; relaunching with the same run name resumes it."""
     res = job.resources
-    return TorchTrainer(
+    return ShardTrainer(
         train_loop,
         train_loop_config={
             "job": job.model_dump(),
