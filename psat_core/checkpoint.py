@@ -41,7 +41,8 @@ class MemberSpec:
     method: str = "at"
     embedding_dim: int | None = None  # None: a plain ResNet
     reduction: str = "sum"
-    init: str = "fan_in"  # how generated layers start (HyperResNet); the state overrides it
+    init: str = "shared"  # how generated layers start (HyperResNet); absent: a checkpoint from
+    # before "fan_in", whose state has no gains
     extra: dict = field(default_factory=dict)
 
     @property

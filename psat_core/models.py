@@ -177,9 +177,10 @@ class HyperResNet(ResNet):
 
     `init`: "fan_in" (default) starts every generated layer at the std of the plain ResNet's
     conv of its shape (PyTorch's conv init, 1/sqrt(3 fan_in)), hyperfan-in style (Chang et al.,
-    ICLR 2020): the generator starts bias-free, so its output is homogeneous in z and each
-    layer's embeddings are scaled by that layer's gain. "shared" leaves every unit at the
-    generator's one scale (a 64-input 3x3 conv's Kaiming std), as psat did before.
+    ICLR 2020): a fixed per-layer gain (the `gains` buffer, measured on the first generation)
+    multiplies the layer's tiled units. "shared" has no gains: every unit at the generator's one
+    scale (a 64-input 3x3 conv's Kaiming std), as psat did before. Every generated conv is
+    followed by BatchNorm, so a fixed gain changes no gradient of the generator or embeddings.
     """
 
     def __init__(
@@ -207,18 +208,12 @@ class HyperResNet(ResNet):
         )
         self._pinned: list[Tensor] | None = None
         self._cache: tuple[tuple, list[Tensor]] | None = None
+        self.register_buffer("gains", None)  # "shared": none, and none in the state dict
         if init == "fan_in":
-            self._scale_embeddings_to_fan_in()
-
-    @torch.no_grad()
-    def _scale_embeddings_to_fan_in(self) -> None:
-        """Scale each layer's embeddings so its generated weight starts at the std of a plain
-        conv of its fan-in: weight(c z) = c weight(z) while the generator's biases are zero."""
-        rows = {k: iter(z.split([_units(c) for c in self.generated if c.kernel_size == int(k[1:])]))
-                for k, z in self.embeddings.items()}  # fmt: skip
-        for conv, weight in zip(self.generated, self.generate(), strict=True):
-            fan_in = conv.in_channels * conv.kernel_size**2
-            next(rows[f"k{conv.kernel_size}"]).mul_(1 / math.sqrt(3 * fan_in) / weight.std())
+            with torch.no_grad():
+                stds = torch.stack([weight.std() for weight in self.generate()])
+            fan_in = torch.tensor([c.in_channels * c.kernel_size**2 for c in self.generated])
+            self.gains = 1 / torch.sqrt(3 * fan_in.float()) / stds
 
     def generate(self) -> list[Tensor]:
         """All generated conv weights, in `self.generated` order (eq. 8: theta^l = H(z^l))."""
@@ -229,10 +224,13 @@ class HyperResNet(ResNet):
             k: iter(u.split([_units(c) for c in self.generated if c.kernel_size == k]))
             for k, u in units.items()
         }
-        return [
+        weights = [
             tile_units(next(per_layer[c.kernel_size]), c.out_channels, c.in_channels)
             for c in self.generated
         ]
+        if self.gains is None:
+            return weights
+        return [weight * gain for weight, gain in zip(weights, self.gains, strict=True)]
 
     @contextmanager
     def pinned(self, weights: list[Tensor]):
