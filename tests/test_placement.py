@@ -50,9 +50,9 @@ def overlap(a: dict, b: dict) -> bool:
     return a["start"] < b["end"] and b["start"] < a["end"]
 
 
-def gpu_job(tiny_job, name: str, **resources):
+def gpu_job(tiny_job, name: str, paced: bool = True, **resources):
     resources = {"use_gpu": True, "ddp_backend": "gloo", **resources}  # gloo: no CUDA here
-    return parse_config(tiny_job(name, **PACED, resources=resources))
+    return parse_config(tiny_job(name, **(PACED if paced else {}), resources=resources))
 
 
 def test_members_train_on_gpus_of_their_own_and_the_third_waits_for_one(local_ray, tiny_job):
@@ -61,10 +61,11 @@ def test_members_train_on_gpus_of_their_own_and_the_third_waits_for_one(local_ra
     held = ray.get(holder.gpu.remote())  # two GPUs left for three members
     lines: list[str] = []
     try:
-        train_members(gpu_job(tiny_job, "gpus"), echo=lines.append)
+        # unpaced: whatever each member's length, the third can start only when one ends
+        train_members(gpu_job(tiny_job, "gpus", paced=False), echo=lines.append)
     finally:
         ray.kill(holder)
-    members = placements(gpu_job(tiny_job, "gpus"))
+    members = placements(gpu_job(tiny_job, "gpus", paced=False))
     assert set(members) == {"linf", "l2", "l1"}
     for norm, member in members.items():
         assert len(member["gpus"]) == 1 and member["gpus"] != [held], (norm, member)
