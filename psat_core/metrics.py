@@ -64,11 +64,13 @@ class SanityCheckError(RuntimeError):
     """An evaluation invariant failed: a bug in an attack or in the model, not a weak defence."""
 
 
-def trade_off(row: Mapping[str, float], norms: tuple[str, ...] = NORMS) -> float:
+def trade_off(
+    row: Mapping[str, float | Tensor], norms: tuple[str, ...] = NORMS
+) -> float | Tensor:
     """Acc_trade-off (Table 1): the mean of clean, the per-norm, max and avg accuracies.
 
-    Works in whatever unit ``row`` uses (percent or fraction). ``norms`` names the per-norm
-    columns (default ``("linf", "l2", "l1")``).
+    Works in whatever unit ``row`` uses (percent or fraction), and image by image on tensors
+    (`example_scores`). ``norms`` names the per-norm columns (default ``("linf", "l2", "l1")``).
 
     Example::
 
@@ -81,7 +83,7 @@ def trade_off(row: Mapping[str, float], norms: tuple[str, ...] = NORMS) -> float
     missing = [k for k in keys if k not in row]
     if missing:
         raise ValueError(f"trade_off needs columns {list(keys)}; missing {missing}")
-    return sum(float(row[k]) for k in keys) / len(keys)
+    return sum(row[k] for k in keys) / len(keys)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,8 +276,7 @@ def example_scores(result: PerSampleResult) -> dict[str, Tensor]:
         scores[norm] = torch.stack([result.correct[n] for n in members]).all(dim=0).float()
     scores["max"] = torch.stack([result.correct[n] for n in names]).all(dim=0).float()
     scores["avg"] = torch.stack([scores[norm] for norm in groups]).mean(dim=0)
-    keys = ("clean", *groups, "max", "avg")
-    scores["trade_off"] = torch.stack([scores[k] for k in keys]).mean(dim=0)  # `trade_off`
+    scores["trade_off"] = trade_off(scores, norms=tuple(groups))
     return scores
 
 
