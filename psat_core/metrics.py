@@ -64,9 +64,7 @@ class SanityCheckError(RuntimeError):
     """An evaluation invariant failed: a bug in an attack or in the model, not a weak defence."""
 
 
-def trade_off(
-    row: Mapping[str, float | Tensor], norms: tuple[str, ...] = NORMS
-) -> float | Tensor:
+def trade_off(row: Mapping[str, float | Tensor], norms: tuple[str, ...] = NORMS) -> float | Tensor:
     """Acc_trade-off (Table 1): the mean of clean, the per-norm, max and avg accuracies.
 
     Works in whatever unit ``row`` uses (percent or fraction), and image by image on tensors
