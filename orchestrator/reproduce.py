@@ -170,16 +170,16 @@ def paper_claims(
     psat = tables["table1"][-1]
     claims = []
 
+    def mean(images: torch.Tensor) -> str:
+        return percent(images.mean().item())
+
     def claim(table: str, text: str, ours: torch.Tensor, theirs: torch.Tensor, evidence: str):
         outcome, difference, low, high = judge(ours, theirs)
         claims.append(Claim(table, text, outcome, evidence, difference, low, high, protocol))
 
     def beats(table: str, text: str, other: Row, column: str) -> None:
         ours, theirs = scores[psat.key][column], scores[other.key][column]
-        evidence = (
-            f"{HEADERS[column]} {percent(ours.mean().item())} vs {other.label} "
-            f"{percent(theirs.mean().item())}"
-        )
+        evidence = f"{HEADERS[column]} {mean(ours)} vs {other.label} {mean(theirs)}"
         claim(table, text, ours, theirs, evidence)
 
     members = [r for r in tables["table3"] if r.strategy is None and r.label != "H_NAT"]
@@ -196,9 +196,8 @@ def paper_claims(
             "adding H_NAT collapses adversarial accuracy (avg at least halved)",
             before["avg"] / 2,
             after["avg"],
-            f"max {percent(before['max'].mean().item())} -> "
-            f"{percent(after['max'].mean().item())}, avg {percent(before['avg'].mean().item())}"
-            f" -> {percent(after['avg'].mean().item())}",
+            f"max {mean(before['max'])} -> {mean(after['max'])}, "
+            f"avg {mean(before['avg'])} -> {mean(after['avg'])}",
         )
     average = tables["table4"][1]
     beats("Table 4", "lowest-entropy beats average inference on max", average, "max")
