@@ -23,7 +23,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from orchestrator.config import JobConfig, load_config, parse_overrides
+from orchestrator.config import JobConfig, load_config
+from orchestrator.config_file import parse_overrides
 from orchestrator.evaluation import final_attacks
 from orchestrator.fitting import ModelPlan, train_in_process
 from orchestrator.shards import materialize, read_arrays

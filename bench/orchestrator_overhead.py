@@ -23,7 +23,8 @@ from pathlib import Path
 import ray
 import torch
 
-from orchestrator.config import load_config, parse_overrides
+from orchestrator.config import load_config
+from orchestrator.config_file import parse_overrides
 from orchestrator.fitting import psat_members, train_in_process
 from orchestrator.shards import materialize, read_arrays
 from orchestrator.training import train_members

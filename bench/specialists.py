@@ -19,7 +19,8 @@ import time
 
 import torch
 
-from orchestrator.config import load_config, parse_overrides
+from orchestrator.config import load_config
+from orchestrator.config_file import parse_overrides
 from orchestrator.evaluation import final_attacks
 from orchestrator.fitting import ModelPlan, train_in_process
 from orchestrator.report import table_lines

@@ -13,36 +13,28 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from mlflow.exceptions import MlflowException
+from orchestrator.config_file import parse_overrides, read_config_file
 
-from orchestrator.config import (
-    ConfigError,
-    JobConfig,
-    TrackingConfig,
-    check_cluster_locations,
-    in_ray_job,
-    load_config,
-    parse_overrides,
-)
-from orchestrator.locking import job_lock
-from orchestrator.tracking import HTTP_BOUNDS, exit_on_sigterm
-from psat_core.accounting import parameter_report
-from psat_core.data import DatasetNotFoundError
+if TYPE_CHECKING:
+    from orchestrator.config import JobConfig
 
 log = logging.getLogger("psat")
 QUIET_LIBRARIES = ("ray", "mlflow", "matplotlib")
-USER_ERRORS = (
-    ConfigError,
-    DatasetNotFoundError,
-    FileNotFoundError,
-    ValueError,
-    ConnectionError,
-    MlflowException,
-)
+
+
+def _is_user_error(err: Exception) -> bool:
+    """Bad input, missing data, unreachable services: one line, exit 2 (else a traceback)."""
+    if isinstance(err, ValueError | FileNotFoundError | ConnectionError):  # ConfigError, data
+        return True
+    exceptions = sys.modules.get("mlflow.exceptions")  # none was raised if MLflow never loaded
+    return exceptions is not None and isinstance(err, exceptions.MlflowException)
 
 
 def _job_config(args: argparse.Namespace) -> JobConfig:
+    from orchestrator.config import check_cluster_locations, in_ray_job, load_config
+
     job = load_config(args.config, parse_overrides(args.set))
     if in_ray_job():  # Ray's working dir is temporary: nothing may be written relative to it
         check_cluster_locations(job, args.command)
@@ -103,6 +95,8 @@ def _sweep(args: argparse.Namespace, job: JobConfig) -> int:
 
 def _run_job(args: argparse.Namespace) -> int:
     """Validate the config, hold the job's name (writing jobs), run the job."""
+    from orchestrator.locking import job_lock
+
     command = JOBS[args.command]
     job = _job_config(args)
     with job_lock(job, args.command) if command.writes else nullcontext():
@@ -110,6 +104,8 @@ def _run_job(args: argparse.Namespace) -> int:
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
+    from orchestrator.config import TrackingConfig
+
     return args.tracking_uri or TrackingConfig().resolved_uri()
 
 
@@ -148,6 +144,8 @@ def _submit(args: argparse.Namespace) -> int:
 
 
 def _params(args: argparse.Namespace) -> int:
+    from psat_core.accounting import parameter_report
+
     report = parameter_report(
         args.arch, args.num_classes, args.embedding_dim, args.members, args.in_channels
     )
@@ -335,23 +333,35 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    for name, value in HTTP_BOUNDS.items():  # a user's own settings win
-        os.environ.setdefault(name, value)
-    if not args.verbose:  # only psat speaks: MLflow's progress bars and "View run" links,
-        for name in QUIET_LIBRARIES:  # Ray's INFO chatter drown psat's progress
-            logging.getLogger(name).setLevel(logging.WARNING)
-        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
-        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    exit_on_sigterm()
     try:
+        if getattr(args, "config", None) is not None:  # a broken or hostile file is refused
+            read_config_file(args.config)  # in a blink, before torch, Ray and MLflow load
+        _bound_libraries(args.verbose)
         return args.run(args)
     except KeyboardInterrupt:
         print(f"psat {args.command}: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as err:
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
         log.debug("psat %s failed", args.command, exc_info=True)
         print(f"psat {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _bound_libraries(verbose: bool) -> None:
+    """Bounded MLflow HTTP retries, SIGTERM that ends the job, and (unless -v) only psat on
+    the terminal: MLflow's progress bars and "View run" links, Ray's INFO chatter go."""
+    from orchestrator.tracking import HTTP_BOUNDS, exit_on_sigterm
+
+    for name, value in HTTP_BOUNDS.items():  # a user's own settings win
+        os.environ.setdefault(name, value)
+    if not verbose:
+        for name in QUIET_LIBRARIES:
+            logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    exit_on_sigterm()
 
 
 def job_main(command: str) -> int:

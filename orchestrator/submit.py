@@ -39,7 +39,8 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 import jobs
 import orchestrator
 import psat_core
-from orchestrator.config import ConfigError, check_cluster_locations, load_config, parse_overrides
+from orchestrator.config import ConfigError, check_cluster_locations, load_config
+from orchestrator.config_file import parse_overrides
 from orchestrator.tracking import check_server
 
 log = logging.getLogger(__name__)

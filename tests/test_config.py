@@ -8,8 +8,8 @@ from orchestrator.config import (
     deep_merge,
     load_config,
     parse_config,
-    parse_overrides,
 )
+from orchestrator.config_file import parse_overrides
 
 QUICKSTART = "jobs/configs/quickstart.yaml"
 
