@@ -23,6 +23,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
+from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from orchestrator.config import JobConfig
 from orchestrator.fitting import Fit, ModelPlan, steps_per_epoch
@@ -130,13 +131,20 @@ def _post(board, rank: int, event: dict) -> None:
 
 
 class ShardTrainer(TorchTrainer):
-    """A TorchTrainer whose workers read their own shards (`train_loop`): it takes no Ray
-    Datasets, so its runs start no Ray Data actor (Ray Train starts a DatasetManager per run
-    whether or not there are datasets: one more process per model)."""
+    """A TorchTrainer without the helper processes psat's runs do not need (each one a Python
+    process importing Ray Train, per model):
+    - no Ray Data `DatasetManager`: the workers read their own shards (`train_loop`);
+    - no detached `PlacementGroupCleaner` when `fit()` runs in the job's driver. It removes a
+      run's placement group if the controller dies before its creator does, which a Tune
+      trial's controller can (ray-project/ray#54305); a driver's controllers die with the
+      driver, and Ray removes a job's placement groups when it ends.
+    """
 
     def _create_default_callbacks(self) -> list:
-        callbacks = super()._create_default_callbacks()
-        return [c for c in callbacks if self.datasets or not isinstance(c, DatasetsCallback)]
+        unneeded = () if self.datasets else (DatasetsCallback,)
+        if ray.get_runtime_context().get_actor_id() is None:  # the driver, not a Tune trial
+            unneeded += (PlacementGroupCleanerCallback,)
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
 
 
 def trainer_for(

@@ -22,6 +22,15 @@ def synthetic(
     return x, y
 
 
+def ray_actors(ray) -> dict:
+    """Every actor the Ray of `ray` has had, live or dead, by id (Ray's state API)."""
+    from ray.util.state import list_actors
+
+    gcs = ray.get_runtime_context().gcs_address
+    return {a.actor_id: a for a in list_actors(address=gcs, limit=10_000,
+                                                raise_on_missing_output=False)}  # fmt: skip
+
+
 def write_member(
     directory: Path, norm: str, seed: int, arch: str = "resnet10", embedding_dim: int = 4
 ) -> Path:

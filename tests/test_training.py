@@ -9,8 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
+from helpers import ray_actors
 from mlflow.tracking import MlflowClient
-from ray.util.state import list_actors
 
 from orchestrator.config import deep_merge, parse_config
 from orchestrator.training import board_name, train_members
@@ -39,12 +39,6 @@ PACED = {
 }
 
 
-def _actors(ray) -> dict:
-    gcs = ray.get_runtime_context().gcs_address
-    return {a.actor_id: a for a in list_actors(address=gcs, limit=10_000,
-                                                raise_on_missing_output=False)}  # fmt: skip
-
-
 def _kill_after_epoch(ray, job, norm: str, epoch: int, seen: dict) -> None:
     """Wait for `norm`'s report of `epoch`, then SIGKILL its training worker process."""
     deadline = time.time() + 300
@@ -70,7 +64,7 @@ def test_members_train_concurrently_and_an_interrupted_job_resumes(local_ray, ti
     again (no trainer starts for them)."""
     paced = deep_merge(PACED, {"training": {"epochs": 3}})
     job = parse_config(tiny_job("interrupted", **paced, resources={"max_failures": 0}))
-    before = _actors(local_ray)
+    before = ray_actors(local_ray)
     seen = {}
     # after epoch 1's report: epoch 0's checkpoint is persisted by then (Ray may lag one report)
     killer = threading.Thread(target=_kill_after_epoch, args=(local_ray, job, "l2", 1, seen))
@@ -79,10 +73,12 @@ def test_members_train_concurrently_and_an_interrupted_job_resumes(local_ray, ti
         train_members(job, echo=lambda line: None)  # on the Ray this process started
     killer.join()
     # one Ray Train controller per member; one machine runs no preemption watchers, and
-    # workers that read their own shards no Ray Data actor (`trainers.ShardTrainer`)
-    actors = [a for key, a in _actors(local_ray).items() if key not in before]
+    # workers that read their own shards no Ray Data actor, the driver's runs no placement
+    # group cleaner (`trainers.ShardTrainer`)
+    actors = [a for key, a in ray_actors(local_ray).items() if key not in before]
     assert sum(a.class_name == "TrainController" for a in actors) == 3
-    assert not [a for a in actors if a.class_name in ("PreemptionWatcher", "DatasetManager")]
+    unneeded = ("PreemptionWatcher", "DatasetManager", "PlacementGroupCleaner")
+    assert not [a for a in actors if a.class_name in unneeded]
     client, runs = _member_runs(job)
     assert runs["l2"].info.status == "FAILED"
     intervals, finished = {}, {}
