@@ -102,12 +102,16 @@ class EvaluationConfig(Section):
 
     `suite`: `strong` (PGD, APGD-CE/APGD-T, the third-party cross-check and, on ensembles, the
     gate and transfer attacks) or `paper` (per-norm PGD only, as the paper evaluates);
-    `apgd_steps`: APGD's iterations (AutoAttack: 100).
+    `apgd_steps`: APGD's iterations (AutoAttack: 100);
+    `concurrent_rows`: rows evaluated at once, one Ray task each (default: as many as the
+    cluster's CPUs or GPUs hold). Each holds torch in memory (about 1 GB); a finished row's
+    process takes the next row without a second start-up.
     """
 
     suite: Literal["paper", "strong"] = "strong"
     apgd_steps: int = Field(100, gt=0)
     gate_temperature: float = Field(0.1, gt=0, description="SoftGate's τ (entropy in nats)")
+    concurrent_rows: int | None = Field(None, gt=0)
 
 
 class GroupScale(Section):

@@ -254,7 +254,8 @@ def progress_line(event: Mapping) -> str:
 def evaluate_rows(
     job: JobConfig, rows: Rows, eval_uri: str, echo: Callable[[str], None] = print
 ) -> dict[str, RowResult]:
-    """Every row as a Ray task on the connected cluster, printing each finished attack."""
+    """Every row as a Ray task on the connected cluster (`evaluation.concurrent_rows` at
+    once), printing each finished attack."""
     res = job.resources
     task = evaluate_row_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus)
     board = ProgressBoard.remote()
@@ -265,14 +266,15 @@ def evaluate_rows(
         for event in new_events():
             echo(progress_line(event))
 
+    waiting, refs, pending = list(rows.items()), {}, []
+    at_once = job.evaluation.concurrent_rows or len(waiting)
     try:
-        refs = {
-            key: task.remote(job_dict, checkpoints, strategy, eval_uri, board, key)
-            for key, (checkpoints, strategy) in rows.items()
-        }
-        pending = list(refs.values())
-        while pending:
-            _, pending = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+        while waiting or pending:
+            while waiting and len(pending) < at_once:
+                key, (checkpoints, strategy) = waiting.pop(0)
+                refs[key] = task.remote(job_dict, checkpoints, strategy, eval_uri, board, key)
+                pending.append(refs[key])
+            _, pending = ray.wait(pending, num_returns=1, timeout=2.0)  # a row ends, or 2 s
             drain()
         results = {key: ray.get(ref) for key, ref in refs.items()}
         drain()

@@ -18,7 +18,7 @@ TINY = {
         "validation": {n: {"steps": 2} for n in ("linf", "l2", "l1")},
         "eval": {n: {"steps": 2, "restarts": 1} for n in ("linf", "l2", "l1")},
     },
-    "evaluation": {"apgd_steps": 2},
+    "evaluation": {"apgd_steps": 2, "concurrent_rows": 2},  # rows reuse 2 processes
     "resources": {"workers_per_member": 1, "cpus_per_worker": 1, "torch_threads": 1},
 }
 
