@@ -60,7 +60,7 @@ def tiny_job(tmp_path, name: str = "agg", **sections):
             "data": {"dataset": "digits", "eval_size": EVAL, "val_size": 16},
             "model": {"arch": "resnet10", "embedding_dim": 4},
             "attacks": {"eval": {n: {"steps": 1, "restarts": 1} for n in NORMS}},
-            "evaluation": {"apgd_steps": 2},
+            "evaluation": {"apgd_steps": 2, "concurrent_rows": 2},  # rows reuse 2 processes
             # a Ray of its own, even where another cluster runs on this machine
             "resources": {"address": "local"},
             "storage": {"path": str(tmp_path / "runs")},

@@ -410,7 +410,8 @@ AGGREGATE = textwrap.dedent(
         "data": {"dataset": "digits", "eval_size": 8, "val_size": 16},
         "model": {"arch": "resnet10", "embedding_dim": 4},
         "attacks": {"eval": {n: {"steps": 1} for n in ("linf", "l2", "l1")}},
-        "evaluation": {"suite": "paper"},  # registration is under test, not the attacks
+        # registration is under test, not the attacks: one process evaluates every row
+        "evaluation": {"suite": "paper", "concurrent_rows": 1},
         "resources": {"cpus_per_worker": 1, "address": address},
         "storage": {"path": storage},
         "tracking": {"uri": uri, "experiment": "concurrent"},
