@@ -11,6 +11,7 @@ paired bootstrap over (seed, image) pairs, each seed's gap, and the train/val cu
     python bench/member_parity.py [--config jobs/configs/reproduce_digits.yaml]
         [--seeds 0 1] [--eval-size 360] [--set model.init=shared ...]
         [--norms linf] [--kinds H]   # a screen: each model's own-norm accuracy ± its SE
+        [--h-set training.optimizer.name=adam ...]   # settings of the H members only
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from orchestrator.config import JobConfig, load_config
+from orchestrator.config import JobConfig, deep_merge, load_config
 from orchestrator.config_file import parse_overrides
 from orchestrator.evaluation import final_attacks
 from orchestrator.fitting import ModelPlan, train_in_process
@@ -67,6 +68,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--norms", nargs="+", help="default: training.members")
     parser.add_argument("--kinds", nargs="+", default=["AT", "H"], help="AT and/or H")
+    parser.add_argument(
+        "--h-set", action="append", default=[], help="an override for the H members only"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         overrides = parse_overrides(args.set) | {"name": "parity"}
@@ -78,16 +82,21 @@ def main() -> None:
               f"{job.training.optimizer.model_dump()}, lr {job.training.lr}, "
               f"{job.training.epochs} epochs, seeds {args.seeds}, {args.eval_size} eval images, "
               f"suite {job.evaluation.suite}", flush=True)  # fmt: skip
+        jobs = {"AT": job, "H": load_config(args.config, deep_merge(
+            overrides | {"storage": {"path": tmp}}, parse_overrides(args.h_set)))}  # fmt: skip
+        if args.h_set:
+            print(f"H only: {' '.join(args.h_set)}", flush=True)
         tasks = {}
         with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
             for seed in args.seeds:
-                seeded = job.model_copy(
-                    update={"training": job.training.model_copy(update={"seed": seed})}
-                ).model_dump()
                 for norm in args.norms or job.training.members:
                     for kind, dim in (("AT", None), ("H", job.model.embedding_dim)):
                         if kind not in args.kinds:
                             continue
+                        kind_job = jobs[kind]
+                        seeded = kind_job.model_copy(
+                            update={"training": kind_job.training.model_copy(update={"seed": seed})}
+                        ).model_dump()
                         plan = ModelPlan(f"{kind}_{norm}", "at", (norm,), dim)
                         tasks[seed, norm, kind] = pool.submit(
                             fit_and_evaluate, seeded, manifest, plan
