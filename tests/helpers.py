@@ -31,6 +31,16 @@ def ray_actors(ray) -> dict:
                                                 raise_on_missing_output=False)}  # fmt: skip
 
 
+def ray_tasks(ray, name: str) -> dict:
+    """Every run of the Ray task `name` the Ray of `ray` has recorded, by task id."""
+    from ray.util.state import list_tasks
+
+    gcs = ray.get_runtime_context().gcs_address
+    found = list_tasks(address=gcs, filters=[("name", "=", name)], limit=10_000,
+                       raise_on_missing_output=False)  # fmt: skip
+    return {t.task_id: t for t in found}
+
+
 def write_member(
     directory: Path, norm: str, seed: int, arch: str = "resnet10", embedding_dim: int = 4
 ) -> Path:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import io
 import re
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import ray
 import torch
-from helpers import write_member
+from helpers import ray_tasks, write_member
 from mlflow.tracking import MlflowClient
 
 from orchestrator.aggregate import (
@@ -273,7 +274,18 @@ def test_aggregate_end_to_end(tmp_path, members, monkeypatch, local_ray, torch_t
     job = tiny_job(tmp_path)
     train = _train_run(Tracker(job), job, members)
     lines: list[str] = []
+    before = ray_tasks(local_ray, "evaluate_row")
     first = aggregate(job, echo=lines.append, train_run=train)  # members from the training run
+
+    # 5 rows, `evaluation.concurrent_rows` (2) at a time: a finished row's process takes the next
+    deadline = time.monotonic() + 30  # Ray records task events a second or so late
+    while True:
+        rows = [t for k, t in ray_tasks(local_ray, "evaluate_row").items() if k not in before]
+        if len(rows) == len(first.rows) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(rows) == len(first.rows) == 5
+    assert len({t.worker_pid for t in rows}) <= 2, [t.worker_pid for t in rows]
 
     assert first.members == members
     assert (first.registration.version, first.registration.champion) == (1, True)
