@@ -33,9 +33,9 @@ def _is_user_error(err: Exception) -> bool:
 
 
 def _job_config(args: argparse.Namespace) -> JobConfig:
-    from orchestrator.config import check_cluster_locations, in_ray_job, load_config
+    from orchestrator.config import check_cluster_locations, in_ray_job, parse_config
 
-    job = load_config(args.config, parse_overrides(args.set))
+    job = parse_config(args.config_data, args.config, parse_overrides(args.set))
     if in_ray_job():  # Ray's working dir is temporary: nothing may be written relative to it
         check_cluster_locations(job, args.command)
     return job
@@ -335,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         if getattr(args, "config", None) is not None:  # a broken or hostile file is refused
-            read_config_file(args.config)  # in a blink, before torch, Ray and MLflow load
+            args.config_data = read_config_file(args.config)  # before torch, Ray, MLflow load
         _bound_libraries(args.verbose)
         return args.run(args)
     except KeyboardInterrupt:
