@@ -11,7 +11,7 @@ paired bootstrap over (seed, image) pairs, each seed's gap, and the train/val cu
     python bench/member_parity.py [--config jobs/configs/reproduce_digits.yaml]
         [--seeds 0 1] [--eval-size 360] [--set model.init=shared ...]
         [--norms linf] [--kinds H]   # a screen: each model's own-norm accuracy ± its SE
-        [--h-set training.optimizer.name=adam ...]   # settings of the H members only
+        [--h-set training.epochs=12 ...]   # a shared setting, for the H members only
 """
 
 from __future__ import annotations
@@ -78,8 +78,9 @@ def main() -> None:
         job = load_config(args.config, overrides | {"storage": {"path": tmp}})
         manifest = materialize(job, f"{tmp}/data", 1)
         print(f"config {args.config} {' '.join(args.set)}: {job.model.arch}, "
-              f"embedding {job.model.embedding_dim}, init {job.model.init}, optimizer "
-              f"{job.training.optimizer.model_dump()}, lr {job.training.lr}, "
+              f"embedding {job.model.embedding_dim}, init {job.model.init}, H "
+              f"{job.training.optimizer.model_dump()} lr {job.training.lr} weight decay "
+              f"{job.training.weight_decay}, AT {job.training.baselines.model_dump()}, "
               f"{job.training.epochs} epochs, seeds {args.seeds}, {args.eval_size} eval images, "
               f"suite {job.evaluation.suite}", flush=True)  # fmt: skip
         jobs = {"AT": job, "H": load_config(args.config, deep_merge(

@@ -121,12 +121,15 @@ class GroupScale(Section):
     weight_decay: float = Field(1.0, ge=0)
 
 
-class OptimizerConfig(Section):
-    """The optimizer and its per-group settings (`psat_core.train.param_groups`): a
-    hypernetwork's shared generator, its layer embeddings, and the rest (stem, BN, head; all of
-    a plain ResNet). `momentum` applies to SGD; Adam and AdamW keep their default betas."""
+OptimizerName = Literal["sgd", "adam", "adamw"]
 
-    name: Literal["sgd", "adam", "adamw"] = "sgd"
+
+class OptimizerConfig(Section):
+    """The members' optimizer and its per-group settings (`psat_core.train.param_groups`): a
+    hypernetwork's shared generator, its layer embeddings, and the rest (stem, BN, head).
+    `momentum` applies to SGD; Adam and AdamW keep their default betas."""
+
+    name: OptimizerName = "adam"
     generator: GroupScale = GroupScale()
     embeddings: GroupScale = GroupScale()
     rest: GroupScale = GroupScale()
@@ -135,14 +138,29 @@ class OptimizerConfig(Section):
         return {g: (s.lr, s.weight_decay) for g, s in self if isinstance(s, GroupScale)}
 
 
+class BaselinesConfig(Section):
+    """The plain ResNets' optimizer: the reproduction's NAT and AT baselines and
+    `bench/member_parity.py`'s AT_ℓp (SGD with momentum, as Madry et al. train them)."""
+
+    name: OptimizerName = "sgd"
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+
+
 class TrainingConfig(Section):
+    """How every model trains; `lr`, `momentum`, `weight_decay` and `optimizer` are the
+    hypernetwork models' (PSAT's members, H_NAT), `baselines` the plain ResNets'. The members'
+    defaults (Adam, 0.002, no weight decay) are measured: README, "Member parity"."""
+
     members: list[Norm] = Field(list(NORMS), min_length=1)
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=0)
-    lr: float = Field(0.1, gt=0)
+    lr: float = Field(0.002, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
     optimizer: OptimizerConfig = OptimizerConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     schedule: str = "cosine"
     amp: bool = True
     seed: int = 0
@@ -158,6 +176,29 @@ class TrainingConfig(Section):
         if len(set(value)) != len(value):
             raise ValueError(f"members must be distinct norms, got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _optimizer_named_with_its_settings(self) -> TrainingConfig:
+        # the default optimizer was SGD (lr 0.1, wd 5e-4): an lr written for it must not
+        # silently drive Adam
+        given = sorted({"lr", "momentum", "weight_decay"} & self.model_fields_set)
+        if given and "name" not in self.optimizer.model_fields_set:
+            raise ValueError(
+                f"{', '.join(given)} given without optimizer.name: the members' optimizer is "
+                "adam by default (lr 0.002, weight_decay 0); name the optimizer these settings "
+                "are for (optimizer: {name: sgd} keeps SGD)"
+            )
+        return self
+
+    def optimizer_settings(self, hypernetwork: bool) -> tuple:
+        """(lr, momentum, weight_decay, name, group scales) for a hypernetwork or a plain model."""
+        if hypernetwork:
+            return (
+                self.lr, self.momentum, self.weight_decay,
+                self.optimizer.name, self.optimizer.scales(),
+            )  # fmt: skip
+        b = self.baselines
+        return b.lr, b.momentum, b.weight_decay, b.name, None
 
 
 class ResourcesConfig(Section):

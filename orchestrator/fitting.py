@@ -109,10 +109,8 @@ class Fit:
             model = model.to(memory_format=torch.channels_last)
         model = prepare(model)
         cfg = job.training
-        optimizer = make_optimizer(
-            param_groups(unwrap(model)), cfg.lr, cfg.momentum, cfg.weight_decay,
-            cfg.optimizer.name, cfg.optimizer.scales(),
-        )  # fmt: skip
+        settings = cfg.optimizer_settings(hypernetwork=plan.embedding_dim is not None)
+        optimizer = make_optimizer(param_groups(unwrap(model)), *settings)
         scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch)
         attacks = job.attack_configs("train")
         method = training_inputs(

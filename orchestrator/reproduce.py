@@ -8,8 +8,9 @@
     -> Tables 1, 3 and 4 (Markdown + PNG), Figure 2 (PNG), the paper's claims checked against
        the numbers, results.json: into ``<reproduce.output>/<name>/`` and the MLflow run
 
-Every model gets the same architecture, epochs, optimizer and attacks (`training`,
-`attacks.train`); rows are evaluated on the same images, seeded from `data.seed` and their models.
+Every model gets the same architecture, epochs and attacks (`training`, `attacks.train`); the
+hypernetworks train with `training.optimizer`, the plain ResNets with `training.baselines`. Rows
+are evaluated on the same images, seeded from `data.seed` and their models.
 """
 
 from __future__ import annotations
@@ -324,11 +325,14 @@ def write_report(
         )
     ]
     samples = next(iter(results.values())).samples
+    t = job.training
     lines = [
         f"# Reproduction `{job.name}`: {job.data.dataset}, {job.model.arch}",
         "",
-        f"Every model: {job.training.epochs} epochs, batch {job.training.batch_size}, "
-        f"lr {job.training.lr} ({job.training.schedule}), the same training attacks; "
+        f"Every model: {t.epochs} epochs, batch {t.batch_size}, {t.schedule} schedule, the "
+        f"same training attacks; hypernetworks {t.optimizer.name} lr {t.lr} weight decay "
+        f"{t.weight_decay}, plain ResNets {t.baselines.name} lr {t.baselines.lr} weight decay "
+        f"{t.baselines.weight_decay}; "
         f"{samples} evaluation images. Attacks (robust points only, as in AutoAttack):",
         *attacks_described(job),
         "",

@@ -12,7 +12,7 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 TINY = {
     "data": {"dataset": "digits", "train_size": 128, "val_size": 32, "eval_size": 32},
     "model": {"arch": "resnet10", "embedding_dim": 4},
-    "training": {"epochs": 2, "batch_size": 64, "lr": 0.05, "amp": False},
+    "training": {"epochs": 2, "batch_size": 64, "amp": False},
     "attacks": {
         "train": {n: {"steps": 1} for n in ("linf", "l2", "l1")},
         "validation": {n: {"steps": 2} for n in ("linf", "l2", "l1")},

@@ -78,7 +78,8 @@ def test_validation_reports_the_sweeps_objective(job, digits):
 
 def test_optimizer_groups_follow_the_config_and_resume(job, digits, tmp_path):
     """`training.optimizer`: AdamW with the generator's lr and the embeddings' weight decay
-    scaled; a plain ResNet is all "rest". A checkpoint restores every group and its state."""
+    scaled; a plain ResNet takes `training.baselines`' SGD, all "rest". A checkpoint restores
+    every group and its state."""
     train, _ = digits
     changed = {"name": "adamw", "generator": {"lr": 0.2}, "embeddings": {"weight_decay": 0.0}}
     job = parse_config(deep_merge(job.model_dump(), {"training": {"optimizer": changed}}))
@@ -93,7 +94,11 @@ def test_optimizer_groups_follow_the_config_and_resume(job, digits, tmp_path):
     }
     assert sum(len(g["params"]) for g in groups.values()) == len(list(fit.net.parameters()))
     plain = Fit.build(job, PLANS[1], steps_per_epoch=1, device=torch.device("cpu"))
-    assert [g["name"] for g in plain.optimizer.param_groups] == ["rest"]
+    assert isinstance(plain.optimizer, torch.optim.SGD)  # `training.baselines`
+    (group,) = plain.optimizer.param_groups
+    base = job.training.baselines
+    settings = ("rest", base.lr, base.momentum, base.weight_decay)
+    assert (group["name"], group["lr"], group["momentum"], group["weight_decay"]) == settings
 
     fit.train_epoch(train, epoch=0)
     save_member(tmp_path, fit.spec, fit.state(epoch=0))

@@ -52,7 +52,8 @@ def overlap(a: dict, b: dict) -> bool:
 
 def gpu_job(tiny_job, name: str, paced: bool = True, **resources):
     resources = {"use_gpu": True, "ddp_backend": "gloo", **resources}  # gloo: no CUDA here
-    return parse_config(tiny_job(name, **(PACED if paced else {}), resources=resources))
+    budget = PACED if paced else {"training": {"epochs": 1}}
+    return parse_config(tiny_job(name, **budget, resources=resources))
 
 
 def test_members_train_on_gpus_of_their_own_and_the_third_waits_for_one(local_ray, tiny_job):

@@ -111,7 +111,7 @@ def test_unknown_sweep_parameter_is_one_clear_error():
 
 
 def test_a_trial_sets_the_optimizer_and_its_group_multipliers():
-    job = parse_config({"name": "x", "training": {"lr": 0.01}})
+    job = parse_config({"name": "x", "training": {"lr": 0.01, "optimizer": {"name": "sgd"}}})
     params = {"norm": "l2", "optimizer": "adam", "generator_lr": 0.3, "embeddings_lr": 4.0}
     trial, plan = trial_job(job, params)
     optimizer = trial.training.optimizer

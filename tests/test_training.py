@@ -90,7 +90,8 @@ def test_members_train_concurrently_and_an_interrupted_job_resumes(local_ray, ti
         finished[norm] = checkpoint
         assert run.data.params["model.embedding_dim"] == "4"
         assert run.data.params["model.init"] == "fan_in"
-        assert run.data.params["training.optimizer.name"] == "sgd"
+        assert run.data.params["training.optimizer.name"] == "adam"
+        assert run.data.params["training.baselines.name"] == "sgd"
         assert run.data.params["training.optimizer.generator.lr"] == "1.0"
         history = client.get_metric_history(run.info.run_id, "loss")
         assert sorted(m.step for m in history) == [0, 1, 2]
