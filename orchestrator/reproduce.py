@@ -127,6 +127,12 @@ PROTOCOLS = {
 OUTCOMES = ("holds", "does not hold", "inconclusive")
 
 
+def judged_protocols(job: JobConfig) -> tuple[str, ...]:
+    """The protocols the claims are judged under: both, unless the suite is the paper's own
+    (`evaluation.suite: paper`), where the full evaluation is the paper's protocol."""
+    return ("paper",) if job.evaluation.suite == "paper" else tuple(PROTOCOLS)
+
+
 @dataclass(frozen=True)
 class Claim:
     """One qualitative claim of the paper, checked against this run's numbers under one of
@@ -206,12 +212,13 @@ def paper_claims(
 
 
 def claims_table(claims: list[Claim]) -> list[str]:
-    """Each claim once, with its verdict under every protocol side by side (Markdown)."""
+    """Each claim once, with its verdict under every protocol judged side by side (Markdown)."""
     verdicts: dict[tuple[str, str], dict[str, str]] = {}
     for claim in claims:
         verdicts.setdefault((claim.table, claim.text), {})[claim.protocol] = claim.verdict
-    header = ["Table", "Claim", *(PROTOCOLS[p].split(" (")[0] for p in PROTOCOLS)]
-    cells = [[table, text, *(by[p] for p in PROTOCOLS)] for (table, text), by in verdicts.items()]
+    judged = [p for p in PROTOCOLS if any(c.protocol == p for c in claims)]
+    header = ["Table", "Claim", *(PROTOCOLS[p].split(" (")[0] for p in judged)]
+    cells = [[table, text, *(by[p] for p in judged)] for (table, text), by in verdicts.items()]
     return markdown_table(header, cells)
 
 
@@ -319,7 +326,7 @@ def write_report(
     accuracies = {key: result.row for key, result in results.items()}
     claims = [
         claim
-        for protocol in PROTOCOLS
+        for protocol in judged_protocols(job)
         for claim in paper_claims(
             {key: result.examples(protocol) for key, result in results.items()}, tables, protocol
         )
@@ -336,7 +343,8 @@ def write_report(
         f"{samples} evaluation images. Attacks (robust points only, as in AutoAttack):",
         *attacks_described(job),
         "",
-        "## The paper's claims, checked here under both protocols",
+        "## The paper's claims, checked here under "
+        + ("both protocols" if len(judged_protocols(job)) > 1 else "the paper's protocol"),
         "",
         f"The paper's protocol is the PGD attacks of the full evaluation alone ({PAPER_VIEW}).",
         "Each verdict is the difference in points with its 95% interval from a paired bootstrap "

@@ -14,6 +14,8 @@ from orchestrator.evaluation import evaluate_row
 from orchestrator.reproduce import (
     Claim,
     Row,
+    claims_table,
+    judged_protocols,
     model_plans,
     paper_claims,
     table_rows,
@@ -106,6 +108,21 @@ def test_claims_are_judged_by_a_paired_bootstrap(delta, nat_avg, outcome):
         assert "95% CI [" in claim.line()
     beats = claims[1]  # PSAT vs AT_max on the trade-off, one image is 0.25 points
     assert beats.difference == pytest.approx(100 * delta)
+
+
+def test_claims_are_judged_once_when_the_suite_is_the_papers():
+    """Under `evaluation.suite: paper` the full evaluation is the paper's protocol: one verdict
+    per claim, not the same one twice."""
+    sections = {"model": {"embedding_dim": 8}, "reproduce": {"embedding_dims": [8]}}
+    assert judged_protocols(parse_config({"name": "r", **sections})) == ("paper", "full")
+    job = parse_config({"name": "r", **sections, "evaluation": {"suite": "paper"}})
+    assert judged_protocols(job) == ("paper",)
+    tables = table_rows(job)
+    scores = {row.key: _scores() for rows in tables.values() for row in rows}
+    claims = [c for p in judged_protocols(job) for c in paper_claims(scores, tables, p)]
+    header, _, *rows = claims_table(claims)
+    assert header == "| Table | Claim | the paper's protocol |"
+    assert len(rows) == len(claims) == 7
 
 
 def _cells(markdown: str) -> dict[str, list[str]]:
