@@ -156,10 +156,10 @@ class TrainingConfig(Section):
     members: list[Norm] = Field(list(NORMS), min_length=1)
     epochs: int = Field(10, gt=0)
     batch_size: int = Field(128, gt=0)
+    optimizer: OptimizerConfig = OptimizerConfig()  # before its settings: they check its name
     lr: float = Field(0.002, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
-    optimizer: OptimizerConfig = OptimizerConfig()
     baselines: BaselinesConfig = BaselinesConfig()
     schedule: str = "cosine"
     amp: bool = True
@@ -177,18 +177,19 @@ class TrainingConfig(Section):
             raise ValueError(f"members must be distinct norms, got {value}")
         return value
 
-    @model_validator(mode="after")
-    def _optimizer_named_with_its_settings(self) -> TrainingConfig:
-        # the default optimizer was SGD (lr 0.1, wd 5e-4): an lr written for it must not
-        # silently drive Adam
-        given = sorted({"lr", "momentum", "weight_decay"} & self.model_fields_set)
-        if given and "name" not in self.optimizer.model_fields_set:
+    @field_validator("lr", "momentum", "weight_decay")
+    @classmethod
+    def _optimizer_named(cls, value: float, info: ValidationInfo) -> float:
+        # runs only for a value given; the default optimizer was SGD (lr 0.1, wd 5e-4) before
+        # 2026-12: a setting written for it must not silently drive Adam
+        optimizer = info.data.get("optimizer")
+        if optimizer is not None and "name" not in optimizer.model_fields_set:
             raise ValueError(
-                f"{', '.join(given)} given without optimizer.name: the members' optimizer is "
-                "adam by default (lr 0.002, weight_decay 0); name the optimizer these settings "
-                "are for (optimizer: {name: sgd} keeps SGD)"
+                "given without training.optimizer.name: the members' optimizer is adam by "
+                "default (lr 0.002, weight_decay 0); name the optimizer this is for "
+                "(optimizer: {name: sgd} keeps SGD)"
             )
-        return self
+        return value
 
     def optimizer_settings(self, hypernetwork: bool) -> tuple:
         """(lr, momentum, weight_decay, name, group scales) for a hypernetwork or a plain model."""

@@ -42,7 +42,7 @@ def test_overrides_deep_merge_into_the_file():
         ({"name": "x", "attacks": {"eval": {"l2": {"eps": -1}}}}, "attacks.eval.l2.eps", "-1"),
         ({"training": {}}, "name", "missing"),
         # an lr written for the old SGD default must not silently drive the members' Adam
-        ({"name": "x", "training": {"lr": 0.1}}, "training", "lr given without optimizer.name"),
+        ({"name": "x", "training": {"lr": 0.1}}, "training.lr", "without training.optimizer.name"),
     ],
 )
 def test_invalid_config_names_field_and_value(data, field, value):
