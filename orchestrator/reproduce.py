@@ -324,9 +324,10 @@ def write_report(
     info = job.dataset
     plain = plain_parameters(job.model.arch, info.num_classes, info.in_channels)
     accuracies = {key: result.row for key, result in results.items()}
+    protocols = judged_protocols(job)
     claims = [
         claim
-        for protocol in judged_protocols(job)
+        for protocol in protocols
         for claim in paper_claims(
             {key: result.examples(protocol) for key, result in results.items()}, tables, protocol
         )
@@ -344,7 +345,7 @@ def write_report(
         *attacks_described(job),
         "",
         "## The paper's claims, checked here under "
-        + ("both protocols" if len(judged_protocols(job)) > 1 else "the paper's protocol"),
+        + ("both protocols" if len(protocols) > 1 else "the paper's protocol"),
         "",
         f"The paper's protocol is the PGD attacks of the full evaluation alone ({PAPER_VIEW}).",
         "Each verdict is the difference in points with its 95% interval from a paired bootstrap "

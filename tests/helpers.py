@@ -22,23 +22,23 @@ def synthetic(
     return x, y
 
 
-def ray_actors(ray) -> dict:
-    """Every actor the Ray of `ray` has had, live or dead, by id (Ray's state API)."""
-    from ray.util.state import list_actors
+def _ray_state(ray, lister: str, **options) -> list:
+    """`ray.util.state.<lister>` on the Ray of `ray`: every record, live or dead."""
+    from ray.util import state
 
     gcs = ray.get_runtime_context().gcs_address
-    return {a.actor_id: a for a in list_actors(address=gcs, limit=10_000,
-                                                raise_on_missing_output=False)}  # fmt: skip
+    return getattr(state, lister)(address=gcs, limit=10_000, raise_on_missing_output=False,
+                                  **options)  # fmt: skip
+
+
+def ray_actors(ray) -> dict:
+    """Every actor the Ray of `ray` has had, live or dead, by id (Ray's state API)."""
+    return {a.actor_id: a for a in _ray_state(ray, "list_actors")}
 
 
 def ray_tasks(ray, name: str) -> dict:
     """Every run of the Ray task `name` the Ray of `ray` has recorded, by task id."""
-    from ray.util.state import list_tasks
-
-    gcs = ray.get_runtime_context().gcs_address
-    found = list_tasks(address=gcs, filters=[("name", "=", name)], limit=10_000,
-                       raise_on_missing_output=False)  # fmt: skip
-    return {t.task_id: t for t in found}
+    return {t.task_id: t for t in _ray_state(ray, "list_tasks", filters=[("name", "=", name)])}
 
 
 def write_member(
