@@ -6,8 +6,14 @@ with the suite, radii and budgets of the dataset's `eval` defaults (`--apgd-step
 config's `evaluation.apgd_steps`). Prints, per attack, the points still robust after it and
 its seconds; per row, the total against one no-grad forward pass over the same images.
 
+`--transfer` (strong suite): how the ensemble's transfer attack gets the members' examples:
+`borrow` (as reports do) from the member rows, which keep theirs and craft the rest
+(`psat_core.adaptive.member_examples`, its seconds counted in the member row); `craft` in
+the ensemble row itself; `both` evaluates the ensemble both ways and compares what each found.
+The last lines give the ensemble row's time as a multiple of the mean member row's.
+
     python bench/eval_time.py --members linf=DIR l2=DIR l1=DIR [--images 100]
-                              [--apgd-steps 100] [--suite strong] [--rows H_linf PSAT]
+                              [--apgd-steps 100] [--suite strong] [--transfer borrow]
                               [--threads 1]
 """
 
@@ -18,12 +24,13 @@ import time
 
 import torch
 
+from psat_core.adaptive import member_examples
 from psat_core.attacks import attack_defaults
 from psat_core.checkpoint import load_member, read_spec
 from psat_core.data import load_dataset
 from psat_core.ensemble import PSATEnsemble
 from psat_core.metrics import evaluate_per_sample, summarize
-from psat_core.protocol import SUITES, attack_suite
+from psat_core.protocol import SUITES, attack_suite, transfer_crafters
 
 
 def forward_seconds(model, x) -> float:
@@ -34,13 +41,29 @@ def forward_seconds(model, x) -> float:
     return time.perf_counter() - start
 
 
+def evaluate(label, model, x, y, attacks, seed, keep=()):
+    """One row, printing each attack's points still robust and seconds; returns the result
+    and the row's seconds."""
+    print(f"\n## {label}\n| attack | still robust | seconds |\n| --- | --- | --- |")
+    last = [time.perf_counter()]
+
+    def progress(name: str, robust: int, total: int, left: float, last=last) -> None:
+        now = time.perf_counter()
+        print(f"| {name} | {robust}/{total} | {now - last[0]:.1f} |", flush=True)
+        last[0] = now
+
+    start = time.perf_counter()
+    result = evaluate_per_sample(model, x, y, attacks, seed=seed, progress=progress, keep=keep)
+    return result, time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--members", nargs="+", required=True, help="NORM=DIR ...")
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--apgd-steps", type=int, default=100)
     parser.add_argument("--suite", choices=SUITES, default="strong")
-    parser.add_argument("--rows", nargs="+", default=None, help="e.g. H_linf PSAT (default: all)")
+    parser.add_argument("--transfer", choices=("borrow", "craft", "both"), default="borrow")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -50,37 +73,61 @@ def main() -> None:
     data = load_dataset(spec.dataset, "test", "~/.psat/data").subset(args.images, seed=args.seed)
     x, y = data.to_float(), data.labels
     members = {f"H_{n}": load_member(d).eval() for n, d in dirs.items()}
-    models = members | {"PSAT": PSATEnsemble(list(members.values()), names=list(dirs)).eval()}
-    models = {k: v for k, v in models.items() if args.rows is None or k in args.rows}
+    ensemble = PSATEnsemble(list(members.values()), names=list(dirs)).eval()
     configs = attack_defaults(spec.dataset, "eval")
+    suite = {"apgd_steps": args.apgd_steps, "seed": args.seed}
     print(
         f"{spec.dataset}: {args.images} test images, suite {args.suite}, {args.apgd_steps} APGD "
         f"steps, PGD {', '.join(f'{n} {c.steps}x{c.restarts}' for n, c in configs.items())}, "
-        f"{torch.get_num_threads()} thread(s)"
+        f"{torch.get_num_threads()} thread(s), transfer {args.transfer}"
     )
-    for label, model in models.items():
-        ensemble = isinstance(model, PSATEnsemble)
+    lend = args.suite == "strong" and args.transfer != "craft"
+    lent, member_seconds = [], []
+    for label, model in members.items():
+        attacks = attack_suite(args.suite, configs, ensemble=False, **suite)
+        crafters = transfer_crafters(attacks) if lend else {}
+        keep = [name for names in crafters.values() for name in names]
+        result, seconds = evaluate(label, model, x, y, attacks, args.seed, keep)
+        started = time.perf_counter()
+        lent.append({n: member_examples(model, x, y, result, c, args.seed)
+                     for n, c in crafters.items()})  # fmt: skip
+        lending = time.perf_counter() - started
+        report(label, result, seconds + lending, x, model, args.images)
+        if lend:
+            print(f"{label}: of which {lending:.1f} s crafting the examples it lends")
+        member_seconds.append(seconds + lending)
+    borrowed = {n: torch.cat([examples[n] for examples in lent]) for n in configs} if lend else None
+    ways = {"both": ("craft", "borrow")}.get(args.transfer, (args.transfer,))
+    found = {}
+    for way in ways:
+        examples = borrowed if way == "borrow" else None
         attacks = attack_suite(
-            args.suite, configs, ensemble=ensemble, apgd_steps=args.apgd_steps, seed=args.seed
+            args.suite, configs, ensemble=True, member_examples=examples, **suite
         )
-        forward = forward_seconds(model, x)
-        print(f"\n## {label}\n| attack | still robust | seconds |\n| --- | --- | --- |")
-        last = [time.perf_counter()]
+        label = f"PSAT ({way}ing the transfer's examples)" if args.suite == "strong" else "PSAT"
+        result, seconds = evaluate(label, ensemble, x, y, attacks, args.seed)
+        report(label, result, seconds, x, ensemble, args.images)
+        mean = sum(member_seconds) / len(member_seconds)
+        print(f"{label}: {seconds / mean:.1f}x the mean member row ({mean:.1f} s)")
+        found[way] = result
+    if len(found) == 2:  # what the borrowed transfer found against the crafted one
+        for norm in configs:
+            transfer = [int(found[w].found(f"{norm}/transfer").sum()) for w in ways]
+            robust = [int(found[w].correct[norm].sum()) for w in ways]
+            print(
+                f"{norm}/transfer found {transfer[0]} crafting, {transfer[1]} borrowing; "
+                f"robust for {norm} after every attack: {robust[0]} vs {robust[1]}"
+            )
 
-        def progress(name: str, robust: int, total: int, left: float, last=last) -> None:
-            now = time.perf_counter()
-            print(f"| {name} | {robust}/{total} | {now - last[0]:.1f} |", flush=True)
-            last[0] = now
 
-        start = time.perf_counter()
-        result = evaluate_per_sample(model, x, y, attacks, seed=args.seed, progress=progress)
-        seconds = time.perf_counter() - start
-        row = summarize(result)
-        print(
-            f"{label}: {seconds:.1f} s = {seconds / args.images:.2f} s/image = "
-            f"{seconds / forward:.0f}x one natural forward pass ({forward * 1000:.1f} ms); "
-            + ", ".join(f"{k} {100 * row[k]:.1f}%" for k in ("clean", "linf", "l2", "l1"))
-        )
+def report(label, result, seconds, x, model, images) -> None:
+    row = summarize(result)
+    forward = forward_seconds(model, x)
+    print(
+        f"{label}: {seconds:.1f} s = {seconds / images:.2f} s/image = "
+        f"{seconds / forward:.0f}x one natural forward pass ({forward * 1000:.1f} ms); "
+        + ", ".join(f"{k} {100 * row[k]:.1f}%" for k in ("clean", "linf", "l2", "l1"))
+    )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from orchestrator.config import JobConfig
 from orchestrator.shards import read_arrays
 from orchestrator.trainers import BoardReader, ProgressBoard
 from psat_core.accounting import trained_parameters
+from psat_core.adaptive import member_examples
 from psat_core.checkpoint import ensemble_from_checkpoints, read_spec
 from psat_core.ensemble import STRATEGIES, PSATEnsemble
 from psat_core.metrics import (
@@ -38,9 +39,11 @@ from psat_core.metrics import (
     standard_error,
     summarize,
 )
-from psat_core.protocol import attack_suite, paper_view
+from psat_core.protocol import attack_suite, paper_view, transfer_crafters
 
 Rows = Mapping[str, tuple[dict[str, str], str | None]]
+# norm -> (candidates, N, *): adversarial examples against members (`member_examples`)
+Examples = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -104,10 +107,12 @@ def row_seed(data_seed: int, models: Iterable[str]) -> int:
     return zlib.crc32(f"{data_seed}/{','.join(sorted(models))}".encode())
 
 
-def final_attacks(job: JobConfig, ensemble: bool, seed: int) -> dict:
+def final_attacks(
+    job: JobConfig, ensemble: bool, seed: int, member_examples: Examples | None = None
+) -> dict:
     """The attacks of a final evaluation, by ``"<norm>/<attack>"``: `evaluation.suite`
     (psat_core.protocol) at the `attacks.eval` radii and budgets. Every norm's accuracy is the
-    per-example worst over its attacks."""
+    per-example worst over its attacks. ``member_examples``: see `attack_suite`."""
     evaluation = job.evaluation
     return attack_suite(
         evaluation.suite,
@@ -116,7 +121,27 @@ def final_attacks(job: JobConfig, ensemble: bool, seed: int) -> dict:
         apgd_steps=evaluation.apgd_steps,
         gate_temperature=evaluation.gate_temperature,
         seed=seed,
+        member_examples=member_examples,
     )
+
+
+def lenders(job: JobConfig, rows: Rows) -> dict[str, list[str]]:
+    """Ensemble row -> the member rows (one per member, in its order) whose adversarial
+    examples its transfer attack scores instead of crafting them again: every ensemble row all
+    of whose members are rows of their own, under a suite with a transfer attack."""
+    if not any(name.endswith("/transfer") for name in final_attacks(job, True, 0)):
+        return {}
+    alone = {
+        next(iter(ckpts.items())): key
+        for key, (ckpts, strategy) in rows.items()
+        if strategy is None and len(ckpts) == 1
+    }
+    found = {
+        key: [alone.get(item) for item in ckpts.items()]
+        for key, (ckpts, strategy) in rows.items()
+        if strategy is not None
+    }
+    return {key: members for key, members in found.items() if all(members)}
 
 
 def eval_device(job: JobConfig) -> torch.device:
@@ -158,15 +183,17 @@ def evaluate_ensemble(
     images: torch.Tensor,
     labels: torch.Tensor,
     progress: Progress | None = None,
+    member_examples: Examples | None = None,
 ) -> tuple[PerSampleResult, dict[str, dict[str, float]]]:
     """The ensemble's per-example results under its current strategy, and which member
-    answered how often, on clean inputs and under each attack."""
+    answered how often, on clean inputs and under each attack. ``member_examples``: see
+    `attack_suite`."""
     seed = row_seed(job.data.seed, ensemble.names)
     result = evaluate_per_sample(
         ensemble,
         images,
         labels,
-        final_attacks(job, ensemble=True, seed=seed),
+        final_attacks(job, ensemble=True, seed=seed, member_examples=member_examples),
         probe=lambda x: ensemble.forward_with_choice(x)[1],
         seed=seed,
         progress=progress,
@@ -185,10 +212,18 @@ def evaluate_row(
     eval_uri: str,
     board: ray.actor.ActorHandle | None = None,
     key: str = "",
-) -> RowResult:
+    lend: bool = False,
+    *lent: Examples,
+) -> tuple[RowResult, Examples | None]:
     """One row on the eval split, where it is called (:data:`evaluate_row_task` is its Ray
     task): a single model (``strategy`` None) or the ensemble of ``checkpoints``. Each
-    finished attack is posted to ``board`` as row ``key``."""
+    finished attack is posted to ``board`` as row ``key``.
+
+    ``lend`` (a single model): also return, per norm, the transfer crafters' examples against
+    it on every image (`psat_core.adaptive.member_examples`), reusing its own evaluation's;
+    ``lent`` (an ensemble): those of each member, in the order of ``checkpoints``, which its
+    transfer attack then scores instead of crafting them again. Else the second value is None.
+    """
     job = JobConfig.model_validate(job_dict)
     device = eval_device(job)
     started = time.monotonic()
@@ -199,18 +234,26 @@ def evaluate_row(
     data = read_arrays(eval_uri)
     images, labels = data.to_float(), data.labels
     progress = None if board is None else progress_to(board.post.remote, key)
+    lending = None
     if strategy is None:
         seed = row_seed(job.data.seed, checkpoints)
         attacks = final_attacks(job, ensemble=False, seed=seed)
+        model = ensemble.members[0]
+        crafters = transfer_crafters(attacks) if lend else {}
+        keep = [name for names in crafters.values() for name in names]
         per = evaluate_per_sample(
-            ensemble.members[0], images, labels, attacks, seed=seed, progress=progress
+            model, images, labels, attacks, seed=seed, progress=progress, keep=keep
         )
+        if lend:
+            on = images.to(device), labels.to(device)
+            lending = {n: member_examples(model, *on, per, c, seed) for n, c in crafters.items()}
         choice = {}
     else:
         ensemble.strategy = strategy
-        per, choice = evaluate_ensemble(job, ensemble, images, labels, progress)
+        borrowed = _borrowed(lent, len(images)) if lent else None
+        per, choice = evaluate_ensemble(job, ensemble, images, labels, progress, borrowed)
     views = {"full": per, "paper": paper_view(per)}
-    return RowResult(
+    result = RowResult(
         row=summarize(per),
         paper=summarize(views["paper"]),
         choice=choice,
@@ -223,9 +266,19 @@ def evaluate_row(
             for protocol, view in views.items()
         },
     )
+    return result, lending
 
 
-evaluate_row_task = ray.remote(evaluate_row)
+def _borrowed(lent: tuple[Examples, ...], images: int) -> Examples:
+    """The members' examples of each norm, stacked member after member."""
+    for examples in lent:
+        for norm, found in examples.items():
+            if found.shape[1] != images:
+                raise ValueError(f"{norm}: examples of {found.shape[1]} images, not {images}")
+    return {norm: torch.cat([examples[norm] for examples in lent]) for norm in lent[0]}
+
+
+evaluate_row_task = ray.remote(num_returns=2)(evaluate_row)
 
 
 def _duration(seconds: float) -> str:
@@ -255,26 +308,37 @@ def evaluate_rows(
     job: JobConfig, rows: Rows, eval_uri: str, echo: Callable[[str], None] = print
 ) -> dict[str, RowResult]:
     """Every row as a Ray task on the connected cluster (`evaluation.concurrent_rows` at
-    once), printing each finished attack."""
+    once), printing each finished attack. Member rows that lend their examples (`lenders`)
+    run first; an ensemble row starts once its members' rows have ended."""
     res = job.resources
     task = evaluate_row_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus)
     board = ProgressBoard.remote()
     new_events = BoardReader(board)
     job_dict = job.model_dump()
+    borrowers = lenders(job, rows)
+    lending = {member for members in borrowers.values() for member in members}
 
     def drain() -> None:
         for event in new_events():
             echo(progress_line(event))
 
-    waiting, refs, pending = list(rows.items()), {}, []
+    waiting = sorted(rows, key=lambda key: key not in lending)  # stable: lenders first
+    refs, lent, pending, ended = {}, {}, {}, set()
     at_once = job.evaluation.concurrent_rows or len(waiting)
     try:
         while waiting or pending:
-            while waiting and len(pending) < at_once:
-                key, (checkpoints, strategy) = waiting.pop(0)
-                refs[key] = task.remote(job_dict, checkpoints, strategy, eval_uri, board, key)
-                pending.append(refs[key])
-            _, pending = ray.wait(pending, num_returns=1, timeout=2.0)  # a row ends, or 2 s
+            ready = [k for k in waiting if set(borrowers.get(k, ())) <= ended]
+            for key in ready[: max(at_once - len(pending), 0)]:
+                waiting.remove(key)
+                checkpoints, strategy = rows[key]
+                borrowed = [lent[member] for member in borrowers.get(key, ())]
+                refs[key], lent[key] = task.remote(
+                    job_dict, checkpoints, strategy, eval_uri, board, key, key in lending,
+                    *borrowed,
+                )  # fmt: skip
+                pending[refs[key]] = key
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=2.0)  # a row ends, or 2 s
+            ended.update(pending.pop(ref) for ref in done)
             drain()
         results = {key: ray.get(ref) for key, ref in refs.items()}
         drain()
@@ -286,9 +350,16 @@ def evaluate_rows(
 
 
 def evaluate_checkpoints(job_dict: dict, members: dict[str, str], eval_uri: str) -> Evaluation:
-    """Tables 3 and 4 on the eval split, in this process: every member alone, then the
-    ensemble per strategy."""
+    """Tables 3 and 4 on the eval split, in this process: every member alone (lending its
+    examples), then the ensemble per strategy."""
+    job = JobConfig.model_validate(job_dict)
     rows = evaluation_rows(members)
-    return Evaluation.of(
-        {key: evaluate_row(job_dict, ckpts, s, eval_uri) for key, (ckpts, s) in rows.items()}
-    )
+    borrowers = lenders(job, rows)
+    lending = {member for members in borrowers.values() for member in members}
+    results, lent = {}, {}
+    for key, (ckpts, strategy) in rows.items():  # members first
+        borrowed = [lent[member] for member in borrowers.get(key, ())]
+        results[key], lent[key] = evaluate_row(
+            job_dict, ckpts, strategy, eval_uri, None, "", key in lending, *borrowed
+        )
+    return Evaluation.of(results)

@@ -10,7 +10,8 @@ about making the gate switch. Two attacks aim at the gate itself:
 * :class:`ConfidentWrongMember`: for each member, PGD that makes that member confident in a
   wrong class (low entropy, so the gate picks it); per example the iterate the true ensemble
   gets most wrong is kept.
-* :class:`MemberTransfer`: each member's own adversarial examples, scored by the ensemble.
+* :class:`MemberTransfer`: each member's own adversarial examples, scored by the ensemble;
+  the examples can come from the member rows' own evaluation (:func:`member_examples`).
 
 Both take a :class:`~psat_core.ensemble.PSATEnsemble` as the model and return ``x_adv`` in their
 threat model's ball, so the evaluator checks them like any attack; named ``"<norm>/<variant>"``
@@ -33,6 +34,7 @@ from psat_core.attacks import (
     threat_model,
 )
 from psat_core.ensemble import STRATEGIES, PSATEnsemble, entropy
+from psat_core.metrics import PerSampleResult, attack_seed
 
 
 class SoftGate(nn.Module):
@@ -146,32 +148,83 @@ class MemberTransfer:
     fools it through the ensemble too, where gradients through the gate's argmin are
     uninformative. Every ``attack`` runs on every member; per example the candidate the
     ensemble misclassifies (then the one with its highest loss) is kept.
+
+    ``examples``: ``(K, N, *)`` those candidates for every evaluated image, crafted already
+    (each member by each attack, e.g. the member rows' own, :func:`member_examples`); the
+    attack then scores the rows ``index`` of the points it is given instead of crafting them.
     """
 
-    def __init__(self, attacks: list) -> None:
+    def __init__(self, attacks: list, examples: Tensor | None = None) -> None:
         if not attacks:
             raise ValueError("MemberTransfer.attacks must name at least one attack")
         self.attacks = attacks
         self.threat = attacks[0].threat
+        self.examples = examples
+
+    @property
+    def indexed(self) -> bool:
+        """Whether a call needs ``index`` (the candidates were crafted already)."""
+        return self.examples is not None
 
     @property
     def cost(self) -> int:
-        """Per member, every crafter's passes (a member's pass is a fraction of the ensemble's)."""
+        """Per member, every crafter's passes (a member's pass is a fraction of the ensemble's);
+        with the candidates given, one forward pass of the ensemble for each."""
+        if self.examples is not None:
+            return max(1, len(self.examples) // 3)
         return sum(getattr(attack, "cost", 1) for attack in self.attacks)
 
-    def __call__(self, model: PSATEnsemble, x: Tensor, y: Tensor) -> Tensor:
+    def __call__(
+        self, model: PSATEnsemble, x: Tensor, y: Tensor, index: Tensor | None = None
+    ) -> Tensor:
         x, y = x.detach(), y.detach()
         worst = _Worst(x)
         with eval_mode(model):
-            for member in model.members:
-                for attack in self.attacks:
-                    x_adv = attack(member, x, y)
-                    with torch.no_grad():
-                        worst.update(x_adv - x, *_loss_and_wrong(model, x_adv, y))
+            for x_adv in self._candidates(model, x, y, index):
+                with torch.no_grad():
+                    worst.update(x_adv - x, *_loss_and_wrong(model, x_adv, y))
         return worst.result(x).x_adv
 
+    def _candidates(self, model: PSATEnsemble, x: Tensor, y: Tensor, index: Tensor | None):
+        if self.examples is not None:
+            if index is None:
+                raise ValueError("MemberTransfer with its examples given needs the index of x")
+            yield from self.examples[:, index.cpu()].to(x.device)
+            return
+        for member in model.members:
+            for attack in self.attacks:
+                yield attack(member, x, y)
+
     def __repr__(self) -> str:
-        return f"MemberTransfer({', '.join(map(repr, self.attacks))})"
+        crafted = "" if self.examples is None else f", examples={tuple(self.examples.shape)}"
+        return f"MemberTransfer({', '.join(map(repr, self.attacks))}{crafted})"
+
+
+def member_examples(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    result: PerSampleResult,
+    attacks: dict,
+    seed: int = 0,
+    batch_size: int = 256,
+) -> Tensor:
+    """``(len(attacks), N, *)``: what each of ``attacks`` found against ``model`` (one member)
+    on every image, for :class:`MemberTransfer`. Where the member's own evaluation ran the
+    attack (``result``, an evaluation that kept its examples) they are reused; elsewhere
+    (points broken earlier, or misclassified clean) the attack runs now, seeded by ``seed``."""
+    device = images.device
+    found = []
+    with eval_mode(model):
+        for name, attack in attacks.items():
+            crafted = result.examples[name].to(device, copy=True)
+            todo = (~result.attacked(name)).nonzero().squeeze(1).to(device)
+            for start in range(0, len(todo), batch_size):
+                batch = todo[start : start + batch_size]
+                torch.manual_seed(attack_seed(seed, f"{name}/member-examples", start))
+                crafted[batch] = attack(model, images[batch], labels[batch])
+            found.append(crafted.cpu())
+    return torch.stack(found)
 
 
 def adaptive_attacks(configs: dict[str, AttackConfig], temperature: float = 0.1) -> dict:

@@ -28,7 +28,7 @@ import dataclasses
 import logging
 import time
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -94,19 +94,26 @@ class PerSampleResult:
             after that attack and the ones of its norm before it.
         probes: the same keys -> the ``probe`` outputs ``(N, ...)`` on the inputs evaluated for
             that key (``x_adv`` for attacked points, ``x`` for the others); empty without a probe.
+        examples: the attacks asked to ``keep`` theirs -> ``(N, *)`` the inputs evaluated for
+            them (``x_adv`` where :meth:`attacked`, ``x`` elsewhere).
     """
 
     attack_names: tuple[str, ...]
     correct: dict[str, Tensor]
     probes: dict[str, Tensor]
+    examples: dict[str, Tensor] = dataclasses.field(default_factory=dict)
 
-    def found(self, name: str) -> Tensor:
-        """Bool ``(N,)``: the points attack ``name`` was the first of its norm to break."""
+    def attacked(self, name: str) -> Tensor:
+        """Bool ``(N,)``: the points attack ``name`` ran on (still robust for its norm)."""
         before = "clean"
         for other in self.attack_names[: self.attack_names.index(name)]:
             if norm_of(other) == norm_of(name):
                 before = other
-        return self.correct[before] & ~self.correct[name]
+        return self.correct[before]
+
+    def found(self, name: str) -> Tensor:
+        """Bool ``(N,)``: the points attack ``name`` was the first of its norm to break."""
+        return self.attacked(name) & ~self.correct[name]
 
 
 def _device_of(model: nn.Module, fallback: torch.device) -> torch.device:
@@ -173,6 +180,7 @@ def evaluate_per_sample(
     probe: Callable[[Tensor], Tensor] | None = None,
     seed: int = 0,
     progress: Progress | None = None,
+    keep: Collection[str] = (),
 ) -> PerSampleResult:
     """Per-example correctness under each attack (see the module docstring for the protocol).
 
@@ -191,6 +199,9 @@ def evaluate_per_sample(
         seed: seeds each attack per batch (:func:`attack_seed`).
         progress: called after each attack with its name, the points still robust for its
             norm, the number of examples and an estimate of the seconds left.
+        keep: attacks whose adversarial inputs are kept (:attr:`PerSampleResult.examples`).
+        Attacks with ``indexed = True`` are also given ``index=``, the positions in ``images``
+        of the points they attack.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"evaluate.batch_size must be an integer >= 1 (got {batch_size!r})")
@@ -201,6 +212,8 @@ def evaluate_per_sample(
     if not attacks:
         raise ValueError("evaluate.attacks must name at least one attack")
     names = tuple(attacks)
+    if unknown := sorted(set(keep) - set(names)):
+        raise ValueError(f"evaluate.keep names no attack of this evaluation: {unknown}")
     device = _device_of(model, images.device)
     batches = [
         (start, images[start : start + batch_size], labels[start : start + batch_size])
@@ -208,6 +221,7 @@ def evaluate_per_sample(
     ]
     correct: dict[str, Tensor] = {}
     probes: dict[str, list[Tensor]] = {}
+    examples: dict[str, list[Tensor]] = {name: [] for name in keep}
     started, done = time.monotonic(), 0.0  # done: gradient passes x points attacked so far
     cuda = [device] if device.type == "cuda" else []
     # the attacks' seeds leave the caller's random state as it was (e.g. a training loop's)
@@ -228,7 +242,8 @@ def evaluate_per_sample(
                 x_eval = x.clone()
                 if len(attacked):
                     torch.manual_seed(attack_seed(seed, name, start))
-                    x_adv = attack(model, x[attacked], y[attacked])
+                    at = {"index": start + attacked} if getattr(attack, "indexed", False) else {}
+                    x_adv = attack(model, x[attacked], y[attacked], **at)
                     _check_adversarial(name, attack, x[attacked], x_adv)
                     x_eval[attacked] = x_adv
                 with torch.no_grad():
@@ -236,6 +251,8 @@ def evaluate_per_sample(
                     if probe is not None:
                         probed.append(probe(x_eval).cpu())
                 survived.append(ok.cpu())
+                if name in examples:
+                    examples[name].append(x_eval.cpu())
                 done += getattr(attack, "cost", 1) * len(attacked)
             robust[norm] = robust[norm] & torch.cat(survived)
             correct[name] = robust[norm]
@@ -252,6 +269,7 @@ def evaluate_per_sample(
         attack_names=names,
         correct=correct,
         probes={k: torch.cat(v) for k, v in probes.items()},
+        examples={k: torch.cat(v) for k, v in examples.items()},
     )
 
 

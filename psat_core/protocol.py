@@ -14,17 +14,28 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from torch import Tensor
+
 from psat_core.adaptive import MemberTransfer, adaptive_attacks
 from psat_core.apgd import APGD
 from psat_core.attacks import PGD, AttackConfig, threat_model
 from psat_core.crosscheck import crosscheck_attacks
-from psat_core.metrics import PerSampleResult
+from psat_core.metrics import PerSampleResult, norm_of
 
-__all__ = ["SUITES", "AUTOATTACK", "attack_suite", "paper_view"]
+__all__ = [
+    "SUITES",
+    "AUTOATTACK",
+    "TRANSFER_CRAFTERS",
+    "attack_suite",
+    "transfer_crafters",
+    "paper_view",
+]
 
 SUITES = ("paper", "strong")
 # AutoAttack "standard": (APGD-CE restarts, APGD-T target classes) per norm
 AUTOATTACK = {"linf": (1, 9), "l2": (1, 9), "l1": (5, 5)}
+# the attacks whose examples against each member the ensemble's transfer attack scores
+TRANSFER_CRAFTERS = ("pgd", "apgd-ce", "apgd-t")
 
 
 def attack_suite(
@@ -35,11 +46,16 @@ def attack_suite(
     apgd_steps: int = 100,
     gate_temperature: float = 0.1,
     seed: int = 0,
+    member_examples: Mapping[str, Tensor] | None = None,
 ) -> dict[str, object]:
     """The attacks of ``suite`` at the radii and PGD budgets of ``configs`` (keyed by norm).
 
     ``ensemble``: the model is a :class:`~psat_core.ensemble.PSATEnsemble` (adds the gate and
     transfer attacks to ``strong``). ``seed`` seeds the APGD starts, so a row is reproducible.
+    ``member_examples``: norm -> ``(members x TRANSFER_CRAFTERS, N, *)``, the examples this
+    suite's crafters found against each member on every image (the member rows',
+    :func:`~psat_core.adaptive.member_examples`): the transfer attack scores them instead of
+    crafting its own.
     """
     if suite not in SUITES:
         raise ValueError(f"unknown evaluation suite {suite!r}; allowed: {', '.join(SUITES)}")
@@ -55,9 +71,17 @@ def attack_suite(
     if ensemble:
         attacks |= adaptive_attacks(configs, gate_temperature)
         for norm in configs:
-            crafters = [attacks[f"{norm}/{name}"] for name in ("pgd", "apgd-ce", "apgd-t")]
-            attacks[f"{norm}/transfer"] = MemberTransfer(crafters)
+            crafters = [attacks[f"{norm}/{name}"] for name in TRANSFER_CRAFTERS]
+            crafted = None if member_examples is None else member_examples[norm]
+            attacks[f"{norm}/transfer"] = MemberTransfer(crafters, crafted)
     return attacks
+
+
+def transfer_crafters(attacks: Mapping[str, object]) -> dict[str, dict[str, object]]:
+    """Norm -> ``{name: attack}``: the :data:`TRANSFER_CRAFTERS` among a member's ``strong``
+    suite, whose examples it lends to its ensembles' transfer attack."""
+    norms = dict.fromkeys(norm_of(name) for name in attacks)
+    return {n: {f"{n}/{c}": attacks[f"{n}/{c}"] for c in TRANSFER_CRAFTERS} for n in norms}
 
 
 def paper_view(result: PerSampleResult) -> PerSampleResult:

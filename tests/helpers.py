@@ -37,8 +37,10 @@ def ray_actors(ray) -> dict:
 
 
 def ray_tasks(ray, name: str) -> dict:
-    """Every run of the Ray task `name` the Ray of `ray` has recorded, by task id."""
-    return {t.task_id: t for t in _ray_state(ray, "list_tasks", filters=[("name", "=", name)])}
+    """Every run of the Ray task `name` the Ray of `ray` has recorded, by task id, with its
+    times (`creation_time_ms`, `start_time_ms`, `end_time_ms`)."""
+    tasks = _ray_state(ray, "list_tasks", filters=[("name", "=", name)], detail=True)
+    return {t.task_id: t for t in tasks}
 
 
 def write_member(

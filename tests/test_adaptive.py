@@ -7,7 +7,14 @@ import torch
 from helpers import synthetic
 from torch import nn
 
-from psat_core.adaptive import ConfidentWrongMember, GatePGD, SoftGate, adaptive_attacks
+from psat_core.adaptive import (
+    ConfidentWrongMember,
+    GatePGD,
+    MemberTransfer,
+    SoftGate,
+    adaptive_attacks,
+    member_examples,
+)
 from psat_core.attacks import PGD, AttackConfig, LinfBall, attack_defaults
 from psat_core.crosscheck import crosscheck_attacks
 from psat_core.ensemble import PSATEnsemble, entropy
@@ -126,3 +133,37 @@ def test_a_one_member_ensemble_scores_like_its_member():
         ensemble, x, y, attack_suite("paper", configs, ensemble=True), seed=7
     )
     assert summarize(member) == summarize(whole)
+
+
+def test_the_transfer_scores_the_member_rows_examples_as_if_it_had_crafted_them():
+    """Reusing the member rows' evaluation is not weaker than crafting again: with
+    deterministic crafters, `member_examples` (the evaluation's examples where it attacked,
+    crafted now elsewhere) are each crafter's examples on every image, and the transfer attack
+    that scores them returns what the one crafting in place returns."""
+    ensemble = small_ensemble(3)
+    x, y = torch.rand(48, 16), torch.randint(0, 3, (48,))
+    crafters = {
+        "linf/pgd": PGD(LinfBall(EPS), steps=3, step_size=EPS / 2, random_start=False),
+        "linf/pgd-long": PGD(LinfBall(EPS), steps=8, step_size=EPS / 4, random_start=False),
+    }
+    lent = []
+    for member in ensemble.members:
+        kept = evaluate_per_sample(member, x, y, crafters, keep=list(crafters))
+        attacked = kept.attacked("linf/pgd-long")
+        assert attacked.any() and not attacked.all()  # both parts of member_examples run
+        assert torch.equal(kept.examples["linf/pgd-long"][~attacked], x[~attacked])
+        examples = member_examples(member, x, y, kept, crafters)
+        for found, crafter in zip(examples, crafters.values(), strict=True):
+            assert torch.allclose(found, crafter(member, x, y), atol=1e-6)
+        lent.append(examples)
+    reused = MemberTransfer(list(crafters.values()), torch.cat(lent))
+    in_place = MemberTransfer(list(crafters.values()))
+    index = torch.arange(0, 48, 3)
+    assert reused.indexed and not in_place.indexed
+    found = reused(ensemble, x[index], y[index], index=index)
+    assert torch.allclose(found, in_place(ensemble, x[index], y[index]), atol=1e-6)
+    assert (ensemble(found).argmax(1) != y[index]).any()
+    with pytest.raises(ValueError, match="index"):
+        reused(ensemble, x[index], y[index])
+    with pytest.raises(ValueError, match=r"keep names no attack.*linf/apgd"):
+        evaluate_per_sample(ensemble, x, y, crafters, keep=["linf/apgd"])

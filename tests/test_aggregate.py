@@ -26,7 +26,7 @@ from orchestrator.aggregate import (
     parameter_counts,
 )
 from orchestrator.config import parse_config
-from orchestrator.evaluation import evaluate_checkpoints
+from orchestrator.evaluation import evaluate_checkpoints, evaluation_rows, lenders
 from orchestrator.pull import load_ensemble
 from orchestrator.registry import CANDIDATE, CHAMPION
 from orchestrator.report import COLUMNS, accuracy_figure, choice_figure, markdown_report
@@ -35,6 +35,7 @@ from orchestrator.tracking import Tracker
 from psat_core.accounting import parameter_report
 from psat_core.checkpoint import ensemble_from_checkpoints, read_spec
 from psat_core.data import load_dataset
+from psat_core.ensemble import STRATEGIES
 
 NORMS = ("linf", "l2", "l1")
 EVAL = 8
@@ -127,6 +128,18 @@ def test_clean_evaluation_agrees_with_the_registered_predictor(evaluation, membe
         for norm in NORMS:
             expected = answered.get(norm, 0.0)
             assert result.choice[strategy]["clean"][norm] == pytest.approx(expected)
+
+
+def test_ensemble_rows_borrow_their_member_rows_examples_under_the_strong_suite(tmp_path):
+    members = {n: f"/ckpt/{n}" for n in NORMS}
+    rows = evaluation_rows(members)
+    member_rows = [f"member.{n}" for n in NORMS]
+    assert lenders(tiny_job(tmp_path), rows) == {s: member_rows for s in STRATEGIES}
+    # an ensemble with a member no row evaluates alone crafts its transfer itself
+    del rows["member.l2"]
+    assert lenders(tiny_job(tmp_path), rows) == {}
+    paper = tiny_job(tmp_path, evaluation={"suite": "paper"})  # no transfer attack to feed
+    assert lenders(paper, evaluation_rows(members)) == {}
 
 
 def test_evaluation_is_reproducible(evaluation, members, torch_threads, tmp_path):
@@ -286,6 +299,9 @@ def test_aggregate_end_to_end(tmp_path, members, monkeypatch, local_ray, torch_t
         time.sleep(0.5)
     assert len(rows) == len(first.rows) == 5
     assert len({t.worker_pid for t in rows}) <= 2, [t.worker_pid for t in rows]
+    # the 2 ensemble rows start once the 3 member rows whose examples they score have ended
+    rows.sort(key=lambda t: t.creation_time_ms)
+    assert max(t.end_time_ms for t in rows[:3]) <= min(t.creation_time_ms for t in rows[3:])
 
     assert first.members == members
     assert (first.registration.version, first.registration.champion) == (1, True)

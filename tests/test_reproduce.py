@@ -221,7 +221,16 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
     manifest = materialize(job, data_uri(job), 1)
     train = client.search_runs([run.info.experiment_id], "tags.`psat.role` = 'reproduce'")[0]
     checkpoints = {m: train.data.tags[f"psat.checkpoint.{m}"] for m in ("h4_linf", "h4_l1")}
-    again = evaluate_row(job.model_dump(), checkpoints, "lowest_entropy", manifest["eval"])
+    # the member rows first, each lending the examples PSAT's transfer attack scores
+    job_dict, lent = job.model_dump(), []
+    for name, checkpoint in checkpoints.items():
+        member, examples = evaluate_row(job_dict, {name: checkpoint}, None, manifest["eval"],
+                                        None, "", True)  # fmt: skip
+        assert member.row == results[name]["row"]
+        assert examples and all(e.shape[:2] == (3, 8) for e in examples.values())
+        lent.append(examples)
+    again, _ = evaluate_row(job_dict, checkpoints, "lowest_entropy", manifest["eval"], None, "",
+                            False, *lent)  # fmt: skip
     assert again.row == results["psat_z4"]["row"]
     # the adaptive and third-party attacks ran and count in the norm they attack
     row = results["psat_z4"]["row"]
