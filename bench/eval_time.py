@@ -29,7 +29,7 @@ from psat_core.attacks import attack_defaults
 from psat_core.checkpoint import load_member, read_spec
 from psat_core.data import load_dataset
 from psat_core.ensemble import PSATEnsemble
-from psat_core.metrics import evaluate_per_sample, summarize
+from psat_core.metrics import evaluate_per_sample, example_scores, summarize
 from psat_core.protocol import SUITES, attack_suite, transfer_crafters
 
 
@@ -82,7 +82,7 @@ def main() -> None:
         f"{torch.get_num_threads()} thread(s), transfer {args.transfer}"
     )
     lend = args.suite == "strong" and args.transfer != "craft"
-    lent, member_seconds = [], []
+    lent, member_seconds, lending_seconds = [], [], []
     for label, model in members.items():
         attacks = attack_suite(args.suite, configs, ensemble=False, **suite)
         crafters = transfer_crafters(attacks) if lend else {}
@@ -95,7 +95,8 @@ def main() -> None:
         report(label, result, seconds + lending, x, model, args.images)
         if lend:
             print(f"{label}: of which {lending:.1f} s crafting the examples it lends")
-        member_seconds.append(seconds + lending)
+        member_seconds.append(seconds)
+        lending_seconds.append(lending)
     borrowed = {n: torch.cat([examples[n] for examples in lent]) for n in configs} if lend else None
     ways = {"both": ("craft", "borrow")}.get(args.transfer, (args.transfer,))
     found = {}
@@ -107,17 +108,29 @@ def main() -> None:
         label = f"PSAT ({way}ing the transfer's examples)" if args.suite == "strong" else "PSAT"
         result, seconds = evaluate(label, ensemble, x, y, attacks, args.seed)
         report(label, result, seconds, x, ensemble, args.images)
-        mean = sum(member_seconds) / len(member_seconds)
+        # a member row's time: with its lending where the ensemble borrows
+        mean = (sum(member_seconds) + (way == "borrow") * sum(lending_seconds)) / len(members)
         print(f"{label}: {seconds / mean:.1f}x the mean member row ({mean:.1f} s)")
         found[way] = result
-    if len(found) == 2:  # what the borrowed transfer found against the crafted one
-        for norm in configs:
-            transfer = [int(found[w].found(f"{norm}/transfer").sum()) for w in ways]
-            robust = [int(found[w].correct[norm].sum()) for w in ways]
-            print(
-                f"{norm}/transfer found {transfer[0]} crafting, {transfer[1]} borrowing; "
-                f"robust for {norm} after every attack: {robust[0]} vs {robust[1]}"
-            )
+    if len(found) == 2:
+        compare_transfers(ensemble, x, y, configs, suite, borrowed, found)
+
+
+def compare_transfers(ensemble, x, y, configs, suite, borrowed, found) -> None:
+    """What the transfer attack found crafting its examples and borrowing them: after the
+    suite's other attacks (the rows above), and alone, on every clean-correct point."""
+    for norm in configs:
+        after = [int(result.found(f"{norm}/transfer").sum()) for result in found.values()]
+        print(f"{norm}/transfer after the other attacks found {after[0]} crafting, "
+              f"{after[1]} borrowing")  # fmt: skip
+    for way, examples in (("craft", None), ("borrow", borrowed)):
+        attacks = attack_suite("strong", configs, ensemble=True, member_examples=examples, **suite)
+        alone = {name: a for name, a in attacks.items() if name.endswith("/transfer")}
+        start = time.perf_counter()
+        scores = example_scores(evaluate_per_sample(ensemble, x, y, alone, seed=suite["seed"]))
+        counts = ", ".join(f"{norm} {int(scores[norm].sum())}/{len(y)}" for norm in configs)
+        seconds = time.perf_counter() - start
+        print(f"transfer alone, {way}ing: {seconds:.1f} s, still robust {counts}")
 
 
 def report(label, result, seconds, x, model, images) -> None:
