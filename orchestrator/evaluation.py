@@ -25,8 +25,8 @@ import ray
 import torch
 
 from orchestrator.config import JobConfig
+from orchestrator.progress import BoardReader, ProgressBoard
 from orchestrator.shards import read_arrays
-from orchestrator.trainers import BoardReader, ProgressBoard
 from psat_core.accounting import trained_parameters
 from psat_core.adaptive import member_examples
 from psat_core.checkpoint import ensemble_from_checkpoints, read_spec

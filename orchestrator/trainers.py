@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from dataclasses import asdict
 from functools import partial
 from typing import Any
@@ -25,38 +24,12 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
+from orchestrator.backends import SingleWorker
 from orchestrator.config import JobConfig
 from orchestrator.fitting import Fit, ModelPlan, steps_per_epoch
 from orchestrator.shards import join, read_arrays
 from psat_core.checkpoint import load_state, save_member
 from psat_core.data import ImageArrays
-
-
-@ray.remote(num_cpus=0)
-class ProgressBoard:
-    """Where models' rank-0 workers (and evaluation rows) post events; the driver reads them."""
-
-    def __init__(self) -> None:
-        self.events: list[dict] = []
-
-    def post(self, event: dict) -> None:
-        self.events.append(dict(event, time=time.time()))
-
-    def since(self, index: int) -> list[dict]:
-        return self.events[index:]
-
-
-class BoardReader:
-    """The driver's side of a :class:`ProgressBoard`: each call returns the events posted since
-    the previous call."""
-
-    def __init__(self, board: ray.actor.ActorHandle) -> None:
-        self.board, self.seen = board, 0
-
-    def __call__(self) -> list[dict]:
-        events = ray.get(self.board.since.remote(self.seen))
-        self.seen += len(events)
-        return events
 
 
 def train_loop(config: dict[str, Any]) -> None:
@@ -165,7 +138,7 @@ def trainer_for(
             "manifest": manifest,
             "board": board,
         },
-        torch_config=TorchConfig(backend=None if res.ddp_backend == "auto" else res.ddp_backend),
+        torch_config=collective(res),
         scaling_config=ScalingConfig(
             num_workers=res.workers_per_member,
             use_gpu=res.use_gpu,
@@ -180,6 +153,14 @@ def trainer_for(
             callbacks=list(callbacks),
         ),
     )
+
+
+def collective(res) -> TorchConfig | SingleWorker:
+    """DDP's process group for a model trained by several workers (`resources.ddp_backend`;
+    auto: NCCL with GPUs, else gloo), none for a single worker."""
+    if res.workers_per_member == 1:
+        return SingleWorker()
+    return TorchConfig(backend=None if res.ddp_backend == "auto" else res.ddp_backend)
 
 
 def train_on_ray(job: JobConfig, plan: ModelPlan, manifest: dict, board) -> dict:

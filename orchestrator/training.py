@@ -20,10 +20,11 @@ from mlflow.entities import RunTag
 
 from orchestrator.config import JobConfig
 from orchestrator.fitting import ModelPlan, psat_members
+from orchestrator.progress import BoardReader, ProgressBoard
 from orchestrator.ray_session import check_ray, connect_ray
 from orchestrator.shards import join, materialize
 from orchestrator.tracking import CHECKPOINT_TAG, PLAN_TAG, Tracker
-from orchestrator.trainers import BoardReader, ProgressBoard, train_on_ray
+from orchestrator.trainers import train_on_ray
 
 PROGRESS_KEYS = ("loss", "clean", "linf", "l2", "l1", "trade_off")
 

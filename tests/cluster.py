@@ -19,7 +19,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,18 +60,24 @@ def stopped_on_failure(service) -> Iterator[None]:
         raise
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """Stop a process started with start_new_session=True and everything it started."""
+def stop(*procs: subprocess.Popen) -> None:
+    """Stop processes started with start_new_session=True and everything they started: all
+    signalled at once, SIGTERM first, SIGKILL to those still there 10 s later."""
     for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
+        signalled = []
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, sig)
+                signalled.append(proc)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + wait
+        for proc in signalled:
+            with suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+        procs = tuple(proc for proc in signalled if proc.poll() is None)
+        if not procs:
             return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
 
 
 def make_venv(path: Path, with_psat: bool) -> Path:
@@ -214,8 +220,7 @@ class RayCluster:
         raise TimeoutError(f"the Ray cluster did not reach {count} nodes: {out.stderr[-2000:]}")
 
     def stop(self) -> None:
-        for proc in reversed(self.procs):
-            stop(proc)
+        stop(*self.procs)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 

@@ -170,3 +170,24 @@ def test_bad_config_fails_fast_and_leaves_nothing(tmp_path):
     assert "training.epochs" in proc.stderr and "-1" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.yaml"]  # no mlflow.db, no runs
+
+
+@pytest.mark.parametrize(
+    ("resources", "torch_loaded"),
+    [({"workers_per_member": 1}, False), ({"workers_per_member": 2, "ddp_backend": "gloo"}, True)],
+)
+def test_a_single_worker_needs_no_process_group_and_its_controller_no_torch(
+    resources, torch_loaded
+):
+    """DDP's process group (Ray's TorchConfig) only for several workers per model; what a
+    single worker's run controller unpickles does not import torch."""
+    import pickle
+
+    from orchestrator.trainers import collective
+
+    backend = collective(parse_config({"name": "b", "resources": resources}).resources)
+    assert getattr(backend, "backend", None) == ("gloo" if torch_loaded else "none")
+    unpickle = "import pickle, sys; pickle.load(sys.stdin.buffer); print('torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", unpickle], input=pickle.dumps(backend),
+                          capture_output=True, check=True)  # fmt: skip
+    assert proc.stdout.decode().strip() == str(torch_loaded)
