@@ -60,10 +60,10 @@ def stopped_on_failure(service) -> Iterator[None]:
         raise
 
 
-def stop(*procs: subprocess.Popen) -> None:
+def stop(*procs: subprocess.Popen, grace: float = 10) -> None:
     """Stop processes started with start_new_session=True and everything they started: all
-    signalled at once, SIGTERM first, SIGKILL to those still there 10 s later."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 30)):
+    signalled at once, SIGTERM first, SIGKILL to those still there `grace` seconds later."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 30)):
         signalled = []
         for proc in procs:
             try:
@@ -220,7 +220,8 @@ class RayCluster:
         raise TimeoutError(f"the Ray cluster did not reach {count} nodes: {out.stderr[-2000:]}")
 
     def stop(self) -> None:
-        stop(*self.procs)
+        # `ray start --block` takes 10 s and more to end its node: nothing of it is kept
+        stop(*self.procs, grace=2)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
