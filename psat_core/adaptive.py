@@ -169,7 +169,8 @@ class MemberTransfer:
     @property
     def cost(self) -> int:
         """Per member, every crafter's passes (a member's pass is a fraction of the ensemble's);
-        with the candidates given, one forward pass of the ensemble for each."""
+        with the candidates given, one forward pass of the ensemble each (about a third of a
+        gradient pass)."""
         if self.examples is not None:
             return max(1, len(self.examples) // 3)
         return sum(getattr(attack, "cost", 1) for attack in self.attacks)
