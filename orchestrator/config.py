@@ -207,7 +207,8 @@ class ResourcesConfig(Section):
 
     With `use_gpu`, each worker holds `gpus_per_worker` of a GPU (0.33: three members share
     one) and trains on the one Ray assigns it; a node whose CUDA sees none (GPUs declared to
-    Ray only) trains on its CPU, and says so. `ddp_backend`: auto is NCCL with GPUs, else gloo.
+    Ray only) trains on its CPU, and says so. `ddp_backend` (several workers per member: DDP's
+    process group): auto is NCCL with GPUs, else gloo.
     """
 
     workers_per_member: int = Field(1, gt=0)
