@@ -125,12 +125,13 @@ def final_attacks(
     )
 
 
-def lenders(job: JobConfig, rows: Rows) -> dict[str, list[str]]:
+def lenders(job: JobConfig, rows: Rows) -> tuple[dict[str, list[str]], set[str]]:
     """Ensemble row -> the member rows (one per member, in its order) whose adversarial
     examples its transfer attack scores instead of crafting them again: every ensemble row all
-    of whose members are rows of their own, under a suite with a transfer attack."""
+    of whose members are rows of their own, under a suite with a transfer attack. Second, the
+    member rows that lend."""
     if not any(name.endswith("/transfer") for name in final_attacks(job, True, 0)):
-        return {}
+        return {}, set()
     alone = {
         next(iter(ckpts.items())): key
         for key, (ckpts, strategy) in rows.items()
@@ -141,7 +142,8 @@ def lenders(job: JobConfig, rows: Rows) -> dict[str, list[str]]:
         for key, (ckpts, strategy) in rows.items()
         if strategy is not None
     }
-    return {key: members for key, members in found.items() if all(members)}
+    borrowers = {key: members for key, members in found.items() if all(members)}
+    return borrowers, {member for members in borrowers.values() for member in members}
 
 
 def eval_device(job: JobConfig) -> torch.device:
@@ -315,8 +317,7 @@ def evaluate_rows(
     board = ProgressBoard.remote()
     new_events = BoardReader(board)
     job_dict = job.model_dump()
-    borrowers = lenders(job, rows)
-    lending = {member for members in borrowers.values() for member in members}
+    borrowers, lending = lenders(job, rows)
 
     def drain() -> None:
         for event in new_events():
@@ -354,8 +355,7 @@ def evaluate_checkpoints(job_dict: dict, members: dict[str, str], eval_uri: str)
     examples), then the ensemble per strategy."""
     job = JobConfig.model_validate(job_dict)
     rows = evaluation_rows(members)
-    borrowers = lenders(job, rows)
-    lending = {member for members in borrowers.values() for member in members}
+    borrowers, lending = lenders(job, rows)
     results, lent = {}, {}
     for key, (ckpts, strategy) in rows.items():  # members first
         borrowed = [lent[member] for member in borrowers.get(key, ())]

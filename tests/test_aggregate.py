@@ -134,12 +134,13 @@ def test_ensemble_rows_borrow_their_member_rows_examples_under_the_strong_suite(
     members = {n: f"/ckpt/{n}" for n in NORMS}
     rows = evaluation_rows(members)
     member_rows = [f"member.{n}" for n in NORMS]
-    assert lenders(tiny_job(tmp_path), rows) == {s: member_rows for s in STRATEGIES}
+    borrowers = {s: member_rows for s in STRATEGIES}
+    assert lenders(tiny_job(tmp_path), rows) == (borrowers, set(member_rows))
     # an ensemble with a member no row evaluates alone crafts its transfer itself
     del rows["member.l2"]
-    assert lenders(tiny_job(tmp_path), rows) == {}
+    assert lenders(tiny_job(tmp_path), rows) == ({}, set())
     paper = tiny_job(tmp_path, evaluation={"suite": "paper"})  # no transfer attack to feed
-    assert lenders(paper, evaluation_rows(members)) == {}
+    assert lenders(paper, evaluation_rows(members)) == ({}, set())
 
 
 def test_evaluation_is_reproducible(evaluation, members, torch_threads, tmp_path):
