@@ -25,12 +25,12 @@ import time
 import torch
 
 from psat_core.adaptive import member_examples
-from psat_core.attacks import attack_defaults
 from psat_core.checkpoint import load_member, read_spec
 from psat_core.data import load_dataset
 from psat_core.ensemble import PSATEnsemble
 from psat_core.metrics import evaluate_per_sample, example_scores, summarize
 from psat_core.protocol import SUITES, attack_suite, transfer_crafters
+from psat_core.settings import attack_defaults
 
 
 def forward_seconds(model, x) -> float:

@@ -21,8 +21,8 @@ import time
 import torch
 import torch.distributed as dist
 
-from psat_core.attacks import attack_defaults
 from psat_core.models import create_model
+from psat_core.settings import attack_defaults
 from psat_core.train import make_optimizer, train_step, training_inputs
 
 

@@ -22,8 +22,8 @@ import torch
 from hyper_speed import paired_times  # bench/ is on sys.path when run as a script
 from torch.profiler import ProfilerActivity, profile
 
-from psat_core.attacks import AttackConfig
 from psat_core.models import create_model
+from psat_core.settings import AttackConfig
 from psat_core.train import make_optimizer, train_step, training_inputs
 
 

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from psat_core.attacks import AttackConfig
 from psat_core.models import create_model
+from psat_core.settings import AttackConfig
 from psat_core.train import make_optimizer, train_step, training_inputs
 
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,6 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("psat")
 QUIET_LIBRARIES = ("ray", "mlflow", "matplotlib")
+# MLflow's HTTP defaults retry for minutes (7 retries, 120 s timeouts); psat's are bounded
+HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def _is_user_error(err: Exception) -> bool:
@@ -94,13 +99,12 @@ def _sweep(args: argparse.Namespace, job: JobConfig) -> int:
 
 
 def _run_job(args: argparse.Namespace) -> int:
-    """Validate the config, hold the job's name (writing jobs), run the job."""
+    """Hold the job's name (writing jobs) and run the job (its config validated by `main`)."""
     from orchestrator.locking import job_lock
 
     command = JOBS[args.command]
-    job = _job_config(args)
-    with job_lock(job, args.command) if command.writes else nullcontext():
-        return command.run(args, job)
+    with job_lock(args.job, args.command) if command.writes else nullcontext():
+        return command.run(args, args.job)
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
@@ -336,6 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "config", None) is not None:  # a broken or hostile file is refused
             args.config_data = read_config_file(args.config)  # before torch, Ray, MLflow load
+        _check_before_loading(args)
         _bound_libraries(args.verbose)
         return args.run(args)
     except KeyboardInterrupt:
@@ -349,19 +354,62 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _check_before_loading(args: argparse.Namespace) -> None:
+    """What can be refused before torch, Ray and MLflow load (seconds), is: a job's config
+    values and the services it names; the tracking server a pull or serve reads from."""
+    from orchestrator.reach import check_server, check_services
+
+    if args.command in JOBS:
+        args.job = _job_config(args)
+        check_services(args.job)
+    elif args.command in ("pull", "serve"):
+        check_server(_tracking_uri(args))  # `pull` checks it again where it connects
+
+
 def _bound_libraries(verbose: bool) -> None:
     """Bounded MLflow HTTP retries, SIGTERM that ends the job, and (unless -v) only psat on
     the terminal: MLflow's progress bars and "View run" links, Ray's INFO chatter go."""
-    from orchestrator.tracking import HTTP_BOUNDS, exit_on_sigterm
-
     for name, value in HTTP_BOUNDS.items():  # a user's own settings win
         os.environ.setdefault(name, value)
     if not verbose:
         for name in QUIET_LIBRARIES:
             logging.getLogger(name).setLevel(logging.WARNING)
+        os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its level at import
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     exit_on_sigterm()
+
+
+SIGTERM_GRACE_S = 2.0  # a store write finishes in well under this; a network wait may not
+
+
+def exit_on_sigterm() -> None:
+    """SIGTERM ends the job like Ctrl-C, its runs marked KILLED on the way out
+    (`tracking.ended_status`).
+
+    One that arrives inside a SQLAlchemy call (a write to a SQLite store) is sent again 0.1 s
+    later, for at most SIGTERM_GRACE_S: exiting half-way through the write can leave the store
+    locked and the runs RUNNING. Nothing else defers it: not an HTTP request, whose retries can
+    last minutes. `ray.init`, which installs a handler of its own, keeps it
+    (`orchestrator.ray_session.sigterm_kept`).
+    """
+    _first_sigterm.clear()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+_first_sigterm: list[float] = []
+
+
+def _on_sigterm(signum: int, frame) -> None:
+    if not _first_sigterm:
+        _first_sigterm.append(time.monotonic())
+    if time.monotonic() - _first_sigterm[0] < SIGTERM_GRACE_S:
+        while frame is not None:
+            if frame.f_globals.get("__name__", "").partition(".")[0] == "sqlalchemy":
+                threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
+                return
+            frame = frame.f_back
+    sys.exit(128 + signum)
 
 
 def job_main(command: str) -> int:

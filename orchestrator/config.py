@@ -23,10 +23,16 @@ from pydantic import (
 )
 
 from orchestrator.config_file import ConfigError, read_config_file
-from psat_core.attacks import NORMS, PHASES, AttackConfig, attack_defaults
-from psat_core.data import DATASETS, dataset_info
-from psat_core.models import ARCHS
-from psat_core.train import SCHEDULES
+from psat_core.settings import (
+    ARCHS,
+    DATASETS,
+    NORMS,
+    PHASES,
+    SCHEDULES,
+    AttackConfig,
+    attack_defaults,
+    dataset_info,
+)
 
 Norm = Literal["linf", "l2", "l1"]
 

@@ -10,7 +10,6 @@ import logging
 import math
 import os
 import signal
-import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +19,7 @@ import torch
 from ray._private.state import state as ray_state  # the cluster's ceiling, as Train reads it
 
 from orchestrator.config import ConfigError, JobConfig
+from orchestrator.reach import check_address
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,6 @@ def _required(job: JobConfig, cpus_required: float | None) -> dict[str, float]:
     }
 
 
-REACH_TIMEOUT_S = 5  # a Ray head that does not accept a connection by then is down or elsewhere
-
-
 def check_ray(job: JobConfig, cpus_required: float | None = None) -> None:
     """What can be checked about Ray before anything is written or started, else a
     ConfigError: the cluster to join accepts connections (`check_address`); where the job
@@ -88,24 +85,6 @@ def check_ray(job: JobConfig, cpus_required: float | None = None) -> None:
     capacity = {"CPU": LOCAL_CPU_OVERSUBSCRIPTION * cores, "GPU": torch.cuda.device_count()}
     where = f"a local Ray on this machine's {cores} cores"
     _check_capacity(job, _required(job, cpus_required), capacity, where)
-
-
-def check_address(address: str) -> None:
-    """A Ray address `host:port` (or `ray://host:port`) must accept a TCP connection within
-    REACH_TIMEOUT_S; `auto`, `local` and other forms are Ray's to resolve."""
-    if "://" in address.removeprefix("ray://"):
-        return  # a URL (a dashboard's, say): Ray's own error names it
-    host, sep, port = address.removeprefix("ray://").rpartition(":")
-    if not sep or not host or not port.isdigit():
-        return
-    try:
-        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
-    except OSError as err:
-        reason = err.strerror or type(err).__name__
-        raise ConfigError(
-            f"cannot reach the Ray cluster at {address} ({reason}); check resources.address "
-            "or RAY_ADDRESS, or leave both unset for a local Ray"
-        ) from None
 
 
 def join_cluster(job: JobConfig) -> str | None:
@@ -129,7 +108,7 @@ def join_cluster(job: JobConfig) -> str | None:
 @contextmanager
 def sigterm_kept() -> Iterator[None]:
     """`ray.init` installs its own SIGTERM handler; keep the process's (the CLI's
-    `exit_on_sigterm`, which never exits half-way through a SQLite store write)."""
+    `cli.exit_on_sigterm`, which never exits half-way through a SQLite store write)."""
     handler = signal.getsignal(signal.SIGTERM)
     yield
     if threading.current_thread() is threading.main_thread():

@@ -32,16 +32,17 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-
-from ray.exceptions import AuthenticationError
-from ray.job_submission import JobStatus, JobSubmissionClient
+from typing import TYPE_CHECKING
 
 import jobs
 import orchestrator
 import psat_core
 from orchestrator.config import ConfigError, check_cluster_locations, load_config
 from orchestrator.config_file import parse_overrides
-from orchestrator.tracking import check_server
+from orchestrator.reach import check_server
+
+if TYPE_CHECKING:
+    from ray.job_submission import JobSubmissionClient
 
 log = logging.getLogger(__name__)
 SDK_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk")
@@ -78,8 +79,15 @@ def auth_token(token: str | None = None) -> tuple[str | None, str]:
     return None, f"--token, $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, {path}"
 
 
-def connect(address: str, token: str | None = None) -> JobSubmissionClient:
-    """A Jobs client of the cluster at `address`; unreachable or refused is one clear error."""
+def connect(address: str, token: str | None = None, verbose: bool = False) -> JobSubmissionClient:
+    """A Jobs client of the cluster at `address`; unreachable or refused is one clear error.
+    Ray loads here, after everything `submit` refuses without it."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    if not verbose:  # Ray's INFO lines about uploads and websockets, set to INFO at import
+        for name in SDK_LOGGERS:
+            logging.getLogger(name).setLevel(logging.WARNING)
     value, source = auth_token(token)
     headers = {"Authorization": f"Bearer {value}"} if value else {}
     try:
@@ -132,16 +140,13 @@ def submit(
 
     Everything the job would refuse is refused here first, before anything is uploaded.
     """
-    if not verbose:  # Ray's INFO lines about uploads and websockets, set to INFO at import
-        for name in SDK_LOGGERS:
-            logging.getLogger(name).setLevel(logging.WARNING)
     env = job_env(list(env_names))
     path = Path(config)
     job = load_config(path, parse_overrides(list(overrides)))
     check_cluster_locations(job, command, env)
     # a server this machine cannot reach is refused here (one the cluster alone reaches is too)
     check_server(job.tracking.uri or env.get("MLFLOW_TRACKING_URI", ""))
-    client = connect(address, token)
+    client = connect(address, token, verbose)
     args = ["python", "-m", module, *(["-v"] if verbose else []), "--config", path.name]
     args += job_args
     entrypoint = shlex.join(args + [a for s in overrides for a in ("--set", s)])
@@ -162,9 +167,10 @@ def submit(
     asyncio.run(_tail(client, job_id, echo, verbose))
     status = client.get_job_status(job_id)
     echo(f"job {job_id} {status.value}")
-    if status != JobStatus.SUCCEEDED and not verbose:
+    succeeded = status.value == "SUCCEEDED"
+    if not succeeded and not verbose:
         echo(f"full log: RAY_AUTH_MODE=token ray job logs --address {address} {job_id}")
-    return 0 if status == JobStatus.SUCCEEDED else 1
+    return 0 if succeeded else 1
 
 
 async def _tail(

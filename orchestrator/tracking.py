@@ -7,13 +7,7 @@ runs are found again by their `psat.*` tags, so a relaunched job keeps logging i
 from __future__ import annotations
 
 import logging
-import os
-import signal
-import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +20,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ConfigError, JobConfig
 from orchestrator.locking import file_lock
+from orchestrator.reach import check_server
 
 log = logging.getLogger(__name__)
 
@@ -53,31 +48,7 @@ def artifact_location(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
 
 
-REACH_TIMEOUT_S = 5  # a tracking server that has not answered by then is down or elsewhere
 RETURN_WAIT_S = 60.0  # how long a job whose server went away waits for it to end its runs
-# MLflow's HTTP defaults retry for minutes (7 retries, 120 s timeouts); psat's are bounded
-HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
-
-
-def check_server(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
-    """An http(s) tracking URI must answer as an MLflow server within `timeout` seconds: else
-    a ConfigError naming it, before any work (other URIs pass)."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    fix = "fix tracking.uri, MLFLOW_TRACKING_URI or --tracking-uri"
-    try:
-        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
-            return
-    except urllib.error.HTTPError as err:
-        raise ConfigError(
-            f"{uri} does not answer as an MLflow tracking server (GET /health: HTTP "
-            f"{err.code}); {fix}"
-        ) from None
-    except (OSError, ValueError) as err:
-        reason = getattr(err, "reason", None) or err
-        raise ConfigError(
-            f"cannot reach the MLflow tracking server {uri} ({reason}); {fix}"
-        ) from None
 
 
 def _answers(uri: str) -> bool:
@@ -121,37 +92,6 @@ def ensure_experiment(client: MlflowClient, name: str, location: str | None) -> 
 def ended_status(err: BaseException) -> str:
     """The MLflow status of a run its job left by `err`: interrupted (Ctrl-C, SIGTERM) or not."""
     return "KILLED" if isinstance(err, KeyboardInterrupt | SystemExit) else "FAILED"
-
-
-SIGTERM_GRACE_S = 2.0  # a store write finishes in well under this; a network wait may not
-
-
-def exit_on_sigterm() -> None:
-    """SIGTERM ends the job like Ctrl-C, its runs marked KILLED on the way out (`ended_status`).
-
-    One that arrives inside a SQLAlchemy call (a write to a SQLite store) is sent again 0.1 s
-    later, for at most SIGTERM_GRACE_S: exiting half-way through the write can leave the store
-    locked and the runs RUNNING. Nothing else defers it: not an HTTP request, whose retries can
-    last minutes. Installed by the CLI; `ray.init`, which installs a handler of its own, keeps
-    it (`orchestrator.ray_session.sigterm_kept`).
-    """
-    _first_sigterm.clear()
-    signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-_first_sigterm: list[float] = []
-
-
-def _on_sigterm(signum: int, frame) -> None:
-    if not _first_sigterm:
-        _first_sigterm.append(time.monotonic())
-    if time.monotonic() - _first_sigterm[0] < SIGTERM_GRACE_S:
-        while frame is not None:
-            if frame.f_globals.get("__name__", "").partition(".")[0] == "sqlalchemy":
-                threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
-                return
-            frame = frame.f_back
-    sys.exit(128 + signum)
 
 
 @contextmanager

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from psat_core.checkpoint import MemberSpec
-from psat_core.models import ARCHS, NoiseGenerator, count_parameters, create_model
+from psat_core.models import NoiseGenerator, count_parameters, create_model
+from psat_core.settings import ARCHS
 
 
 @dataclass(frozen=True)

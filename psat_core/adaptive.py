@@ -24,17 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from psat_core.attacks import (
-    PGD,
-    AttackConfig,
-    ThreatModel,
-    _loss_and_wrong,
-    _Worst,
-    eval_mode,
-    threat_model,
-)
+from psat_core.attacks import PGD, ThreatModel, _loss_and_wrong, _Worst, eval_mode, threat_model
 from psat_core.ensemble import STRATEGIES, PSATEnsemble, entropy
 from psat_core.metrics import PerSampleResult, attack_seed
+from psat_core.settings import AttackConfig
 
 
 class SoftGate(nn.Module):

@@ -33,13 +33,12 @@ from psat_core.attacks import (
     AttackResult,
     ThreatAttack,
     ThreatModel,
-    _check_count,
-    _fail,
     _per_sample,
     _Worst,
     eval_mode,
     project_l1_ball,
 )
+from psat_core.settings import check_count, invalid
 
 __all__ = ["APGD", "LOSSES", "dlr_loss"]
 
@@ -89,13 +88,13 @@ class APGD(ThreatAttack):
         seed: int = 0,
     ) -> None:
         if not isinstance(threat, ThreatModel):
-            raise _fail("APGD", "threat", threat, "a ThreatModel (see THREAT_MODELS)")
-        _check_count("APGD", "steps", steps)
-        _check_count("APGD", "restarts", restarts)
+            raise invalid("APGD", "threat", threat, "a ThreatModel (see THREAT_MODELS)")
+        check_count("APGD", "steps", steps)
+        check_count("APGD", "restarts", restarts)
         if loss not in LOSSES:
-            raise _fail("APGD", "loss", loss, f"one of {', '.join(LOSSES)}")
+            raise invalid("APGD", "loss", loss, f"one of {', '.join(LOSSES)}")
         if isinstance(targets, bool) or not isinstance(targets, int) or targets < 0:
-            raise _fail("APGD", "targets", targets, "an integer >= 0")
+            raise invalid("APGD", "targets", targets, "an integer >= 0")
         self.threat, self.steps, self.restarts = threat, steps, restarts
         self.loss = "dlr" if targets else loss
         self.targets, self.seed = targets, seed

@@ -17,19 +17,18 @@ Layout (after MadryLab/robustness ``attack_steps.py`` / ``attacker.py``):
   across steps and restarts;
 * the multi-perturbation attacks: :class:`WorstCase` (eq. 5, "max"), :class:`MSD` (eq. 7) and
   :func:`adversarial_examples` (the per-norm examples whose losses eq. 6, "avg", averages);
-* validated settings, :class:`AttackConfig`, and the per-dataset defaults in one place,
-  :func:`attack_defaults`.
+* :func:`make_attacks`, the PGD of each :class:`~psat_core.settings.AttackConfig` (validated
+  settings, with the per-dataset defaults, live torch-free in :mod:`psat_core.settings`).
 
 Example::
 
-    >>> cfgs = attack_defaults("cifar10", "train")
+    >>> cfgs = attack_defaults("cifar10", "train")   # psat_core.settings
     >>> pgd = PGD.from_config(cfgs["linf"])
     >>> x_adv = pgd(model, images, labels)          # images in [0, 1], shape (B, C, H, W)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import numbers
 from abc import ABC, abstractmethod
@@ -41,8 +40,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from psat_core.settings import NORMS, AttackConfig, check_count, check_positive, invalid
+
 __all__ = [
-    "NORMS",
     "ThreatModel",
     "LinfBall",
     "L2Ball",
@@ -50,7 +50,6 @@ __all__ = [
     "THREAT_MODELS",
     "threat_model",
     "project_l1_ball",
-    "AttackConfig",
     "AttackResult",
     "ThreatAttack",
     "ascend",
@@ -60,33 +59,11 @@ __all__ = [
     "MSD",
     "adversarial_examples",
     "make_attacks",
-    "attack_defaults",
-    "DATASETS",
-    "PHASES",
     "eval_mode",
 ]
 
-NORMS = ("linf", "l2", "l1")
-PHASES = ("train", "validation", "eval")
-
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _fail(owner: str, field: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"{owner}.{field} must be {allowed} (got {value!r})")
-
-
-def _check_positive(owner: str, field: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise _fail(owner, field, value, "a number > 0")
-    if not math.isfinite(value):
-        raise _fail(owner, field, value, "a finite number > 0")
-
-
-def _check_count(owner: str, field: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise _fail(owner, field, value, "an integer >= 1")
 
 
 def _per_sample(t: Tensor, like: Tensor) -> Tensor:
@@ -138,7 +115,7 @@ class ThreatModel(ABC):
     p: ClassVar[float]
 
     def __init__(self, eps: float) -> None:
-        _check_positive(type(self).__name__, "eps", eps)
+        check_positive(type(self).__name__, "eps", eps)
         self.eps = float(eps)
 
     @abstractmethod
@@ -244,7 +221,7 @@ def project_l1_ball(
     Returns:
         Tensor of the same shape and dtype as ``v``.
     """
-    _check_positive("project_l1_ball", "eps", eps)
+    check_positive("project_l1_ball", "eps", eps)
     flat = v.flatten(1).double()  # theta from cumulative sums: float64 keeps float32 exact
     magnitude = flat.abs()
     cap = torch.full_like(flat, math.inf)
@@ -299,9 +276,9 @@ class L1Ball(ThreatModel):
     def __init__(self, eps: float, sparsity: float = 0.99) -> None:
         super().__init__(eps)
         if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real):
-            raise _fail("L1Ball", "sparsity", sparsity, "a number in [0, 1)")
+            raise invalid("L1Ball", "sparsity", sparsity, "a number in [0, 1)")
         if not 0.0 <= sparsity < 1.0:
-            raise _fail("L1Ball", "sparsity", sparsity, "a number in [0, 1)")
+            raise invalid("L1Ball", "sparsity", sparsity, "a number in [0, 1)")
         self.sparsity = float(sparsity)
 
     def coordinates_per_step(self, d: int) -> int:
@@ -353,40 +330,6 @@ def threat_model(norm: str, eps: float, **kwargs: float) -> ThreatModel:
     if norm not in THREAT_MODELS:
         raise ValueError(f"unknown norm {norm!r}; allowed: {', '.join(NORMS)}")
     return THREAT_MODELS[norm](eps, **kwargs)
-
-
-# --------------------------------------------------------------------------- configuration
-
-
-@dataclasses.dataclass(frozen=True)
-class AttackConfig:
-    """Validated settings of one PGD attack.
-
-    Args:
-        norm: one of :data:`NORMS`.
-        eps: radius of the ℓp ball, > 0.
-        steps: PGD iterations per restart (τ of eq. 3), >= 1.
-        step_size: ℓp length of each step (α of eq. 3), > 0.
-        restarts: independent random restarts, merged per example, >= 1 (default 1).
-        random_start: start from a random point of the ball instead of 0 (default True).
-    """
-
-    norm: str
-    eps: float
-    steps: int
-    step_size: float
-    restarts: int = 1
-    random_start: bool = True
-
-    def __post_init__(self) -> None:
-        if self.norm not in NORMS:
-            raise _fail("AttackConfig", "norm", self.norm, f"one of {', '.join(NORMS)}")
-        _check_positive("AttackConfig", "eps", self.eps)
-        _check_count("AttackConfig", "steps", self.steps)
-        _check_positive("AttackConfig", "step_size", self.step_size)
-        _check_count("AttackConfig", "restarts", self.restarts)
-        if not isinstance(self.random_start, bool):
-            raise _fail("AttackConfig", "random_start", self.random_start, "True or False")
 
 
 # --------------------------------------------------------------------------- PGD
@@ -532,10 +475,10 @@ class PGD(ThreatAttack):
         loss: Callable[[Tensor, Tensor], Tensor] = cross_entropy,
     ) -> None:
         if not isinstance(threat, ThreatModel):
-            raise _fail("PGD", "threat", threat, "a ThreatModel (see THREAT_MODELS)")
-        _check_count("PGD", "steps", steps)
-        _check_positive("PGD", "step_size", step_size)
-        _check_count("PGD", "restarts", restarts)
+            raise invalid("PGD", "threat", threat, "a ThreatModel (see THREAT_MODELS)")
+        check_count("PGD", "steps", steps)
+        check_positive("PGD", "step_size", step_size)
+        check_count("PGD", "restarts", restarts)
         self.threat = threat
         self.steps = steps
         self.step_size = float(step_size)
@@ -616,7 +559,7 @@ class PGD(ThreatAttack):
 
 def _check_names(owner: str, field: str, mapping: Mapping[str, object]) -> None:
     if not mapping:
-        raise _fail(owner, field, dict(mapping), "a non-empty mapping")
+        raise invalid(owner, field, dict(mapping), "a non-empty mapping")
 
 
 def _pick(stacked: Tensor, index: Tensor) -> Tensor:
@@ -675,11 +618,11 @@ class MSD:
         random_start: bool = True,
     ) -> None:
         _check_names("MSD", "threats", threats)
-        _check_count("MSD", "steps", steps)
+        check_count("MSD", "steps", steps)
         if set(step_sizes) != set(threats):
-            raise _fail("MSD", "step_sizes", dict(step_sizes), f"keyed by {sorted(threats)}")
+            raise invalid("MSD", "step_sizes", dict(step_sizes), f"keyed by {sorted(threats)}")
         for name, size in step_sizes.items():
-            _check_positive("MSD", f"step_sizes[{name!r}]", size)
+            check_positive("MSD", f"step_sizes[{name!r}]", size)
         self.threats = dict(threats)
         self.names = tuple(self.threats)
         self.steps = steps
@@ -730,94 +673,3 @@ def adversarial_examples(
 def make_attacks(configs: Mapping[str, AttackConfig]) -> dict[str, PGD]:
     """``{name: PGD.from_config(cfg)}`` for a mapping such as :func:`attack_defaults` returns."""
     return {name: PGD.from_config(cfg) for name, cfg in configs.items()}
-
-
-# --------------------------------------------------------------------------- per-dataset defaults
-
-
-def _table(
-    eps: Mapping[str, float],
-    steps: Mapping[str, int],
-    step_size: Mapping[str, float],
-    restarts: int,
-) -> dict[str, AttackConfig]:
-    return {
-        n: AttackConfig(n, eps[n], steps[n], step_size[n], restarts=restarts, random_start=True)
-        for n in NORMS
-    }
-
-
-# CIFAR-10 / SVHN / TinyImageNet (pixels in [0, 1]). Radii: ε∞ = 8/255, ε2 = 0.5, ε1 = 12
-# (Maini et al. 2020; the paper's settings). Steps: train and validation 10/10/20, eval 50/50/100
-# (Madaan et al. 2021), eval with 10 restarts (Maini et al.). Step sizes: α∞ = ε∞/4 = 2/255 and
-# α2 = ε2/4 (10 steps cover 2.5ε, Madry et al.'s rule); α1 = 1.0, the total ℓ1 step of Maini et
-# al. (spread by L1Ball over the top 1% of |grad|).
-_IMAGE_EPS = {"linf": 8 / 255, "l2": 0.5, "l1": 12.0}
-_IMAGE_STEP = {"linf": 2 / 255, "l2": 0.125, "l1": 1.0}
-_IMAGE = {
-    "train": _table(_IMAGE_EPS, {"linf": 10, "l2": 10, "l1": 20}, _IMAGE_STEP, restarts=1),
-    "validation": _table(_IMAGE_EPS, {"linf": 10, "l2": 10, "l1": 20}, _IMAGE_STEP, restarts=1),
-    "eval": _table(_IMAGE_EPS, {"linf": 50, "l2": 50, "l1": 100}, _IMAGE_STEP, restarts=10),
-}
-
-# scikit-learn digits: 8x8 grayscale, 17 gray levels scaled to [0, 1], d = 64. ε∞ = 0.15 is
-# about 2.4 gray levels; ε2 = 0.6 < 8 * 0.15 = 1.2 (the ℓ∞ box's corner) and ε1 = 2 (two pixels
-# fully flipped) < 8 * ε2, so no ball contains another. Measured (bench/specialists.py, paper
-# protocol): at these radii each AT specialist is the most robust model on its own norm and
-# weakest on another, as in the paper's Table 3. CIFAR-10's ratios (ε∞·√d/ε2 = 3.5,
-# ε∞·d/ε1 = 8, i.e. ε2 = 0.34, ε1 = 1.2 here) leave ℓ2 and ℓ1 too weak on 64 pixels: every
-# specialist keeps 86-91% on both and AT_ℓ2 beats AT_ℓ1 on ℓ1. Few steps keep CPU training and
-# per-epoch validation quick (validation: twice the training steps, one restart); the final
-# evaluation's PGD takes 20/20/40 steps and 3 restarts. The ℓ1 step moves
-# L1Ball.MIN_COORDINATES = 8 pixels (the top 1% of 64 would be one).
-_DIGITS_EPS = {"linf": 0.15, "l2": 0.6, "l1": 2.0}
-_DIGITS_STEP = {"linf": 0.075, "l2": 0.3, "l1": 0.5}
-_DIGITS = {
-    "train": _table(_DIGITS_EPS, {"linf": 5, "l2": 5, "l1": 10}, _DIGITS_STEP, 1),
-    "validation": _table(_DIGITS_EPS, {"linf": 10, "l2": 10, "l1": 20}, _DIGITS_STEP, 1),
-    "eval": _table(
-        _DIGITS_EPS, {"linf": 20, "l2": 20, "l1": 40}, {"linf": 0.0375, "l2": 0.15, "l1": 0.25}, 3
-    ),
-}
-
-_DEFAULTS: dict[str, dict[str, dict[str, AttackConfig]]] = {
-    "cifar10": _IMAGE,
-    "svhn": _IMAGE,
-    "tinyimagenet": _IMAGE,
-    "digits": _DIGITS,
-}
-DATASETS = tuple(_DEFAULTS)
-
-
-def attack_defaults(
-    dataset: str, phase: str, overrides: Mapping[str, Mapping[str, object]] | None = None
-) -> dict[str, AttackConfig]:
-    """The attack settings of ``dataset`` for ``phase``, keyed by norm (``"linf", "l2", "l1"``).
-
-    ``"eval"`` (the final evaluation) is stronger than ``"validation"`` (per-epoch validation: one
-    restart, and fewer steps on full-size images), itself at least ``"train"``. ``overrides``
-    maps a norm to the :class:`AttackConfig` fields to replace, e.g. ``{"l1": {"steps": 50}}``;
-    the result is validated by :class:`AttackConfig`.
-
-    Raises:
-        ValueError: unknown dataset, phase, norm or field, or an invalid value.
-    """
-    if dataset not in _DEFAULTS:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
-    if phase not in PHASES:
-        raise ValueError(f"unknown attack phase {phase!r}; allowed: {', '.join(PHASES)}")
-    configs = dict(_DEFAULTS[dataset][phase])
-    fields = {f.name for f in dataclasses.fields(AttackConfig)} - {"norm"}
-    for norm, changes in (overrides or {}).items():
-        if norm not in configs:
-            raise ValueError(
-                f"attack override for unknown norm {norm!r}; allowed: {', '.join(NORMS)}"
-            )
-        unknown = sorted(set(changes) - fields)
-        if unknown:
-            raise ValueError(
-                f"attack override for {norm!r} has unknown field(s) {unknown}; "
-                f"allowed: {', '.join(sorted(fields))}"
-            )
-        configs[norm] = dataclasses.replace(configs[norm], **changes)
-    return configs

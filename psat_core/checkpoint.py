@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from psat_core.data import dataset_info
 from psat_core.ensemble import PSATEnsemble
 from psat_core.models import create_model
+from psat_core.settings import dataset_info
 
 SPEC_FILE = "member.json"
 STATE_FILE = "state.pt"

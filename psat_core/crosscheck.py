@@ -16,7 +16,8 @@ import foolbox
 import torchattacks
 from torch import Tensor, nn
 
-from psat_core.attacks import AttackConfig, ThreatModel, eval_mode, threat_model
+from psat_core.attacks import ThreatModel, eval_mode, threat_model
+from psat_core.settings import AttackConfig
 
 
 class Torchattacks:

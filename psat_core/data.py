@@ -2,8 +2,8 @@
 
 Every loader returns :class:`ImageArrays`: uint8 images ``N x C x H x W`` and int64 labels ``N``.
 Pixels stay in [0, 255] on disk and in [0, 1] once :meth:`ImageArrays.to_float` is called; the
-per-channel ``mean``/``std`` of :class:`DatasetInfo` belong to the model's own first
-(normalization) module, so attacks work in [0, 1] pixel space.
+per-channel ``mean``/``std`` of :class:`~psat_core.settings.DatasetInfo` belong to the model's
+own first (normalization) module, so attacks work in [0, 1] pixel space.
 
 Example::
 
@@ -23,93 +23,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from psat_core.settings import dataset_info
+
 SPLITS = ("train", "test")
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """Static facts about one dataset.
-
-    Attributes:
-        name: registry key.
-        num_classes: number of labels; labels are ``0 .. num_classes - 1``.
-        in_channels: image channels C.
-        image_size: height = width of every image.
-        mean, std: per-channel statistics of the train split in [0, 1] pixel units, for the
-            model's normalization layer.
-        augment: whether :func:`random_crop_flip` suits the dataset (False where a horizontal
-            flip changes the label's meaning, i.e. digits and house numbers).
-        train_images, test_images: the sizes of the official splits.
-    """
-
-    name: str
-    num_classes: int
-    in_channels: int
-    image_size: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    augment: bool
-    train_images: int
-    test_images: int
-
-
-DATASETS: dict[str, DatasetInfo] = {
-    info.name: info
-    for info in (
-        DatasetInfo(
-            name="cifar10",
-            num_classes=10,
-            in_channels=3,
-            image_size=32,
-            mean=(0.4914, 0.4822, 0.4465),
-            std=(0.2470, 0.2435, 0.2616),
-            augment=True,
-            train_images=50000,
-            test_images=10000,
-        ),
-        DatasetInfo(
-            name="svhn",
-            num_classes=10,
-            in_channels=3,
-            image_size=32,
-            mean=(0.4377, 0.4438, 0.4728),
-            std=(0.1980, 0.2010, 0.1970),
-            augment=False,
-            train_images=73257,
-            test_images=26032,
-        ),
-        DatasetInfo(
-            name="tinyimagenet",
-            num_classes=200,
-            in_channels=3,
-            image_size=64,
-            mean=(0.4802, 0.4481, 0.3975),
-            std=(0.2770, 0.2691, 0.2821),
-            augment=True,
-            train_images=100000,
-            test_images=10000,
-        ),
-        DatasetInfo(
-            name="digits",
-            num_classes=10,
-            in_channels=1,
-            image_size=8,
-            mean=(0.3054,),
-            std=(0.3760,),
-            augment=False,
-            train_images=1437,
-            test_images=360,
-        ),
-    )
-}
-
-
-def dataset_info(name: str) -> DatasetInfo:
-    """Return the :class:`DatasetInfo` registered as ``name``; ValueError if unknown."""
-    try:
-        return DATASETS[name]
-    except KeyError:
-        raise ValueError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}") from None
 
 
 class DatasetNotFoundError(FileNotFoundError):

@@ -33,7 +33,8 @@ from collections.abc import Callable, Collection, Mapping
 import torch
 from torch import Tensor, nn
 
-from psat_core.attacks import NORMS, PGD, eval_mode
+from psat_core.attacks import PGD, eval_mode
+from psat_core.settings import NORMS
 
 __all__ = [
     "TABLE1_KEYS",

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from psat_core.hypernet import UNIT, HyperNetwork, tile_units
+from psat_core.settings import ARCHS
 
 INITS = ("fan_in", "shared")  # how generated layers start (HyperResNet)
 
@@ -316,14 +317,10 @@ class NoiseGenerator(nn.Module):
 
 # --- registry (timm style) ---------------------------------------------------------------------
 
-ARCHS: dict[str, tuple[type[BasicBlock | Bottleneck], tuple[int, ...]]] = {
-    "resnet10": (BasicBlock, (1, 1, 1, 1)),
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck, (3, 4, 6, 3)),
-}
+BLOCKS: dict[str, type[BasicBlock | Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
 _MODELS: dict[str, Callable[..., nn.Module]] = {}
-for _arch, (_block, _layers) in ARCHS.items():
+for _arch, (_kind, _layers) in ARCHS.items():
+    _block = BLOCKS[_kind]
     _MODELS[_arch] = lambda b=_block, ls=_layers, **kw: ResNet(b, ls, **kw)
     _MODELS[f"hyper_{_arch}"] = lambda b=_block, ls=_layers, **kw: HyperResNet(b, ls, **kw)
 

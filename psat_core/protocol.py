@@ -18,9 +18,10 @@ from torch import Tensor
 
 from psat_core.adaptive import MemberTransfer, adaptive_attacks
 from psat_core.apgd import APGD
-from psat_core.attacks import PGD, AttackConfig, threat_model
+from psat_core.attacks import PGD, threat_model
 from psat_core.crosscheck import crosscheck_attacks
 from psat_core.metrics import PerSampleResult, norm_of
+from psat_core.settings import AttackConfig
 
 __all__ = [
     "SUITES",

@@ -26,12 +26,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from psat_core.attacks import MSD, PGD, AttackConfig, ThreatModel, WorstCase, adversarial_examples
+from psat_core.attacks import MSD, PGD, ThreatModel, WorstCase, adversarial_examples
 from psat_core.data import ImageArrays, random_crop_flip
 from psat_core.models import HyperResNet, NoiseGenerator, count_parameters
+from psat_core.settings import SCHEDULES, AttackConfig
 
 METHODS = ("nat", "at", "max", "avg", "msd", "mng")
-SCHEDULES = ("cosine", "multistep", "constant")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PARAM_GROUPS = ("generator", "embeddings", "rest")  # `param_groups`
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from psat_core.checkpoint import MemberSpec, save_member
-from psat_core.data import dataset_info
+from psat_core.settings import dataset_info
 
 
 def synthetic(

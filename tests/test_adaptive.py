@@ -15,11 +15,12 @@ from psat_core.adaptive import (
     adaptive_attacks,
     member_examples,
 )
-from psat_core.attacks import PGD, AttackConfig, LinfBall, attack_defaults
+from psat_core.attacks import PGD, LinfBall
 from psat_core.crosscheck import crosscheck_attacks
 from psat_core.ensemble import PSATEnsemble, entropy
 from psat_core.metrics import evaluate_per_sample, summarize
 from psat_core.protocol import attack_suite
+from psat_core.settings import AttackConfig, attack_defaults
 
 EPS = 0.1
 

@@ -12,10 +12,11 @@ from torch import nn
 
 from psat_core.adaptive import MemberTransfer
 from psat_core.apgd import APGD, dlr_loss
-from psat_core.attacks import PGD, attack_defaults, eval_mode, threat_model
+from psat_core.attacks import PGD, eval_mode, threat_model
 from psat_core.crosscheck import FoolboxSparseL1
 from psat_core.ensemble import PSATEnsemble
 from psat_core.protocol import SUITES, attack_suite
+from psat_core.settings import attack_defaults
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 CLASSES = 10

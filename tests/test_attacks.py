@@ -15,23 +15,20 @@ from hypothesis import strategies as st
 from torch import nn
 
 from psat_core.attacks import (
-    DATASETS,
     MSD,
-    NORMS,
     PGD,
     THREAT_MODELS,
-    AttackConfig,
     L1Ball,
     L2Ball,
     LinfBall,
     WorstCase,
     adversarial_examples,
-    attack_defaults,
     eval_mode,
     make_attacks,
     project_l1_ball,
     threat_model,
 )
+from psat_core.settings import DATASETS, NORMS, AttackConfig, attack_defaults
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NUM_CLASSES = 4

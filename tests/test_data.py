@@ -11,14 +11,8 @@ import torch
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from psat_core.data import (
-    DATASETS,
-    DatasetNotFoundError,
-    ImageArrays,
-    dataset_info,
-    load_dataset,
-    random_crop_flip,
-)
+from psat_core.data import DatasetNotFoundError, ImageArrays, load_dataset, random_crop_flip
+from psat_core.settings import DATASETS, dataset_info
 
 
 def _assert_image_arrays(arrays, n, channels, size):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from helpers import synthetic as make_synthetic
 from torch import nn
 
-from psat_core.attacks import PGD, L1Ball, L2Ball, LinfBall, attack_defaults, make_attacks
+from psat_core.attacks import PGD, L1Ball, L2Ball, LinfBall, make_attacks
 from psat_core.metrics import (
     TABLE1_KEYS,
     SanityCheckError,
@@ -21,6 +21,7 @@ from psat_core.metrics import (
     trade_off,
 )
 from psat_core.protocol import SUITES, attack_suite, paper_view
+from psat_core.settings import attack_defaults
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 NUM_CLASSES = 4

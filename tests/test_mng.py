@@ -15,10 +15,11 @@ from helpers import synthetic
 from torch.nn.parallel import DistributedDataParallel
 
 from psat_core.accounting import plain_parameters, trained_parameters
-from psat_core.attacks import NORMS, PGD, attack_defaults
+from psat_core.attacks import PGD
 from psat_core.checkpoint import MemberSpec, load_member, load_state, save_member
 from psat_core.data import ImageArrays
 from psat_core.models import NoiseGenerator, count_parameters, create_model
+from psat_core.settings import NORMS, attack_defaults
 from psat_core.train import (
     MetaNoiseTraining,
     js_divergence,

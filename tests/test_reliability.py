@@ -86,6 +86,39 @@ def test_bad_values_are_one_line_before_any_work(tmp_path, tiny_job, field, valu
     assert written <= {"probe.yaml", "runs/probe/job.lock"}  # no data, no MLflow, no Ray
 
 
+REFUSED_UNLOADED = """
+import sys
+from orchestrator.cli import main
+code = main(sys.argv[1:])
+print(" ".join(m for m in ("torch", "ray", "mlflow") if m in sys.modules))
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (["training.lr=.inf"], "field 'training.lr'"),
+        (["tracking.uri=http://127.0.0.1:PORT"], "cannot reach the MLflow tracking server"),
+        (["resources.address=127.0.0.1:PORT"], "cannot reach the Ray cluster"),
+    ],
+    ids=["value", "tracking", "ray"],
+)
+def test_what_needs_no_library_is_refused_before_torch_ray_and_mlflow_load(
+    tmp_path, tiny_job, sets, message
+):
+    """Bad values and services that do not answer: one line in a fraction of a second, before
+    the libraries load (seconds) and before the job's lock or anything else is written."""
+    config = job_file(tmp_path, tiny_job)
+    sets = [a for s in sets for a in ("--set", s.replace("PORT", str(free_port())))]
+    proc = subprocess.run([sys.executable, "-c", REFUSED_UNLOADED, "train", "--config",
+                           str(config), *sets], cwd=tmp_path, env=ENV, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+    assert message in one_line(proc)
+    assert proc.stdout.strip() == ""  # none of them loaded
+    assert [p.name for p in tmp_path.iterdir()] == ["probe.yaml"]
+
+
 def test_storage_path_that_is_a_file_is_one_line(tmp_path, tiny_job):
     config = job_file(tmp_path, tiny_job)
     (tmp_path / "runs").write_text("not a folder")
@@ -380,4 +413,4 @@ def test_an_unreachable_ray_address_is_one_line_before_any_work(tmp_path, tiny_j
     line = one_line(psat("train", "--config", str(config), cwd=tmp_path))
     assert time.monotonic() - start < 15
     assert f"cannot reach the Ray cluster at {address} (Connection refused)" in line
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["probe.yaml", "runs"]  # the lock only
+    assert [p.name for p in tmp_path.iterdir()] == ["probe.yaml"]  # refused before the lock

@@ -48,7 +48,7 @@ def test_experiment_created_by_a_racing_job_is_used(tmp_path):
 # lasts `seconds` (a store write, or an HTTP request retrying against a server that is down)
 SIGTERM_IN_A_CALL = """
 import os, signal, sys, time
-from orchestrator.tracking import exit_on_sigterm
+from orchestrator.cli import exit_on_sigterm
 exit_on_sigterm()
 module, seconds = sys.argv[1], float(sys.argv[2])
 call = '''

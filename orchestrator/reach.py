@@ -1,0 +1,64 @@
+"""Whether the services a command uses answer, checked before torch, Ray or MLflow load: the
+Ray head (a TCP connection) and the MLflow tracking server (GET /health). An unreachable one is
+a ConfigError naming it, before anything is written (`orchestrator.cli`), and again where a job
+connects (`ray_session.join_cluster`, `tracking.open_store`).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import urllib.error
+import urllib.request
+
+from orchestrator.config import ConfigError, JobConfig
+
+REACH_TIMEOUT_S = 5  # a service that has not answered by then is down or elsewhere
+
+
+def check_services(job: JobConfig) -> None:
+    """The job's tracking server (`tracking.uri`, else $MLFLOW_TRACKING_URI) and the Ray cluster
+    it joins (`resources.address`, else $RAY_ADDRESS) answer."""
+    check_server(job.tracking.resolved_uri())
+    address = job.resources.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        check_address(address)
+
+
+def check_address(address: str) -> None:
+    """A Ray address `host:port` (or `ray://host:port`) must accept a TCP connection within
+    REACH_TIMEOUT_S; `auto`, `local` and other forms are Ray's to resolve."""
+    if "://" in address.removeprefix("ray://"):
+        return  # a URL (a dashboard's, say): Ray's own error names it
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=REACH_TIMEOUT_S).close()
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(
+            f"cannot reach the Ray cluster at {address} ({reason}); check resources.address "
+            "or RAY_ADDRESS, or leave both unset for a local Ray"
+        ) from None
+
+
+def check_server(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """An http(s) tracking URI must answer as an MLflow server within `timeout` seconds: else
+    a ConfigError naming it, before any work (other URIs pass)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    fix = "fix tracking.uri, MLFLOW_TRACKING_URI or --tracking-uri"
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError as err:
+        raise ConfigError(
+            f"{uri} does not answer as an MLflow tracking server (GET /health: HTTP "
+            f"{err.code}); {fix}"
+        ) from None
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", None) or err
+        raise ConfigError(
+            f"cannot reach the MLflow tracking server {uri} ({reason}); {fix}"
+        ) from None
