@@ -46,7 +46,7 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120)
                 return
             if time.time() > deadline:
                 raise TimeoutError(f"{url} did not answer in {timeout} s") from err
-            time.sleep(1)
+            time.sleep(0.25)
 
 
 @contextmanager
