@@ -211,7 +211,8 @@ def aggregate(
             then.
     """
     check_ray(job, job.resources.cpus_per_worker)  # refused before any work
-    tracker = Tracker(job)
+    # given members are checked before the tracking store is opened (or, for SQLite, created)
+    tracker = Tracker(job) if members is None else None
     if members is None:
         members = member_checkpoints(job, tracker, train_run)
     missing = [norm for norm in job.training.members if norm not in members]
@@ -226,6 +227,7 @@ def aggregate(
     strategy = job.registry.strategy
     with staged(members) as dirs:
         specs = check_members(job, dirs)
+        tracker = tracker or Tracker(job)
         parameters = parameter_counts(specs)
         manifest = prepare_job(job, job.resources.cpus_per_worker, job.resources.cpus_per_worker)
         where = "GPUs" if job.resources.use_gpu else "CPUs"

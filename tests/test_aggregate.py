@@ -268,7 +268,10 @@ def test_bad_members_are_one_error_and_register_nothing(
             aggregate(job, train_run="deadbeef", echo=lambda line: None)
         else:
             aggregate(job, given, echo=lambda line: None)
-    _nothing_registered(job)
+    # given members are refused before the SQLite store exists; a training run needs the store
+    assert (tmp_path / "mlflow.db").exists() == (bad == "missing_run")
+    if bad == "missing_run":
+        _nothing_registered(job)
     assert _ray_work() == ray_work  # failed before any Ray work
 
 

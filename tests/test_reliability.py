@@ -185,13 +185,13 @@ def test_second_job_with_a_running_name_is_refused(tmp_path, tiny_job):
 
 FRESH_STORE = textwrap.dedent(
     """
-    import sys, time
+    import sys
     from orchestrator.config import parse_config
     from orchestrator.tracking import Tracker
-    start = float(sys.argv[2])
-    time.sleep(max(0.0, start - time.time()))
+    print("ready", flush=True)
+    sys.stdin.readline()  # all three go at once, MLflow imported
     tracking = {"uri": sys.argv[1], "experiment": "e"}
-    job = parse_config({"name": "s" + sys.argv[3], "tracking": tracking})
+    job = parse_config({"name": "s" + sys.argv[2], "tracking": tracking})
     with Tracker(job).job_run("train"):
         pass
     """
@@ -200,16 +200,21 @@ FRESH_STORE = textwrap.dedent(
 
 def test_jobs_that_start_together_on_a_fresh_store_all_succeed(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    start = time.time() + 8  # after every interpreter has imported MLflow
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", FRESH_STORE, uri, str(start), str(i)],
+            [sys.executable, "-c", FRESH_STORE, uri, str(i)],
             env=ENV,
-            stderr=subprocess.PIPE,
             text=True,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
         for i in range(3)
     ]
+    assert [p.stdout.readline() for p in procs] == ["ready\n"] * 3
+    for p in procs:  # the barrier: released within microseconds of each other
+        p.stdin.write("\n")
+        p.stdin.flush()
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     assert len(runs(uri, "e")) == 3
@@ -398,11 +403,13 @@ def test_sigterm_stops_a_pull_waiting_on_a_silent_server(tmp_path):
             [sys.executable, "-m", "orchestrator.cli", "pull", "models:/x@champion",
              "--tracking-uri", uri], cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
-        time.sleep(3)
+        silent.settimeout(60)
+        waiting, _ = silent.accept()  # pull has asked and waits for an answer
         proc.send_signal(signal.SIGTERM)
         start = time.monotonic()
         proc.wait(timeout=30)
         assert time.monotonic() - start < 5
+        waiting.close()
     assert proc.returncode != 0
 
 
