@@ -211,9 +211,9 @@ def aggregate(
             then.
     """
     check_ray(job, job.resources.cpus_per_worker)  # refused before any work
-    # given members are checked before the tracking store is opened (or, for SQLite, created)
-    tracker = Tracker(job) if members is None else None
+    tracker = None  # given members are checked before the store is opened (SQLite: created)
     if members is None:
+        tracker = Tracker(job)
         members = member_checkpoints(job, tracker, train_run)
     missing = [norm for norm in job.training.members if norm not in members]
     if missing and not partial:
