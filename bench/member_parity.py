@@ -24,11 +24,12 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from orchestrator.config import JobConfig, deep_merge, load_config
-from orchestrator.config_file import parse_overrides
-from orchestrator.evaluation import final_attacks
-from orchestrator.fitting import ModelPlan, train_in_process
-from orchestrator.shards import materialize, read_arrays
+from orchestrator.config.file import parse_overrides
+from orchestrator.config.schema import JobConfig, deep_merge, load_config
+from orchestrator.evaluation.tasks import final_attacks
+from orchestrator.runtime.shards import materialize, read_arrays
+from orchestrator.training.fit import train_in_process
+from orchestrator.training.plan import ModelPlan
 from psat_core.metrics import (
     evaluate_per_sample,
     example_scores,

@@ -23,11 +23,12 @@ from pathlib import Path
 import ray
 import torch
 
-from orchestrator.config import load_config
-from orchestrator.config_file import parse_overrides
-from orchestrator.fitting import psat_members, train_in_process
-from orchestrator.shards import materialize, read_arrays
-from orchestrator.training import train_members
+from orchestrator.config.file import parse_overrides
+from orchestrator.config.schema import load_config
+from orchestrator.runtime.shards import materialize, read_arrays
+from orchestrator.train_members import train_members
+from orchestrator.training.fit import train_in_process
+from orchestrator.training.plan import psat_members
 
 RAY_SYSTEM = ("gcs_server", "raylet", "dashboard", "log_monitor", "monitor.py")
 

@@ -19,12 +19,13 @@ import time
 
 import torch
 
-from orchestrator.config import load_config
-from orchestrator.config_file import parse_overrides
-from orchestrator.evaluation import final_attacks
-from orchestrator.fitting import ModelPlan, train_in_process
-from orchestrator.report import table_lines
-from orchestrator.shards import materialize, read_arrays
+from orchestrator.config.file import parse_overrides
+from orchestrator.config.schema import load_config
+from orchestrator.evaluation.report import table_lines
+from orchestrator.evaluation.tasks import final_attacks
+from orchestrator.runtime.shards import materialize, read_arrays
+from orchestrator.training.fit import train_in_process
+from orchestrator.training.plan import ModelPlan
 from psat_core.metrics import evaluate_per_sample, summarize
 
 

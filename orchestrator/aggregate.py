@@ -21,33 +21,22 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from orchestrator.config import JobConfig
-from orchestrator.evaluation import (
+from orchestrator.config.schema import JobConfig
+from orchestrator.evaluation.figures import accuracy_figure, choice_figure
+from orchestrator.evaluation.report import STRATEGY_NAMES, markdown_report, percent, table_lines
+from orchestrator.evaluation.tasks import (
     Evaluation,
-    evaluate_ensemble,
     evaluate_rows,
     evaluation_rows,
-    progress_line,
-    progress_to,
     staged,
 )
-from orchestrator.ray_session import check_ray
-from orchestrator.registry import EXAMPLE_SIZE, Registration, register_ensemble
-from orchestrator.report import (
-    STRATEGY_NAMES,
-    accuracy_figure,
-    choice_figure,
-    markdown_report,
-    percent,
-    table_lines,
-)
-from orchestrator.shards import read_arrays
-from orchestrator.tracking import CHECKPOINT_TAG, JOB_TAG, ROLE_TAG, Tracker
-from orchestrator.training import prepare_job
+from orchestrator.registry.register import EXAMPLE_SIZE, Registration, register_ensemble
+from orchestrator.runtime.ray_session import check_ray, prepare_job
+from orchestrator.runtime.shards import read_arrays
+from orchestrator.runtime.tracking import CHECKPOINT_TAG, JOB_TAG, ROLE_TAG, Tracker
 from psat_core.accounting import plain_parameters, trained_parameters
 from psat_core.checkpoint import MemberSpec, ensemble_from_checkpoints, read_spec
 from psat_core.ensemble import STRATEGIES
-from psat_core.metrics import summarize
 
 TRAIN_RUN_TAG = "psat.train_run"
 VERSION_TAG = "psat.registered_version"
@@ -296,7 +285,7 @@ def _log_and_register(
         tags={JOB_TAG: job.name},
         tracking_uri=tracker.uri,
     )
-    report = markdown_report(job, members, evaluation, parameters, registration)
+    report = markdown_report(job, members, evaluation, parameters, registration.lines())
     tracker.client.log_text(run_id, report, "report.md")
     tracker.client.set_tag(run_id, VERSION_TAG, str(registration.version))
     return registration, report
@@ -326,27 +315,6 @@ def _aggregate_run(
         tracker.experiment_id, run_name=f"{job.name}-aggregate", tags=tags
     )
     return run.info.run_id
-
-
-def evaluate_registered(
-    job: JobConfig, uri: str, echo: Callable[[str], None] = print
-) -> dict[str, dict[str, float]]:
-    """Table-1 rows of a registered ensemble (both strategies) on the job's eval split."""
-    from orchestrator.pull import load_ensemble
-
-    ensemble = load_ensemble(uri, tracking_uri=job.tracking.resolved_uri())
-    manifest = prepare_job(job, job.resources.cpus_per_worker, job.resources.cpus_per_worker)
-    data = read_arrays(manifest["eval"])
-    rows = {}
-    for strategy in STRATEGIES:
-        ensemble.strategy = strategy
-        progress = progress_to(lambda event: echo(progress_line(event)), strategy)
-        images, labels = data.to_float(), data.labels
-        rows[strategy] = summarize(evaluate_ensemble(job, ensemble, images, labels, progress)[0])
-    echo(f"{uri} on {len(data)} {job.data.dataset} eval images")
-    for line in table_lines({f"PSAT {STRATEGY_NAMES[s].lower()}": rows[s] for s in STRATEGIES}):
-        echo(line)
-    return rows
 
 
 def summary_lines(result: AggregateResult, strategy: str) -> list[str]:

@@ -9,19 +9,17 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
-import threading
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from orchestrator.config_file import parse_overrides, read_config_file
+from orchestrator.config.file import parse_overrides, read_config_file
+from orchestrator.runtime.signals import exit_on_sigterm
 
 if TYPE_CHECKING:
-    from orchestrator.config import JobConfig
+    from orchestrator.config.schema import JobConfig
 
 log = logging.getLogger("psat")
 QUIET_LIBRARIES = ("ray", "mlflow", "matplotlib")
@@ -38,7 +36,8 @@ def _is_user_error(err: Exception) -> bool:
 
 
 def _job_config(args: argparse.Namespace) -> JobConfig:
-    from orchestrator.config import check_cluster_locations, in_ray_job, parse_config
+    from orchestrator.config.cluster import check_cluster_locations, in_ray_job
+    from orchestrator.config.schema import parse_config
 
     job = parse_config(args.config_data, args.config, parse_overrides(args.set))
     if in_ray_job():  # Ray's working dir is temporary: nothing may be written relative to it
@@ -47,7 +46,7 @@ def _job_config(args: argparse.Namespace) -> JobConfig:
 
 
 def _train(args: argparse.Namespace, job: JobConfig) -> int:
-    from orchestrator.training import train_members
+    from orchestrator.train_members import train_members
 
     results = train_members(job)
     for norm, result in results.items():
@@ -70,7 +69,7 @@ def _aggregate(args: argparse.Namespace, job: JobConfig) -> int:
 def _run(args: argparse.Namespace, job: JobConfig) -> int:
     """End to end: data -> members trained concurrently -> aggregate -> register."""
     from orchestrator.aggregate import aggregate
-    from orchestrator.training import train_members
+    from orchestrator.train_members import train_members
 
     results = train_members(job)
     aggregate(job, {norm: results[norm]["checkpoint"] for norm in job.training.members})
@@ -85,7 +84,7 @@ def _reproduce(args: argparse.Namespace, job: JobConfig) -> int:
 
 
 def _evaluate(args: argparse.Namespace, job: JobConfig) -> int:
-    from orchestrator.aggregate import evaluate_registered
+    from orchestrator.evaluate import evaluate_registered
 
     evaluate_registered(job, args.model)
     return 0
@@ -100,7 +99,7 @@ def _sweep(args: argparse.Namespace, job: JobConfig) -> int:
 
 def _run_job(args: argparse.Namespace) -> int:
     """Hold the job's name (writing jobs) and run the job (its config validated by `main`)."""
-    from orchestrator.locking import job_lock
+    from orchestrator.runtime.locking import job_lock
 
     command = JOBS[args.command]
     with job_lock(args.job, args.command) if command.writes else nullcontext():
@@ -108,21 +107,21 @@ def _run_job(args: argparse.Namespace) -> int:
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
-    from orchestrator.config import TrackingConfig
+    from orchestrator.config.schema import TrackingConfig
 
     return args.tracking_uri or TrackingConfig().resolved_uri()
 
 
 def _pull(args: argparse.Namespace) -> int:
-    from orchestrator.pull import pull
+    from orchestrator.registry.pull import pull
 
     pull(args.uri, args.dst, tracking_uri=_tracking_uri(args))
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from orchestrator.pull import pull
-    from orchestrator.serve import serve
+    from orchestrator.registry.pull import pull
+    from orchestrator.registry.serve import serve
 
     pulled = pull(args.uri, args.dst, tracking_uri=_tracking_uri(args))
     max_body = int(args.max_body_mb * (1 << 20))
@@ -357,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
 def _check_before_loading(args: argparse.Namespace) -> None:
     """What can be refused before torch, Ray and MLflow load (seconds), is: a job's config
     values and the services it names; the tracking server a pull or serve reads from."""
-    from orchestrator.reach import check_server, check_services
+    from orchestrator.runtime.reach import check_server, check_services
 
     if args.command in JOBS:
         args.job = _job_config(args)
@@ -378,38 +377,6 @@ def _bound_libraries(verbose: bool) -> None:
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     exit_on_sigterm()
-
-
-SIGTERM_GRACE_S = 2.0  # a store write finishes in well under this; a network wait may not
-
-
-def exit_on_sigterm() -> None:
-    """SIGTERM ends the job like Ctrl-C, its runs marked KILLED on the way out
-    (`tracking.ended_status`).
-
-    One that arrives inside a SQLAlchemy call (a write to a SQLite store) is sent again 0.1 s
-    later, for at most SIGTERM_GRACE_S: exiting half-way through the write can leave the store
-    locked and the runs RUNNING. Nothing else defers it: not an HTTP request, whose retries can
-    last minutes. `ray.init`, which installs a handler of its own, keeps it
-    (`orchestrator.ray_session.sigterm_kept`).
-    """
-    _first_sigterm.clear()
-    signal.signal(signal.SIGTERM, _on_sigterm)
-
-
-_first_sigterm: list[float] = []
-
-
-def _on_sigterm(signum: int, frame) -> None:
-    if not _first_sigterm:
-        _first_sigterm.append(time.monotonic())
-    if time.monotonic() - _first_sigterm[0] < SIGTERM_GRACE_S:
-        while frame is not None:
-            if frame.f_globals.get("__name__", "").partition(".")[0] == "sqlalchemy":
-                threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
-                return
-            frame = frame.f_back
-    sys.exit(128 + signum)
 
 
 def job_main(command: str) -> int:

@@ -19,189 +19,39 @@ import logging
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-import ray
-from matplotlib.figure import Figure
 from ray import tune
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-from orchestrator.config import ConfigError, JobConfig, SweepRange, deep_merge
-from orchestrator.fitting import OBJECTIVE, ModelPlan
-from orchestrator.ray_session import check_ray
-from orchestrator.shards import join
-from orchestrator.tracking import Tracker, flatten
-from orchestrator.trainers import trainer_for
-from orchestrator.training import prepare_job
+from orchestrator.config.schema import JobConfig
+from orchestrator.evaluation.figures import tradeoff_figure
+from orchestrator.runtime.ray_session import check_ray, prepare_job
+from orchestrator.runtime.shards import join
+from orchestrator.runtime.tracking import Tracker
+from orchestrator.training.plan import OBJECTIVE
+from orchestrator.training.tune import (
+    LOGGED_METRICS,
+    MlflowTrials,
+    asha_scheduler,
+    check_space,
+    param_space,
+    search_algorithm,
+    sweep_trial,
+    trial_concurrency,
+    trial_job,
+)
 from psat_core.accounting import parameter_report
 
 log = logging.getLogger(__name__)
-ATTACK_PARAMS = ("steps", "step_size", "random_start")
-
-
-def trial_job(job: JobConfig, params: dict[str, Any]) -> tuple[JobConfig, ModelPlan]:
-    """The job config of one trial (its training settings) and the member it trains."""
-    norm = params.get("norm", job.training.members[0])
-    plan = ModelPlan(norm, "at", (norm,), params.get("embedding_dim", job.model.embedding_dim))
-    changes: dict[str, Any] = {"training": {"members": [norm]}}
-    if "lr" in params:
-        changes["training"]["lr"] = params["lr"]
-    optimizer = {"name": params["optimizer"]} if "optimizer" in params else {}
-    for group in ("generator", "embeddings"):
-        if f"{group}_lr" in params:
-            optimizer[group] = {"lr": params[f"{group}_lr"]}
-    if optimizer:
-        changes["training"]["optimizer"] = optimizer
-    attack = {k: params[k] for k in ATTACK_PARAMS if k in params}
-    if attack:
-        changes["attacks"] = {"train": {norm: attack}}
-    trial = JobConfig.model_validate(deep_merge(job.model_dump(), changes))
-    trial.attack_configs("train")  # validates the swept attack values
-    return trial, plan
-
-
-def sweep_trial(params: dict[str, Any], job_dict: dict, manifest: dict) -> None:
-    """One Tune trial: fit one member's TorchTrainer; its epochs reach Tune via the callback."""
-    job, plan = trial_job(JobConfig.model_validate(job_dict), params)
-    trial_id = tune.get_context().get_trial_id()
-    trainer = trainer_for(
-        job,
-        plan,
-        manifest,
-        board=None,
-        run_name=f"trial-{trial_id}",
-        callbacks=[TuneReportCallback()],
-    )
-    trainer.fit()
-
-
-def param_space(job: JobConfig) -> dict[str, Any]:
-    space = {}
-    for name, values in job.sweep.space.items():
-        if isinstance(values, SweepRange):
-            sample = tune.loguniform if values.log else tune.uniform
-            space[name] = sample(values.low, values.high)
-        elif job.sweep.search == "grid":
-            space[name] = tune.grid_search(values)
-        else:
-            space[name] = tune.choice(values)
-    space.setdefault("norm", tune.grid_search(job.training.members))
-    return space
-
-
-def check_space(job: JobConfig) -> None:
-    """Every listed value must make a valid trial config (ranges are checked by their bounds)."""
-    lists = {k: v for k, v in job.sweep.space.items() if isinstance(v, list)}
-    ranges = {k: v.low for k, v in job.sweep.space.items() if isinstance(v, SweepRange)}
-    for name, values in lists.items():
-        for value in values:
-            try:
-                trial_job(job, ranges | {name: value})
-            except ValueError as err:
-                raise ConfigError(f"sweep.space.{name}: value {value!r}: {err}") from None
-
-
-def _search(job: JobConfig):
-    if job.sweep.search != "optuna":
-        return None
-    try:
-        from ray.tune.search.optuna import OptunaSearch
-    except ImportError as err:  # optuna is optional
-        raise ConfigError(
-            "sweep.search: 'optuna' needs the optuna package (pip install optuna)"
-        ) from err
-    return OptunaSearch()
-
-
-def _concurrency(job: JobConfig) -> int:
-    if job.sweep.max_concurrent_trials:
-        return job.sweep.max_concurrent_trials
-    res = job.resources
-    available = ray.cluster_resources()
-    if res.use_gpu:
-        return max(1, int(available.get("GPU", 0) // (res.workers_per_member * res.gpus)))
-    per_trial = 1 + res.workers_per_member * res.cpus_per_worker
-    return max(1, int(available.get("CPU", 1) // per_trial))
-
-
-class MlflowTrials(tune.Callback):
-    """Driver-side Tune callback: a nested MLflow run per trial under the sweep run.
-
-    Tune pickles it with the experiment and unpickles it on restore, so it keeps only the
-    job and the parent run id, and reconnects to MLflow lazily.
-    """
-
-    def __init__(self, job: JobConfig, parent: str):
-        self.job, self.parent = job, parent
-        self.runs: dict[str, str] = {}
-        self._tracker: Tracker | None = None
-
-    def __getstate__(self) -> dict:
-        return {"job": self.job, "parent": self.parent, "runs": self.runs, "_tracker": None}
-
-    @property
-    def tracker(self) -> Tracker:
-        if self._tracker is None:
-            self._tracker = Tracker(self.job)
-        return self._tracker
-
-    def _run(self, trial) -> str:
-        if trial.trial_id not in self.runs:
-            params = {k: str(v) for k, v in flatten(trial.config).items()}
-            tags = {"psat.trial": trial.trial_id}
-            name = f"trial-{trial.trial_id}"
-            self.runs[trial.trial_id] = self.tracker.child_run(
-                self.parent, name, "trial", params, **tags
-            )
-        return self.runs[trial.trial_id]
-
-    def on_trial_start(self, iteration, trials, trial, **info):
-        self._run(trial)
-        log.info("trial %s started: %s", trial.trial_id, trial.config)
-
-    def on_trial_result(self, iteration, trials, trial, result, **info):
-        metrics = {k: v for k, v in result.items() if k in _LOGGED}
-        self.tracker.log_metrics(self._run(trial), metrics, step=int(result.get("epoch", 0)))
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self.tracker.end(self._run(trial), "FINISHED")
-        last = trial.last_result or {}
-        log.info(
-            "trial %s finished: %s %.3f after %d epochs",
-            trial.trial_id,
-            OBJECTIVE,
-            last.get(OBJECTIVE, float("nan")),
-            int(last.get("epoch", -1)) + 1,
-        )
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self.tracker.end(self._run(trial), "FAILED")
-        log.warning("trial %s failed", trial.trial_id)
-
-
-_LOGGED = (
-    "loss",
-    "train_accuracy",
-    "clean",
-    "linf",
-    "l2",
-    "l1",
-    "max",
-    "avg",
-    "trade_off",
-    OBJECTIVE,
-    "params",
-)
 
 
 def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, dict]:
     """Run (or continue) the job's sweep; return the best configuration per norm."""
     check_space(job)
-    search = _search(job)
+    search = search_algorithm(job)
     res = job.resources
     trial = 1 + res.workers_per_member * res.cpus_per_worker  # the trial's driver + its workers
     check_ray(job, trial)  # what can be refused before Ray starts is refused first
@@ -223,10 +73,10 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
                 tune_config=tune.TuneConfig(
                     metric=OBJECTIVE,
                     mode="max",
-                    scheduler=_scheduler(job),
+                    scheduler=asha_scheduler(job),
                     search_alg=search,
                     num_samples=job.sweep.num_samples,
-                    max_concurrent_trials=_concurrency(job),
+                    max_concurrent_trials=trial_concurrency(job),
                 ),
                 run_config=tune.RunConfig(
                     name="sweep", storage_path=storage, callbacks=[MlflowTrials(job, parent)]
@@ -241,17 +91,6 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
     for norm, row in best.items():
         echo(f"best {norm}: {row['params']} -> {OBJECTIVE} {row['metrics'][OBJECTIVE]:.3f}")
     return best
-
-
-def _scheduler(job: JobConfig) -> ASHAScheduler | None:
-    if not job.sweep.asha:
-        return None
-    return ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=job.sweep.max_t or job.training.epochs,
-        grace_period=job.sweep.grace_period,
-        reduction_factor=job.sweep.reduction_factor,
-    )
 
 
 def _rows(job: JobConfig, grid) -> list[dict]:
@@ -273,7 +112,7 @@ def _rows(job: JobConfig, grid) -> list[dict]:
                 "trial_id": result.metrics.get("trial_id"),
                 "norm": norm,
                 "params": params,
-                "metrics": {k: result.metrics[k] for k in _LOGGED if k in result.metrics},
+                "metrics": {k: result.metrics[k] for k in LOGGED_METRICS if k in result.metrics},
                 "epochs_run": int(result.metrics["epoch"]) + 1,
                 "embedding_dim": dim,
                 "member_params": report.member,
@@ -326,27 +165,3 @@ def best_checkpoints(job: JobConfig) -> dict[str, str]:
     with fs.open_input_stream(path) as stream:
         best = json.loads(stream.read())
     return {norm: best[norm]["checkpoint"] for norm in job.training.members if norm in best}
-
-
-def tradeoff_figure(rows: list[dict], arch: str):
-    """Figure 2: trade-off accuracy against the PSAT model's share of the plain ResNet's params."""
-    figure = Figure(figsize=(6, 4))
-    axis = figure.subplots()
-    for norm, group in itertools.groupby(
-        sorted(rows, key=lambda r: r["norm"]), lambda r: r["norm"]
-    ):
-        group = sorted(group, key=lambda r: r["param_share"])
-        xs = [100 * r["param_share"] for r in group]
-        ys = [100 * r["metrics"].get("trade_off", float("nan")) for r in group]
-        axis.plot(xs, ys, "o-", label=f"member {norm}")
-        for r, x, y in zip(group, xs, ys, strict=True):
-            axis.annotate(
-                f"z={r['embedding_dim']}", (x, y), textcoords="offset points", xytext=(3, 3)
-            )
-    axis.set_xlabel(f"PSAT parameters (% of plain {arch})")
-    axis.set_ylabel("trade-off accuracy (%)")
-    axis.set_title("Trade-off accuracy vs parameter share (paper Fig. 2)")
-    axis.legend()
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    return figure

@@ -25,13 +25,14 @@ from orchestrator.aggregate import (
     member_checkpoints,
     parameter_counts,
 )
-from orchestrator.config import parse_config
-from orchestrator.evaluation import evaluate_checkpoints, evaluation_rows, lenders
-from orchestrator.pull import load_ensemble
-from orchestrator.registry import CANDIDATE, CHAMPION
-from orchestrator.report import COLUMNS, accuracy_figure, choice_figure, markdown_report
-from orchestrator.shards import read_arrays, write_arrays
-from orchestrator.tracking import Tracker
+from orchestrator.config.schema import parse_config
+from orchestrator.evaluation.figures import accuracy_figure, choice_figure
+from orchestrator.evaluation.report import COLUMNS, markdown_report
+from orchestrator.evaluation.tasks import evaluate_checkpoints, evaluation_rows, lenders
+from orchestrator.registry.pull import load_ensemble
+from orchestrator.registry.register import CANDIDATE, CHAMPION
+from orchestrator.runtime.shards import read_arrays, write_arrays
+from orchestrator.runtime.tracking import Tracker
 from psat_core.accounting import parameter_report
 from psat_core.checkpoint import ensemble_from_checkpoints, read_spec
 from psat_core.data import load_dataset

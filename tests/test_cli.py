@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from orchestrator.cli import build_parser, main
-from orchestrator.tracking import tracking
+from orchestrator.runtime.tracking import tracking
 
 ROOT = Path(__file__).parents[1]
 PSAT = [sys.executable, "-m", "orchestrator.cli"]

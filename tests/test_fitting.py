@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from orchestrator.config import deep_merge, parse_config
-from orchestrator.fitting import Fit, ModelPlan, train_in_process
+from orchestrator.config.schema import deep_merge, parse_config
+from orchestrator.training.fit import Fit, train_in_process
+from orchestrator.training.plan import ModelPlan
 from psat_core.accounting import trained_parameters
 from psat_core.checkpoint import load_state, save_member
 from psat_core.data import ImageArrays, load_dataset

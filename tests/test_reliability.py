@@ -21,9 +21,9 @@ from cluster import MlflowServer, free_port
 from helpers import write_member
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import deep_merge, parse_config
-from orchestrator.locking import job_lock
-from orchestrator.tracking import Tracker
+from orchestrator.config.schema import deep_merge, parse_config
+from orchestrator.runtime.locking import job_lock
+from orchestrator.runtime.tracking import Tracker
 
 ROOT = Path(__file__).parents[1]
 NORMS = ("linf", "l2", "l1")

@@ -9,17 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.config import parse_config
-from orchestrator.evaluation import evaluate_row
-from orchestrator.reproduce import (
-    Claim,
-    Row,
-    claims_table,
-    judged_protocols,
-    model_plans,
-    paper_claims,
-    table_rows,
-)
+from orchestrator.config.schema import parse_config
+from orchestrator.evaluation.claims import Claim, claims_table, judged_protocols, paper_claims
+from orchestrator.evaluation.tasks import Row, evaluate_row
+from orchestrator.reproduce import model_plans, table_rows
 from psat_core.metrics import standard_error
 from psat_core.models import NoiseGenerator, count_parameters
 
@@ -60,8 +53,8 @@ def test_every_method_gets_the_same_budget_and_architecture():
 
 
 def test_each_models_run_records_its_own_plan(tmp_path):
-    from orchestrator.tracking import Tracker
-    from orchestrator.training import plan_params
+    from orchestrator.runtime.tracking import Tracker
+    from orchestrator.training.driver import plan_params
 
     job = parse_config({
         "name": "r", "model": {"embedding_dim": 16}, "reproduce": {"embedding_dims": [2, 16]},
@@ -134,10 +127,10 @@ def _cells(markdown: str) -> dict[str, list[str]]:
 def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
     import mlflow
 
-    from orchestrator.report import COLUMNS
+    from orchestrator.evaluation.report import COLUMNS
     from orchestrator.reproduce import reproduce
-    from orchestrator.shards import materialize
-    from orchestrator.training import data_uri
+    from orchestrator.runtime.ray_session import data_uri
+    from orchestrator.runtime.shards import materialize
 
     out = tmp_path / "reproduce"
     job = parse_config(
@@ -254,7 +247,7 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
     ],
 )
 def test_bad_reproduce_settings_name_the_field(section, field):
-    from orchestrator.config import ConfigError
+    from orchestrator.config.file import ConfigError
 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         parse_config({"name": "r", **section})

@@ -9,8 +9,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import parse_config
-from orchestrator.tracking import Tracker, ensure_experiment
+from orchestrator.config.schema import parse_config
+from orchestrator.runtime.tracking import Tracker, ensure_experiment
 
 
 class RacedClient(MlflowClient):

@@ -12,8 +12,9 @@ import pytest
 from helpers import ray_actors
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config import deep_merge, parse_config
-from orchestrator.training import board_name, train_members
+from orchestrator.config.schema import deep_merge, parse_config
+from orchestrator.runtime.ray_session import board_name
+from orchestrator.train_members import train_members
 
 pytestmark = pytest.mark.slow
 
@@ -183,7 +184,7 @@ def test_a_single_worker_needs_no_process_group_and_its_controller_no_torch(
     single worker's run controller unpickles does not import torch."""
     import pickle
 
-    from orchestrator.trainers import collective
+    from orchestrator.training.trainer import collective
 
     backend = collective(parse_config({"name": "b", "resources": resources}).resources)
     assert getattr(backend, "backend", None) == ("gloo" if torch_loaded else "none")

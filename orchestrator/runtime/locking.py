@@ -18,7 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from orchestrator.config import ConfigError, JobConfig
+from orchestrator.config.file import ConfigError
+from orchestrator.config.schema import JobConfig
 
 LOCK_FILE = "job.lock"
 
@@ -99,7 +100,7 @@ def _name_holder():
 def _cluster_lock(job: JobConfig, about: str) -> Iterator[None]:
     import ray
 
-    from orchestrator.ray_session import join_cluster  # imports Ray: only where needed
+    from orchestrator.runtime.ray_session import join_cluster
 
     if join_cluster(job) is None:
         yield

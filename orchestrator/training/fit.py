@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from orchestrator.config import JobConfig
+from orchestrator.config.schema import JobConfig
+from orchestrator.training.plan import OBJECTIVE, ModelPlan
 from psat_core.accounting import trained_parameters
 from psat_core.attacks import make_attacks
 from psat_core.checkpoint import MemberSpec
@@ -31,50 +32,6 @@ from psat_core.train import (
     training_inputs,
     unwrap,
 )
-
-OBJECTIVE = "objective"  # the metric holding `ModelPlan.objective`'s value
-
-
-@dataclass(frozen=True)
-class ModelPlan:
-    """One model to train: its run name, training method (eq. 5-9), the norms it trains
-    against, and its embedding dimension (None: a plain ResNet)."""
-
-    name: str
-    method: str
-    norms: tuple[str, ...]
-    embedding_dim: int | None
-
-    @property
-    def objective(self) -> str:
-        """The validation metric a sweep maximizes: own-norm accuracy for AT, else trade-off."""
-        return self.norms[0] if self.method == "at" else "trade_off"
-
-    def spec(self, job: JobConfig) -> MemberSpec:
-        """The checkpoint spec of this plan's model under `job`."""
-        info = job.dataset
-        return MemberSpec(
-            arch=job.model.arch,
-            num_classes=info.num_classes,
-            in_channels=info.in_channels,
-            mean=tuple(info.mean),
-            std=tuple(info.std),
-            dataset=info.name,
-            norms=self.norms,
-            method=self.method,
-            embedding_dim=self.embedding_dim,
-            reduction=job.model.reduction,
-            init=job.model.init,
-        )
-
-
-def psat_members(
-    job: JobConfig, embedding_dim: int | None = None, prefix: str = ""
-) -> list[ModelPlan]:
-    """The PSAT members of ``job``: one hypernetwork per norm of ``training.members`` (eq. 9),
-    named ``<prefix><norm>``."""
-    dim = embedding_dim or job.model.embedding_dim
-    return [ModelPlan(f"{prefix}{norm}", "at", (norm,), dim) for norm in job.training.members]
 
 
 @dataclass

@@ -9,17 +9,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-import signal
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import ray
 import torch
 from ray._private.state import state as ray_state  # the cluster's ceiling, as Train reads it
 
-from orchestrator.config import ConfigError, JobConfig
-from orchestrator.reach import check_address
+from orchestrator.config.file import ConfigError
+from orchestrator.config.schema import JobConfig
+from orchestrator.runtime.reach import check_address
+from orchestrator.runtime.shards import join, materialize
+from orchestrator.runtime.signals import sigterm_kept
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +104,6 @@ def join_cluster(job: JobConfig) -> str | None:
     return address
 
 
-@contextmanager
-def sigterm_kept() -> Iterator[None]:
-    """`ray.init` installs its own SIGTERM handler; keep the process's (the CLI's
-    `cli.exit_on_sigterm`, which never exits half-way through a SQLite store write)."""
-    handler = signal.getsignal(signal.SIGTERM)
-    yield
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
-
-
 def _check_capacity(job: JobConfig, required: dict, capacity: dict, where: str) -> None:
     res = job.resources
     if required["CPU"] > capacity.get("CPU", 0):
@@ -131,3 +120,19 @@ def _check_capacity(job: JobConfig, required: dict, capacity: dict, where: str) 
             f"{capacity.get('GPU', 0):g}: set "
             "resources.use_gpu=false, fewer workers, or run on a cluster with GPUs"
         )
+
+
+def prepare_job(job: JobConfig, cpus_wanted: float, cpus_required: float | None = None) -> dict:
+    """What every job does first: join or start Ray (`connect_ray`) and write the data shards
+    once (`orchestrator.shards.materialize`); returns the shards' manifest."""
+    connect_ray(job, cpus_wanted, cpus_required)
+    return materialize(job, data_uri(job), job.resources.workers_per_member)
+
+
+def board_name(job: JobConfig) -> str:
+    """The named actor holding a running job's progress events (models post, driver reads)."""
+    return f"psat-progress-{job.name}"
+
+
+def data_uri(job: JobConfig) -> str:
+    return join(job.storage.resolved(), job.name, "data")

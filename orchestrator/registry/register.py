@@ -32,7 +32,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 import psat_core
-from orchestrator.tracking import tracking
+from orchestrator.runtime.tracking import tracking
 from psat_core.checkpoint import (
     SPEC_FILE,
     STATE_FILE,

@@ -11,7 +11,8 @@ import socket
 import urllib.error
 import urllib.request
 
-from orchestrator.config import ConfigError, JobConfig
+from orchestrator.config.file import ConfigError
+from orchestrator.config.schema import JobConfig
 
 REACH_TIMEOUT_S = 5  # a service that has not answered by then is down or elsewhere
 

@@ -24,9 +24,9 @@ import pyarrow.fs as pafs
 import ray
 import torch
 
-from orchestrator.config import JobConfig
-from orchestrator.progress import BoardReader, ProgressBoard
-from orchestrator.shards import read_arrays
+from orchestrator.config.schema import JobConfig
+from orchestrator.runtime.progress import BoardReader, ProgressBoard
+from orchestrator.runtime.shards import read_arrays
 from psat_core.accounting import trained_parameters
 from psat_core.adaptive import member_examples
 from psat_core.checkpoint import ensemble_from_checkpoints, read_spec
@@ -363,3 +363,13 @@ def evaluate_checkpoints(job_dict: dict, members: dict[str, str], eval_uri: str)
             job_dict, ckpts, strategy, eval_uri, None, "", key in lending, *borrowed
         )
     return Evaluation.of(results)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One evaluated line of the tables: a single model, or an ensemble under a strategy."""
+
+    key: str
+    label: str
+    models: tuple[str, ...]  # plan names
+    strategy: str | None = None  # None: a single model

@@ -18,50 +18,14 @@ from pathlib import Path
 import ray
 from mlflow.entities import RunTag
 
-from orchestrator.config import JobConfig
-from orchestrator.fitting import ModelPlan, psat_members
-from orchestrator.progress import BoardReader, ProgressBoard
-from orchestrator.ray_session import check_ray, connect_ray
-from orchestrator.shards import join, materialize
-from orchestrator.tracking import CHECKPOINT_TAG, PLAN_TAG, Tracker
-from orchestrator.trainers import train_on_ray
+from orchestrator.config.schema import JobConfig
+from orchestrator.runtime.progress import BoardReader, ProgressBoard
+from orchestrator.runtime.ray_session import board_name
+from orchestrator.runtime.tracking import CHECKPOINT_TAG, PLAN_TAG, Tracker
+from orchestrator.training.plan import ModelPlan
+from orchestrator.training.trainer import train_on_ray
 
 PROGRESS_KEYS = ("loss", "clean", "linf", "l2", "l1", "trade_off")
-
-
-def prepare_job(job: JobConfig, cpus_wanted: float, cpus_required: float | None = None) -> dict:
-    """What every job does first: join or start Ray (`connect_ray`) and write the data shards
-    once (`orchestrator.shards.materialize`); returns the shards' manifest."""
-    connect_ray(job, cpus_wanted, cpus_required)
-    return materialize(job, data_uri(job), job.resources.workers_per_member)
-
-
-def board_name(job: JobConfig) -> str:
-    """The named actor holding a running job's progress events (models post, driver reads)."""
-    return f"psat-progress-{job.name}"
-
-
-def data_uri(job: JobConfig) -> str:
-    return join(job.storage.resolved(), job.name, "data")
-
-
-def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, dict]:
-    """The training job: fit the job's PSAT members concurrently under one MLflow parent run;
-    return per member its final metrics, checkpoint and run id.
-
-    Relaunching with the same `job.name` resumes unfinished members from their latest
-    checkpoint and keeps logging into the same MLflow runs.
-    """
-    plans = psat_members(job)
-    res = job.resources
-    check_ray(job)  # what can be refused before Ray starts is refused first
-    tracker = Tracker(job)
-    tracker.resumable("train")
-    manifest = prepare_job(job, len(plans) * res.workers_per_member * res.cpus_per_worker)
-    with tracker.job_run("train") as parent:
-        results = train_models(job, plans, manifest, tracker, parent, len(plans), echo)
-    echo(f"members finished; MLflow parent run {parent}")
-    return results
 
 
 def train_models(

@@ -1,5 +1,6 @@
-"""Reports of evaluated rows: Tables 1, 3 and 4 as Markdown and terminal lines, the "every
-attack" table, the attacks described, and the plots (accuracy bars, which member answers).
+"""Reports of evaluated rows as text: the column labels, Tables 1, 3 and 4 as Markdown and
+terminal lines, the "every attack" table, the attacks described, the aggregation's report.md.
+Plots are `figures`; the reproduction's report is `reproduction`.
 
 Rows are `orchestrator.evaluation` results: Table 1's columns plus one key per attack
 (``"<norm>/<attack>"``), the accuracy after that attack and the attacks of its norm before it.
@@ -7,13 +8,10 @@ Rows are `orchestrator.evaluation` results: Table 1's columns plus one key per a
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from matplotlib.figure import Figure
-
-from orchestrator.config import JobConfig
-from orchestrator.evaluation import Evaluation
-from orchestrator.registry import Registration
+from orchestrator.config.schema import JobConfig
+from orchestrator.evaluation.tasks import Evaluation
 from psat_core.ensemble import STRATEGIES
 from psat_core.metrics import TABLE1_KEYS, norm_of
 from psat_core.protocol import AUTOATTACK
@@ -104,7 +102,7 @@ def markdown_report(
     members: Mapping[str, str],
     evaluation: Evaluation,
     parameters: Mapping[str, float],
-    registration: Registration | None = None,
+    registry_lines: Sequence[str] = (),
 ) -> str:
     """The human-readable summary: Tables 3 and 4, every attack, member choice, parameters,
     registry; one section each."""
@@ -116,8 +114,8 @@ def markdown_report(
         _member_choice(evaluation.choice, names),
         _parameters(parameters, names, job.model.arch),
     ]
-    if registration is not None:
-        sections.append(["## Registry", "", *(f"- {line}" for line in registration.lines())])
+    if registry_lines:
+        sections.append(["## Registry", "", *(f"- {line}" for line in registry_lines)])
     return "\n\n".join("\n".join(section) for section in sections) + "\n"
 
 
@@ -189,50 +187,6 @@ def _parameters(parameters: Mapping[str, float], names: list[str], arch: str) ->
         ["saving", percent(parameters["saving"])],
     ]
     return ["## Parameters", "", *markdown_table(["Model", "Parameters"], counts)]
-
-
-def accuracy_figure(rows: Mapping[str, Mapping[str, float]], names: list[str]) -> Figure:
-    """Grouped bars: per column, each member alone and the ensemble under both strategies."""
-    series = [(f"H_{n}", rows[f"member.{n}"]) for n in names]
-    series += [(f"PSAT {STRATEGY_NAMES[s].lower()}", rows[s]) for s in STRATEGIES]
-    return accuracy_bars(series, "Accuracy per attack: members vs the PSAT ensemble")
-
-
-def accuracy_bars(series: list[tuple[str, Mapping[str, float]]], title: str) -> Figure:
-    """One group of bars per Table 1 column, one bar per (label, row) of ``series``."""
-    fig = Figure(figsize=(10, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    width = 0.8 / len(series)
-    for i, (label, row) in enumerate(series):
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(COLUMNS))]
-        ax.bar(xs, [100 * row[c] for c in COLUMNS], width, label=label)
-    ax.set_xticks(range(len(COLUMNS)), [HEADERS[c] for c in COLUMNS])
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title(title)
-    ax.legend(ncols=min(len(series), 5), loc="upper center", fontsize="small")
-    return fig
-
-
-def choice_figure(
-    choice: Mapping[str, Mapping[str, Mapping[str, float]]], names: list[str]
-) -> Figure:
-    """Per strategy, stacked bars: how often each member answers, clean and under each attack."""
-    fig = Figure(figsize=(5 * len(choice), 4), layout="constrained")
-    axes = fig.subplots(1, len(choice), squeeze=False)[0]
-    for ax, (strategy, per_input) in zip(axes, choice.items(), strict=True):
-        inputs = list(per_input)
-        bottom = [0.0] * len(inputs)
-        for name in names:
-            heights = [100 * per_input[k][name] for k in inputs]
-            ax.bar(range(len(inputs)), heights, bottom=bottom, label=f"H_{name}")
-            bottom = [b + h for b, h in zip(bottom, heights, strict=True)]
-        ax.set_xticks(range(len(inputs)), [attack_label(k) for k in inputs], rotation=90)
-        ax.set_ylim(0, 100)
-        ax.set_ylabel("images answered (%)")
-        ax.set_title(f"Which member answers ({STRATEGY_NAMES[strategy].lower()})")
-        ax.legend(fontsize="small")
-    return fig
 
 
 def table_lines(rows: Mapping[str, Mapping[str, float]]) -> list[str]:

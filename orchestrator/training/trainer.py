@@ -24,10 +24,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-from orchestrator.backends import SingleWorker
-from orchestrator.config import JobConfig
-from orchestrator.fitting import Fit, ModelPlan, steps_per_epoch
-from orchestrator.shards import join, read_arrays
+from orchestrator.config.schema import JobConfig
+from orchestrator.runtime.shards import join, read_arrays
+from orchestrator.training.backend import SingleWorker
+from orchestrator.training.fit import Fit, steps_per_epoch
+from orchestrator.training.plan import ModelPlan
 from psat_core.checkpoint import load_state, save_member
 from psat_core.data import ImageArrays
 

@@ -19,9 +19,9 @@ from mlflow.pyfunc.scoring_server import init as scoring_app
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from orchestrator.psat_model import PSATModel
-from orchestrator.pull import PulledModel
-from orchestrator.registry import signature
+from orchestrator.registry.model import PSATModel
+from orchestrator.registry.pull import PulledModel
+from orchestrator.registry.register import signature
 
 
 def scoring_model(pulled: PulledModel) -> PyFuncModel:

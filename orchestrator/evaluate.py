@@ -1,0 +1,51 @@
+"""The aggregation job: evaluate the PSAT ensemble, log it to MLflow, register it.
+
+    member checkpoints (the training run's tags, or given) -> load and check them
+    -> `orchestrator.evaluation.evaluate_rows`: every member alone and the ensemble under both
+       strategies, one Ray task per row, under the suite `evaluation.suite` (Tables 3 and 4)
+    -> `orchestrator.report`: report.md and the plots
+    -> one MLflow run, role "aggregate": metrics, report.md, plots, the pyfunc model
+    -> a new registry version; alias `candidate`, and `champion` when its trade-off is better
+
+Metric names: ``<row>.<column>`` with rows ``lowest_entropy``, ``average`` and
+``member.<norm>``, columns ``clean, linf, l2, l1, max, avg, trade_off`` (fractions);
+``choice.<strategy>.<input>.<member>``: the fraction of images that member answered, on clean
+inputs and under each attack; ``parameters.*``; ``trade_off``: the registered strategy's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from orchestrator.config.schema import JobConfig
+from orchestrator.evaluation.report import STRATEGY_NAMES, table_lines
+from orchestrator.evaluation.tasks import (
+    evaluate_ensemble,
+    progress_line,
+    progress_to,
+)
+from orchestrator.runtime.ray_session import prepare_job
+from orchestrator.runtime.shards import read_arrays
+from psat_core.ensemble import STRATEGIES
+from psat_core.metrics import summarize
+
+
+def evaluate_registered(
+    job: JobConfig, uri: str, echo: Callable[[str], None] = print
+) -> dict[str, dict[str, float]]:
+    """Table-1 rows of a registered ensemble (both strategies) on the job's eval split."""
+    from orchestrator.registry.pull import load_ensemble
+
+    ensemble = load_ensemble(uri, tracking_uri=job.tracking.resolved_uri())
+    manifest = prepare_job(job, job.resources.cpus_per_worker, job.resources.cpus_per_worker)
+    data = read_arrays(manifest["eval"])
+    rows = {}
+    for strategy in STRATEGIES:
+        ensemble.strategy = strategy
+        progress = progress_to(lambda event: echo(progress_line(event)), strategy)
+        images, labels = data.to_float(), data.labels
+        rows[strategy] = summarize(evaluate_ensemble(job, ensemble, images, labels, progress)[0])
+    echo(f"{uri} on {len(data)} {job.data.dataset} eval images")
+    for line in table_lines({f"PSAT {STRATEGY_NAMES[s].lower()}": rows[s] for s in STRATEGIES}):
+        echo(line)
+    return rows

@@ -1,0 +1,168 @@
+"""The reproduction's report: Tables 1, 3 and 4 (Markdown + PNG), Table 1 under the paper's
+protocol, Figure 2, the claims judged, report.md and results.json, written into one folder."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict
+from pathlib import Path
+
+from orchestrator.config.schema import JobConfig
+from orchestrator.evaluation.claims import Claim, claims_table, judged_protocols, paper_claims
+from orchestrator.evaluation.figures import accuracy_bars, figure2
+from orchestrator.evaluation.report import (
+    COLUMNS,
+    HEADERS,
+    attack_breakdown,
+    attacks_described,
+    markdown_table,
+    percent,
+)
+from orchestrator.evaluation.tasks import Row, RowResult
+from orchestrator.training.plan import MULTI_NORM, figure_dims
+from psat_core.accounting import plain_parameters
+
+
+def _row_cells(row: Row, result: RowResult, protocol: str, extra: list[str]) -> list[str]:
+    """The row's label and each column's accuracy with its standard error."""
+    values, errors = result.under(protocol), result.errors(protocol)
+    return [row.label, *(f"{percent(values[c])} ± {100 * errors[c]:.2f}" for c in COLUMNS), *extra]
+
+
+def table_markdown(
+    name: str,
+    rows: list[Row],
+    results: Mapping[str, RowResult],
+    plain: int,
+    protocol: str = "full",
+) -> list[str]:
+    """One table as Markdown under `protocol`, accuracies ± their standard errors (points);
+    Table 1 adds parameters and the saving against the plain ResNet."""
+    header = ["Method", *(HEADERS[c] for c in COLUMNS)]
+    if name != "table1":
+        return markdown_table(header, [_row_cells(r, results[r.key], protocol, []) for r in rows])
+    cells = []
+    for row in rows:
+        parameters = results[row.key].parameters
+        saving = "-" if row.strategy is None else f"↓ {percent(1 - parameters / plain)}"
+        cells.append(_row_cells(row, results[row.key], protocol, [f"{parameters:,}", saving]))
+    return markdown_table([*header, "# of Paras", "Paras Saving"], cells)
+
+
+PAPER_VIEW = "psat_core.protocol.paper_view: per-norm PGD, the gate's choice not differentiated"
+
+
+TITLE1_PAPER = "Table 1 under the paper's protocol (per-norm PGD only)"
+
+
+TITLES = {
+    "table1": "Table 1: baselines and PSAT",
+    "table3": "Table 3: single hypernetworks, PSAT, PSAT + H_NAT",
+    "table4": "Table 4: lowest-entropy vs average inference",
+}
+
+
+def figure2_section(
+    job: JobConfig, rows: list[Row], results: Mapping[str, RowResult], plain: int, out: Path
+) -> list[str]:
+    """Figure 2 (``figure2.png`` in ``out``) and its numbers as Markdown: PSAT at each
+    embedding dimension against the best single- and multi-norm AT baselines."""
+    trade_off = {key: result.row["trade_off"] for key, result in results.items()}
+    best = {
+        "best single-norm AT": max(trade_off[f"at_{n}"] for n in job.training.members),
+        "best multi-norm AT": max(trade_off[f"at_{m}"] for m in MULTI_NORM),
+    }
+    dims = figure_dims(job)
+    figure2(dims, rows, results, plain, best).savefig(out / "figure2.png", dpi=120)
+    cells = [
+        [
+            f"PSAT z={dim}" + (" (Table 1)" if dim == job.model.embedding_dim else ""),
+            f"{results[row.key].parameters:,}",
+            percent(results[row.key].parameters / plain),
+            percent(trade_off[row.key]),
+        ]
+        for dim, row in zip(dims, rows, strict=True)
+    ]
+    cells += [[label, "-", "-", percent(value)] for label, value in best.items()]
+    return [
+        "## Figure 2: trade-off vs parameter share",
+        "",
+        *markdown_table(["Model", "Parameters", f"share of {plain:,}", "Trade-off"], cells),
+        "",
+        "![Figure 2](figure2.png)",
+    ]
+
+
+def write_report(
+    job: JobConfig, tables: dict[str, list[Row]], results: dict[str, RowResult], out: Path
+) -> list[Claim]:
+    """Tables 1, 3, 4 (Markdown + PNG), Figure 2 (PNG), report.md and results.json in ``out``;
+    returns the paper's claims as checked here."""
+    info = job.dataset
+    plain = plain_parameters(job.model.arch, info.num_classes, info.in_channels)
+    accuracies = {key: result.row for key, result in results.items()}
+    protocols = judged_protocols(job)
+    claims = [
+        claim
+        for protocol in protocols
+        for claim in paper_claims(
+            {key: result.examples(protocol) for key, result in results.items()}, tables, protocol
+        )
+    ]
+    samples = next(iter(results.values())).samples
+    t = job.training
+    lines = [
+        f"# Reproduction `{job.name}`: {job.data.dataset}, {job.model.arch}",
+        "",
+        f"Every model: {t.epochs} epochs, batch {t.batch_size}, {t.schedule} schedule, the "
+        f"same training attacks; hypernetworks {t.optimizer.name} lr {t.lr} weight decay "
+        f"{t.weight_decay}, plain ResNets {t.baselines.name} lr {t.baselines.lr} weight decay "
+        f"{t.baselines.weight_decay}; "
+        f"{samples} evaluation images. Attacks (robust points only, as in AutoAttack):",
+        *attacks_described(job),
+        "",
+        "## The paper's claims, checked here under "
+        + ("both protocols" if len(protocols) > 1 else "the paper's protocol"),
+        "",
+        f"The paper's protocol is the PGD attacks of the full evaluation alone ({PAPER_VIEW}).",
+        "Each verdict is the difference in points with its 95% interval from a paired bootstrap "
+        f"over the {samples} images: it holds (or not) only when the interval excludes zero. "
+        "Accuracies below are ± their standard error.",
+        "",
+        *claims_table(claims),
+    ]
+    for name, title in TITLES.items():
+        table = table_markdown(name, tables[name], results, plain)
+        (out / f"{name}.md").write_text("\n".join([f"# {title}", "", *table]) + "\n")
+        series = [(row.label, accuracies[row.key]) for row in tables[name]]
+        accuracy_bars(series, title).savefig(out / f"{name}.png", dpi=120)
+        lines += ["", f"## {title}", "", *table, "", f"![{title}]({name}.png)"]
+    table = table_markdown("table1", tables["table1"], results, plain, "paper")
+    (out / "table1_paper.md").write_text("\n".join([f"# {TITLE1_PAPER}", "", *table]) + "\n")
+    lines += ["", f"## {TITLE1_PAPER}", "", *table]
+
+    lines += ["", *figure2_section(job, tables["figure2"], results, plain, out), ""]
+    lines += [
+        "## Every attack",
+        "",
+        *attack_breakdown({row.label: accuracies[row.key] for row in _unique(tables)}, samples),
+    ]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+    payload = {
+        "job": job.name,
+        "plain_parameters": plain,
+        "tables": {name: [asdict(row) for row in rows] for name, rows in tables.items()},
+        "results": {key: asdict(result) for key, result in results.items()},
+        "claims": [asdict(claim) for claim in claims],
+    }
+    (out / "results.json").write_text(json.dumps(payload, indent=2))
+    return claims
+
+
+def _unique(tables: dict[str, list[Row]]) -> list[Row]:
+    seen: dict[str, Row] = {}
+    for rows in tables.values():
+        for row in rows:
+            seen.setdefault(row.key, row)
+    return list(seen.values())

@@ -1,0 +1,38 @@
+"""The training job: materialize data, fit the members concurrently, track them in MLflow.
+
+validate config -> connect Ray -> Parquet shards -> MLflow parent + a run per model
+-> one `train_on_ray` thread per model (concurrent TorchTrainers) -> follow progress
+-> record checkpoints
+
+`train_members` is the job (the PSAT members); `train_models` fits any `ModelPlan`s under an
+open parent run, which the reproduction job uses for every model of Tables 1 and 3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from orchestrator.config.schema import JobConfig
+from orchestrator.runtime.ray_session import check_ray, prepare_job
+from orchestrator.runtime.tracking import Tracker
+from orchestrator.training.driver import train_models
+from orchestrator.training.plan import psat_members
+
+
+def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, dict]:
+    """The training job: fit the job's PSAT members concurrently under one MLflow parent run;
+    return per member its final metrics, checkpoint and run id.
+
+    Relaunching with the same `job.name` resumes unfinished members from their latest
+    checkpoint and keeps logging into the same MLflow runs.
+    """
+    plans = psat_members(job)
+    res = job.resources
+    check_ray(job)  # what can be refused before Ray starts is refused first
+    tracker = Tracker(job)
+    tracker.resumable("train")
+    manifest = prepare_job(job, len(plans) * res.workers_per_member * res.cpus_per_worker)
+    with tracker.job_run("train") as parent:
+        results = train_models(job, plans, manifest, tracker, parent, len(plans), echo)
+    echo(f"members finished; MLflow parent run {parent}")
+    return results

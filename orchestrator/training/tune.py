@@ -1,0 +1,198 @@
+"""Ray Tune sweeps over the embedding dimension and the PGD training hyper-parameters.
+
+Each trial is a driver function that builds one member's `TorchTrainer` (the same `train_loop`
+as the training job) and fits it; `TuneReportCallback` forwards every epoch's metrics to Tune.
+The objective is the member's robust accuracy for its own norm on the validation slice
+(`objective`), under the config's validation attacks. Running the same command again
+continues an interrupted sweep with `Tuner.restore`; finished trials are not run again.
+
+Outputs under `<storage>/<job>/sweep/`: results.parquet (one row per trial), best.json (the best
+configuration per norm, with its checkpoint, read by the aggregation job) and tradeoff.png (the
+paper's Figure 2), all logged to MLflow under one sweep run with a nested run per trial.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from orchestrator.config.file import ConfigError
+from orchestrator.config.schema import JobConfig, SweepRange, deep_merge
+from orchestrator.runtime.tracking import Tracker, flatten
+from orchestrator.training.plan import OBJECTIVE, ModelPlan
+from orchestrator.training.trainer import trainer_for
+
+log = logging.getLogger(__name__)
+
+ATTACK_PARAMS = ("steps", "step_size", "random_start")
+
+
+def trial_job(job: JobConfig, params: dict[str, Any]) -> tuple[JobConfig, ModelPlan]:
+    """The job config of one trial (its training settings) and the member it trains."""
+    norm = params.get("norm", job.training.members[0])
+    plan = ModelPlan(norm, "at", (norm,), params.get("embedding_dim", job.model.embedding_dim))
+    changes: dict[str, Any] = {"training": {"members": [norm]}}
+    if "lr" in params:
+        changes["training"]["lr"] = params["lr"]
+    optimizer = {"name": params["optimizer"]} if "optimizer" in params else {}
+    for group in ("generator", "embeddings"):
+        if f"{group}_lr" in params:
+            optimizer[group] = {"lr": params[f"{group}_lr"]}
+    if optimizer:
+        changes["training"]["optimizer"] = optimizer
+    attack = {k: params[k] for k in ATTACK_PARAMS if k in params}
+    if attack:
+        changes["attacks"] = {"train": {norm: attack}}
+    trial = JobConfig.model_validate(deep_merge(job.model_dump(), changes))
+    trial.attack_configs("train")  # validates the swept attack values
+    return trial, plan
+
+
+def sweep_trial(params: dict[str, Any], job_dict: dict, manifest: dict) -> None:
+    """One Tune trial: fit one member's TorchTrainer; its epochs reach Tune via the callback."""
+    job, plan = trial_job(JobConfig.model_validate(job_dict), params)
+    trial_id = tune.get_context().get_trial_id()
+    trainer = trainer_for(
+        job,
+        plan,
+        manifest,
+        board=None,
+        run_name=f"trial-{trial_id}",
+        callbacks=[TuneReportCallback()],
+    )
+    trainer.fit()
+
+
+def param_space(job: JobConfig) -> dict[str, Any]:
+    space = {}
+    for name, values in job.sweep.space.items():
+        if isinstance(values, SweepRange):
+            sample = tune.loguniform if values.log else tune.uniform
+            space[name] = sample(values.low, values.high)
+        elif job.sweep.search == "grid":
+            space[name] = tune.grid_search(values)
+        else:
+            space[name] = tune.choice(values)
+    space.setdefault("norm", tune.grid_search(job.training.members))
+    return space
+
+
+def check_space(job: JobConfig) -> None:
+    """Every listed value must make a valid trial config (ranges are checked by their bounds)."""
+    lists = {k: v for k, v in job.sweep.space.items() if isinstance(v, list)}
+    ranges = {k: v.low for k, v in job.sweep.space.items() if isinstance(v, SweepRange)}
+    for name, values in lists.items():
+        for value in values:
+            try:
+                trial_job(job, ranges | {name: value})
+            except ValueError as err:
+                raise ConfigError(f"sweep.space.{name}: value {value!r}: {err}") from None
+
+
+def search_algorithm(job: JobConfig):
+    if job.sweep.search != "optuna":
+        return None
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as err:  # optuna is optional
+        raise ConfigError(
+            "sweep.search: 'optuna' needs the optuna package (pip install optuna)"
+        ) from err
+    return OptunaSearch()
+
+
+def trial_concurrency(job: JobConfig) -> int:
+    if job.sweep.max_concurrent_trials:
+        return job.sweep.max_concurrent_trials
+    res = job.resources
+    available = ray.cluster_resources()
+    if res.use_gpu:
+        return max(1, int(available.get("GPU", 0) // (res.workers_per_member * res.gpus)))
+    per_trial = 1 + res.workers_per_member * res.cpus_per_worker
+    return max(1, int(available.get("CPU", 1) // per_trial))
+
+
+class MlflowTrials(tune.Callback):
+    """Driver-side Tune callback: a nested MLflow run per trial under the sweep run.
+
+    Tune pickles it with the experiment and unpickles it on restore, so it keeps only the
+    job and the parent run id, and reconnects to MLflow lazily.
+    """
+
+    def __init__(self, job: JobConfig, parent: str):
+        self.job, self.parent = job, parent
+        self.runs: dict[str, str] = {}
+        self._tracker: Tracker | None = None
+
+    def __getstate__(self) -> dict:
+        return {"job": self.job, "parent": self.parent, "runs": self.runs, "_tracker": None}
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.job)
+        return self._tracker
+
+    def _run(self, trial) -> str:
+        if trial.trial_id not in self.runs:
+            params = {k: str(v) for k, v in flatten(trial.config).items()}
+            tags = {"psat.trial": trial.trial_id}
+            name = f"trial-{trial.trial_id}"
+            self.runs[trial.trial_id] = self.tracker.child_run(
+                self.parent, name, "trial", params, **tags
+            )
+        return self.runs[trial.trial_id]
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._run(trial)
+        log.info("trial %s started: %s", trial.trial_id, trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        metrics = {k: v for k, v in result.items() if k in LOGGED_METRICS}
+        self.tracker.log_metrics(self._run(trial), metrics, step=int(result.get("epoch", 0)))
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self.tracker.end(self._run(trial), "FINISHED")
+        last = trial.last_result or {}
+        log.info(
+            "trial %s finished: %s %.3f after %d epochs",
+            trial.trial_id,
+            OBJECTIVE,
+            last.get(OBJECTIVE, float("nan")),
+            int(last.get("epoch", -1)) + 1,
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.tracker.end(self._run(trial), "FAILED")
+        log.warning("trial %s failed", trial.trial_id)
+
+
+LOGGED_METRICS = (
+    "loss",
+    "train_accuracy",
+    "clean",
+    "linf",
+    "l2",
+    "l1",
+    "max",
+    "avg",
+    "trade_off",
+    OBJECTIVE,
+    "params",
+)
+
+
+def asha_scheduler(job: JobConfig) -> ASHAScheduler | None:
+    if not job.sweep.asha:
+        return None
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        max_t=job.sweep.max_t or job.training.epochs,
+        grace_period=job.sweep.grace_period,
+        reduction_factor=job.sweep.reduction_factor,
+    )
