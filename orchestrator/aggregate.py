@@ -21,6 +21,7 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
+from orchestrator.config.locations import checkpoint_location
 from orchestrator.config.schema import JobConfig
 from orchestrator.evaluation.figures import accuracy_figure, choice_figure
 from orchestrator.evaluation.report import STRATEGY_NAMES, markdown_report, percent, table_lines
@@ -33,13 +34,18 @@ from orchestrator.evaluation.tasks import (
 from orchestrator.registry.register import EXAMPLE_SIZE, Registration, register_ensemble
 from orchestrator.runtime.ray_session import check_ray, prepare_job
 from orchestrator.runtime.shards import read_arrays
-from orchestrator.runtime.tracking import CHECKPOINT_TAG, JOB_TAG, ROLE_TAG, Tracker
+from orchestrator.runtime.tracking import (
+    AGGREGATE,
+    CHECKPOINT_TAG,
+    JOB_TAG,
+    ROLE_TAG,
+    TRAIN_RUN_TAG,
+    VERSION_TAG,
+    Tracker,
+)
 from psat_core.accounting import plain_parameters, trained_parameters
 from psat_core.checkpoint import MemberSpec, ensemble_from_checkpoints, read_spec
 from psat_core.ensemble import STRATEGIES
-
-TRAIN_RUN_TAG = "psat.train_run"
-VERSION_TAG = "psat.registered_version"
 
 
 @dataclass(frozen=True)
@@ -97,19 +103,9 @@ def member_checkpoints(
             f"{', '.join(missing)} (status {run.info.status}); has it finished?"
         )
     storage = job.storage.resolved()
-    return {n: _location(tags[f"{CHECKPOINT_TAG}.{n}"], storage) for n in job.training.members}
-
-
-def _location(path: str, storage: str) -> str:
-    """A checkpoint path as a URI or an absolute local path (Ray tasks run elsewhere).
-
-    Ray reports checkpoint paths without the storage's scheme (``bucket/...`` for ``s3://``).
-    """
-    if "://" in path:
-        return path
-    if "://" in storage and not Path(path).exists():
-        return f"{storage.split('://', 1)[0]}://{path}"
-    return str(Path(path).expanduser().resolve())
+    return {
+        n: checkpoint_location(tags[f"{CHECKPOINT_TAG}.{n}"], storage) for n in job.training.members
+    }
 
 
 def check_members(job: JobConfig, dirs: Mapping[str, Path]) -> dict[str, MemberSpec]:
@@ -211,7 +207,7 @@ def aggregate(
             f"{', '.join(missing)}; train or sweep those norms, or pass --allow-partial to "
             "register a partial ensemble (it takes champion only with --force-champion)"
         )
-    members = {name: _location(str(location), "") for name, location in members.items()}
+    members = {name: checkpoint_location(str(location), "") for name, location in members.items()}
     force = job.registry.force_champion if force_champion is None else force_champion
     strategy = job.registry.strategy
     with staged(members) as dirs:
@@ -308,7 +304,7 @@ def _aggregate_run(
             echo(f"resuming aggregate run {run.info.run_id}, left RUNNING by an interrupted job")
             return run.info.run_id
         tracker.end(run.info.run_id, "KILLED")  # other members or config
-    tags = {JOB_TAG: job.name, ROLE_TAG: "aggregate"}
+    tags = {JOB_TAG: job.name, ROLE_TAG: AGGREGATE}
     if train_run is not None:
         tags[TRAIN_RUN_TAG] = train_run
     run = tracker.client.create_run(

@@ -30,11 +30,9 @@ from orchestrator.evaluation.report import (
 from orchestrator.evaluation.reproduction import _unique, write_report
 from orchestrator.evaluation.tasks import Row, RowResult, evaluate_rows
 from orchestrator.runtime.ray_session import check_ray, prepare_job
-from orchestrator.runtime.tracking import Tracker
+from orchestrator.runtime.tracking import REPRODUCE, Tracker
 from orchestrator.training.driver import train_models
 from orchestrator.training.plan import MULTI_NORM, ModelPlan, figure_dims, psat_members
-
-ROLE = "reproduce"
 
 
 def model_plans(job: JobConfig) -> list[ModelPlan]:
@@ -114,7 +112,7 @@ def _write_and_log(
         }
         metrics |= {f"{key}.parameters": result.parameters for key, result in results.items()}
         tracker.log_metrics(run_id, metrics, step=0)
-        tracker.client.log_artifacts(run_id, str(staging), artifact_path=ROLE)
+        tracker.client.log_artifacts(run_id, str(staging), artifact_path=REPRODUCE)
         final = output / job.name
         shutil.rmtree(final, ignore_errors=True)
         staging.chmod(0o755)  # mkdtemp's 0700 was for the staging only
@@ -140,12 +138,12 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
     concurrency = job.reproduce.concurrent_trainers
     check_ray(job, per_trainer)  # what can be refused before Ray starts is
     tracker = Tracker(job)
-    tracker.resumable(ROLE)  # refused first
+    tracker.resumable(REPRODUCE)  # refused first
     manifest = prepare_job(job, per_trainer * (concurrency or 1))
     if concurrency is None:
         kind = "GPU" if res.use_gpu else "CPU"
         concurrency = max(1, int(ray.cluster_resources().get(kind, 0) // per_trainer))
-    with tracker.job_run(ROLE) as run_id:  # FAILED (KILLED on Ctrl-C) if any step fails
+    with tracker.job_run(REPRODUCE) as run_id:  # FAILED (KILLED on Ctrl-C) if any step fails
         trained = train_models(job, plans, manifest, tracker, run_id, concurrency, echo)
         checkpoints = {name: result["checkpoint"] for name, result in trained.items()}
         tables = table_rows(job)

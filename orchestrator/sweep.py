@@ -26,11 +26,11 @@ import pyarrow.parquet as pq
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
+from orchestrator.config.locations import join
 from orchestrator.config.schema import JobConfig
 from orchestrator.evaluation.figures import tradeoff_figure
 from orchestrator.runtime.ray_session import check_ray, prepare_job
-from orchestrator.runtime.shards import join
-from orchestrator.runtime.tracking import Tracker
+from orchestrator.runtime.tracking import SWEEP, Tracker
 from orchestrator.training.plan import OBJECTIVE
 from orchestrator.training.tune import (
     LOGGED_METRICS,
@@ -56,13 +56,13 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
     trial = 1 + res.workers_per_member * res.cpus_per_worker  # the trial's driver + its workers
     check_ray(job, trial)  # what can be refused before Ray starts is refused first
     tracker = Tracker(job)
-    tracker.resumable("sweep")
+    tracker.resumable(SWEEP)
     manifest = prepare_job(job, 3 * trial, trial)
     storage = join(job.storage.resolved(), job.name)
     experiment = join(storage, "sweep")
     # the trial driver keeps Tune's default of 1 CPU and no GPU; its workers ask for the rest
     trainable = tune.with_parameters(sweep_trial, job_dict=job.model_dump(), manifest=manifest)
-    with tracker.job_run("sweep") as parent:
+    with tracker.job_run(SWEEP) as parent:
         if tune.Tuner.can_restore(experiment):
             echo(f"continuing the sweep in {experiment}")
             tuner = tune.Tuner.restore(experiment, trainable, resume_errored=True)

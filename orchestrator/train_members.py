@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 from orchestrator.config.schema import JobConfig
 from orchestrator.runtime.ray_session import check_ray, prepare_job
-from orchestrator.runtime.tracking import Tracker
+from orchestrator.runtime.tracking import TRAIN, Tracker
 from orchestrator.training.driver import train_models
 from orchestrator.training.plan import psat_members
 
@@ -30,9 +30,9 @@ def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[s
     res = job.resources
     check_ray(job)  # what can be refused before Ray starts is refused first
     tracker = Tracker(job)
-    tracker.resumable("train")
+    tracker.resumable(TRAIN)
     manifest = prepare_job(job, len(plans) * res.workers_per_member * res.cpus_per_worker)
-    with tracker.job_run("train") as parent:
+    with tracker.job_run(TRAIN) as parent:
         results = train_models(job, plans, manifest, tracker, parent, len(plans), echo)
     echo(f"members finished; MLflow parent run {parent}")
     return results

@@ -19,7 +19,6 @@ from helpers import ray_tasks, write_member
 from mlflow.tracking import MlflowClient
 
 from orchestrator.aggregate import (
-    _location,
     aggregate,
     flat_metrics,
     member_checkpoints,
@@ -202,13 +201,6 @@ def test_report_metrics_and_plots(evaluation, members, tmp_path):
         png = io.BytesIO()
         figure.savefig(png, format="png")
         assert png.getvalue().startswith(b"\x89PNG")
-
-
-def test_checkpoint_locations():
-    # Ray reports checkpoint paths without the storage's scheme
-    assert _location("bucket/job/linf/ckpt", "s3://bucket/job") == "s3://bucket/job/linf/ckpt"
-    assert _location("gs://b/c", "/local") == "gs://b/c"
-    assert _location("relative/dir", "/local").startswith("/")
 
 
 def _train_run(tracker: Tracker, job, checkpoints: dict[str, str]) -> str:

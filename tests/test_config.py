@@ -4,6 +4,7 @@ import pytest
 
 from orchestrator.config.cluster import check_cluster_locations
 from orchestrator.config.file import ConfigError, parse_overrides
+from orchestrator.config.locations import checkpoint_location
 from orchestrator.config.schema import deep_merge, load_config, parse_config
 
 QUICKSTART = "jobs/configs/quickstart.yaml"
@@ -137,3 +138,13 @@ def test_sizes_larger_than_the_dataset_are_refused(sizes, message):
         load_config(QUICKSTART, overrides)
     assert "{" not in str(error.value)  # the fields and sizes, not the whole section
     load_config(QUICKSTART, parse_overrides(["data.train_size=1237", "data.eval_size=360"]))
+
+
+def test_checkpoint_locations():
+    # Ray reports checkpoint paths without the storage's scheme
+    assert (
+        checkpoint_location("bucket/job/linf/ckpt", "s3://bucket/job")
+        == "s3://bucket/job/linf/ckpt"
+    )
+    assert checkpoint_location("gs://b/c", "/local") == "gs://b/c"
+    assert checkpoint_location("relative/dir", "/local").startswith("/")

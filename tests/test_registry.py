@@ -30,14 +30,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.registry.pull import load_ensemble, pull, resolve
-from orchestrator.registry.register import (
-    CANDIDATE,
-    CHAMPION,
-    PARTIAL_TAG,
-    TRADE_OFF_TAG,
-    register_ensemble,
-)
-from orchestrator.runtime.tracking import tracking
+from orchestrator.registry.register import CANDIDATE, CHAMPION, register_ensemble
+from orchestrator.runtime.tracking import PARTIAL_TAG, TRADE_OFF_TAG, tracking
 from psat_core.checkpoint import checkpoint_digest, ensemble_from_checkpoints
 from psat_core.data import load_dataset
 from psat_core.ensemble import PSATEnsemble

@@ -9,27 +9,15 @@ Ray or MLflow work starts.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from orchestrator.config.file import ConfigError
+from orchestrator.config.locations import durable
 from orchestrator.config.schema import JobConfig
 
 
 def in_ray_job(env=os.environ) -> bool:
     """True inside a Ray Jobs entrypoint (`ray job submit`, `psat submit`)."""
     return "RAY_JOB_CONFIG_JSON_ENV_VAR" in env
-
-
-def _durable(location: str) -> bool:
-    """An absolute local path or a URI with a scheme that is not a relative local file."""
-    scheme, sep, rest = location.partition("://")
-    if not sep:
-        return Path(location).is_absolute()
-    if scheme == "file":
-        return rest.startswith("/")  # file:///abs
-    if scheme == "sqlite":
-        return rest.startswith("//")  # sqlite:////abs (sqlite:///rel.db is relative)
-    return True
 
 
 def check_cluster_locations(job: JobConfig, command: str, env=os.environ) -> None:
@@ -40,7 +28,7 @@ def check_cluster_locations(job: JobConfig, command: str, env=os.environ) -> Non
     the job's environment (its MLFLOW_TRACKING_URI counts when `tracking.uri` is unset).
     """
     fix = "give an absolute path on storage every node shares, or a URI"
-    if not _durable(job.storage.path):
+    if not durable(job.storage.path):
         raise ConfigError(
             f"storage.path {job.storage.path!r} is relative; inside a Ray job it would land in "
             f"Ray's temporary working dir and be deleted: {fix} (e.g. /mnt/psat/runs, s3://…)"
@@ -53,13 +41,13 @@ def check_cluster_locations(job: JobConfig, command: str, env=os.environ) -> Non
             "export MLFLOW_TRACKING_URI=http://HEAD:5000 (psat submit forwards it) or set "
             "tracking.uri"
         )
-    if not _durable(uri):
+    if not durable(uri):
         raise ConfigError(
             f"tracking.uri {uri!r} is a relative local store; inside a Ray job it would land in "
             f"Ray's temporary working dir and be deleted: use a tracking server "
             "(http://HEAD:5000) or an absolute sqlite:////path"
         )
-    if command == "reproduce" and not _durable(job.reproduce.output):
+    if command == "reproduce" and not durable(job.reproduce.output):
         raise ConfigError(
             f"reproduce.output {job.reproduce.output!r} is relative; inside a Ray job it would "
             f"land in Ray's temporary working dir and be deleted: {fix}"

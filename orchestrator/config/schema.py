@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from orchestrator.config.file import ConfigError, read_config_file
+from orchestrator.config.locations import absolute
 from psat_core.settings import (
     ARCHS,
     DATASETS,
@@ -244,9 +245,7 @@ class StorageConfig(Section):
 
     def resolved(self) -> str:
         """Local paths become absolute (Ray workers run elsewhere); URIs stay as given."""
-        if "://" in self.path:
-            return self.path
-        return str(Path(self.path).expanduser().resolve())
+        return absolute(self.path)
 
 
 class TrackingConfig(Section):

@@ -24,6 +24,7 @@ import pyarrow.fs as pafs
 import ray
 import torch
 
+from orchestrator.config.locations import local_path
 from orchestrator.config.schema import JobConfig
 from orchestrator.runtime.progress import BoardReader, ProgressBoard
 from orchestrator.runtime.shards import read_arrays
@@ -161,8 +162,8 @@ def staged(members: Mapping[str, str]) -> Iterator[dict[str, Path]]:
     with tempfile.TemporaryDirectory(prefix="psat-members-") as tmp:
         local = {}
         for name, location in members.items():
-            if "://" not in location or location.startswith("file://"):
-                local[name] = Path(location.removeprefix("file://"))
+            if (path := local_path(location)) is not None:
+                local[name] = path
                 continue
             fs, path = pafs.FileSystem.from_uri(location)
             if fs.get_file_info(path).type != pafs.FileType.Directory:

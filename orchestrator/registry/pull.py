@@ -27,9 +27,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from orchestrator.registry.register import DIGEST_TAG, MEMBERS_TAG, STRATEGY_TAG, TRADE_OFF_TAG
 from orchestrator.runtime.reach import check_server
-from orchestrator.runtime.tracking import tracking
+from orchestrator.runtime.tracking import (
+    DIGEST_TAG,
+    MEMBERS_TAG,
+    STRATEGY_TAG,
+    TRADE_OFF_TAG,
+    tracking,
+)
 from psat_core.accounting import plain_parameters, trained_parameters
 from psat_core.checkpoint import (
     MemberSpec,

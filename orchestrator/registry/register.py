@@ -1,12 +1,12 @@
 """Registering the PSAT ensemble in the MLflow Model Registry: log, register, promote.
 
-A registered version is the pyfunc model of :mod:`orchestrator.psat_model` (models-from-code:
-that file is stored with the version), whose artifacts are the member checkpoint folders
-(``member.json`` + ``state.pt``). Every registration adds a new version (never overwritten)
+A registered version is the pyfunc model of `psat_model` (models-from-code: that file is
+stored with the version), whose artifacts are the member checkpoint folders (``member.json``
++ ``state.pt``). Every registration adds a new version (never overwritten)
 and points the alias ``candidate`` at it; ``champion`` moves to it only when its trade-off
 accuracy beats the current champion's (or when forced). The version's tags record, per member,
 its sha256 and what it is (method, norms, architecture, embedding dimension). Pulling and
-loading a version: :mod:`orchestrator.pull`.
+loading a version: `pull`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,16 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 import psat_core
-from orchestrator.runtime.tracking import tracking
+from orchestrator.runtime.tracking import (
+    DIGEST_TAG,
+    MEMBER_TAG,
+    MEMBERS_TAG,
+    PARTIAL_TAG,
+    RUN_TAG,
+    STRATEGY_TAG,
+    TRADE_OFF_TAG,
+    tracking,
+)
 from psat_core.checkpoint import (
     SPEC_FILE,
     STATE_FILE,
@@ -46,10 +55,6 @@ log = logging.getLogger(__name__)
 
 MODEL_PATH = "ensemble"  # the model's name inside its run
 CANDIDATE, CHAMPION = "candidate", "champion"
-TRADE_OFF_TAG, STRATEGY_TAG = "psat.trade_off", "psat.strategy"
-MEMBERS_TAG, RUN_TAG, PARTIAL_TAG = "psat.members", "psat.run_id", "psat.partial"
-MEMBER_TAG = "psat.member"  # psat.member.<name>: that member's MemberSpec.describe()
-DIGEST_TAG = "psat.sha256"
 EXAMPLE_SIZE = 4
 MODEL_CODE = Path(__file__).with_name("psat_model.py")  # stored with, and run by, each version
 

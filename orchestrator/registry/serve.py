@@ -1,7 +1,7 @@
 """`psat serve`: MLflow's scoring server for a registered ensemble that `pull` verified.
 
 Unlike ``mlflow models serve`` it never runs the code stored with the version: the model is
-this installed psat's :class:`~orchestrator.psat_model.PSATModel` on the verified weights. And a
+this installed psat's `psat_model.PSATModel` on the verified weights. And a
 request naming a param the signature does not declare is a 400 naming it, where MLflow drops
 it with a warning in the server log.
 """
@@ -19,7 +19,7 @@ from mlflow.pyfunc.scoring_server import init as scoring_app
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from orchestrator.registry.model import PSATModel
+from orchestrator.registry.psat_model import PSATModel
 from orchestrator.registry.pull import PulledModel
 from orchestrator.registry.register import signature
 

@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from orchestrator.config.file import ConfigError
+from orchestrator.config.locations import is_uri
 from orchestrator.config.schema import JobConfig
 
 LOCK_FILE = "job.lock"
@@ -31,7 +32,7 @@ class JobBusyError(ValueError):
 def _job_folder(job: JobConfig) -> Path | None:
     """`<storage.path>/<name>` for local or mounted storage; None for a URI (s3://, ...)."""
     storage = job.storage.resolved()
-    if "://" in storage:
+    if is_uri(storage):
         return None
     root = Path(storage)
     if root.exists() and not root.is_dir():

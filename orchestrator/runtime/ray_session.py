@@ -15,9 +15,10 @@ import torch
 from ray._private.state import state as ray_state  # the cluster's ceiling, as Train reads it
 
 from orchestrator.config.file import ConfigError
+from orchestrator.config.locations import join
 from orchestrator.config.schema import JobConfig
 from orchestrator.runtime.reach import check_address
-from orchestrator.runtime.shards import join, materialize
+from orchestrator.runtime.shards import materialize
 from orchestrator.runtime.signals import sigterm_kept
 
 log = logging.getLogger(__name__)

@@ -20,15 +20,12 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from orchestrator.config.locations import join
 from orchestrator.config.schema import JobConfig
 from psat_core.data import ImageArrays, load_dataset
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
-
-
-def join(base: str, *parts: str) -> str:
-    return "/".join([base.rstrip("/"), *parts])
 
 
 def write_arrays(arrays: ImageArrays, uri: str) -> None:

@@ -25,8 +25,25 @@ from orchestrator.runtime.reach import check_server
 
 log = logging.getLogger(__name__)
 
-JOB_TAG, ROLE_TAG, CHECKPOINT_TAG = "psat.job", "psat.role", "psat.checkpoint"
+# Every tag psat writes, here and nowhere else. Runs are found again by their tags.
+JOB_TAG = "psat.job"  # every run: the job's name
+ROLE_TAG = "psat.role"  # every run: one of ROLES
+TRAIN, SWEEP, AGGREGATE, REPRODUCE = "train", "sweep", "aggregate", "reproduce"  # a job's run
+MODEL, TRIAL = "model", "trial"  # a run nested under a job's: one trained model, one Tune trial
+ROLES = (TRAIN, SWEEP, AGGREGATE, REPRODUCE, MODEL, TRIAL)
+CHECKPOINT_TAG = (
+    "psat.checkpoint"  # a model's final checkpoint (psat.checkpoint.<plan> on its parent)
+)
 PLAN_TAG = "psat.plan"  # a model's run: the plan's name (a member's norm, "at_linf", "h8_l2")
+PLACEMENT_TAGS = ("device", "gpu_ids", "node")  # psat.<key>: where a model's worker trained
+TRIAL_TAG = "psat.trial"  # a trial's run: Tune's trial id
+TRAIN_RUN_TAG = "psat.train_run"  # an aggregate run: the training run it took its members from
+VERSION_TAG = "psat.registered_version"  # an aggregate run: the version it registered
+# a registered version's tags (the artifact store cannot rewrite them)
+TRADE_OFF_TAG, STRATEGY_TAG = "psat.trade_off", "psat.strategy"
+MEMBERS_TAG, RUN_TAG, PARTIAL_TAG = "psat.members", "psat.run_id", "psat.partial"
+MEMBER_TAG = "psat.member"  # psat.member.<name>: that member's MemberSpec.describe()
+DIGEST_TAG = "psat.sha256"  # psat.sha256.<name>: that member's checkpoint digest
 PARENT_TAG = "mlflow.parentRunId"
 
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import ray
 from mlflow.entities import RunTag
 
+from orchestrator.config.locations import is_uri
 from orchestrator.config.schema import JobConfig
 from orchestrator.runtime.progress import BoardReader, ProgressBoard
 from orchestrator.runtime.ray_session import board_name
-from orchestrator.runtime.tracking import CHECKPOINT_TAG, PLAN_TAG, Tracker
+from orchestrator.runtime.tracking import CHECKPOINT_TAG, MODEL, PLACEMENT_TAGS, PLAN_TAG, Tracker
 from orchestrator.training.plan import ModelPlan
 from orchestrator.training.trainer import train_on_ray
 
@@ -44,7 +45,7 @@ def train_models(
         plan.name: tracker.child_run(
             parent,
             f"{job.name}-{plan.name}",
-            "model",
+            MODEL,
             plan_params(tracker, plan),
             **{PLAN_TAG: plan.name},
         )
@@ -124,7 +125,7 @@ def _trained(tracker: Tracker, run_id: str, epochs: int) -> dict | None:
     checkpoint = run.data.tags.get(CHECKPOINT_TAG)
     if run.info.status != "FINISHED" or not checkpoint:
         return None
-    if "://" not in checkpoint and not Path(checkpoint, "member.json").is_file():
+    if not is_uri(checkpoint) and not Path(checkpoint, "member.json").is_file():
         return None  # removed since: train it again
     metrics = run.data.metrics | {"epoch": epochs - 1}  # the last epoch's, as a trainer's
     return {"model": run.data.tags[PLAN_TAG], "checkpoint": checkpoint, "metrics": metrics,
@@ -162,7 +163,7 @@ def _on_event(tracker: Tracker, runs: dict, event: dict, epochs: int, echo) -> N
             else f"started resuming at epoch {done + 1}/{epochs}" if done < epochs
             else f"already trained ({done}/{epochs} epochs)"
         )  # fmt: skip
-        placement = {f"psat.{key}": event[key] for key in ("device", "gpu_ids", "node")}
+        placement = {f"psat.{key}": event[key] for key in PLACEMENT_TAGS}
         tracker.client.log_batch(runs[name], tags=[RunTag(k, v) for k, v in placement.items()])
         gpus = f", Ray GPU {event['gpu_ids']}" if event["gpu_ids"] else ""
         echo(f"[{name}] {state} on {event['device']}{gpus} (pid {event['pid']})")

@@ -23,7 +23,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.config.file import ConfigError
 from orchestrator.config.schema import JobConfig, SweepRange, deep_merge
-from orchestrator.runtime.tracking import Tracker, flatten
+from orchestrator.runtime.tracking import TRIAL, TRIAL_TAG, Tracker, flatten
 from orchestrator.training.plan import OBJECTIVE, ModelPlan
 from orchestrator.training.trainer import trainer_for
 
@@ -141,10 +141,10 @@ class MlflowTrials(tune.Callback):
     def _run(self, trial) -> str:
         if trial.trial_id not in self.runs:
             params = {k: str(v) for k, v in flatten(trial.config).items()}
-            tags = {"psat.trial": trial.trial_id}
+            tags = {TRIAL_TAG: trial.trial_id}
             name = f"trial-{trial.trial_id}"
             self.runs[trial.trial_id] = self.tracker.child_run(
-                self.parent, name, "trial", params, **tags
+                self.parent, name, TRIAL, params, **tags
             )
         return self.runs[trial.trial_id]
 
