@@ -24,8 +24,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from orchestrator.config.file import parse_overrides
-from orchestrator.config.schema import JobConfig, deep_merge, load_config
+from orchestrator.config import JobConfig, deep_merge, load_config, parse_overrides
 from orchestrator.evaluation.tasks import final_attacks
 from orchestrator.runtime.shards import materialize, read_arrays
 from orchestrator.training.fit import train_in_process

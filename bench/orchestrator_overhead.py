@@ -23,8 +23,7 @@ from pathlib import Path
 import ray
 import torch
 
-from orchestrator.config.file import parse_overrides
-from orchestrator.config.schema import load_config
+from orchestrator.config import load_config, parse_overrides
 from orchestrator.runtime.shards import materialize, read_arrays
 from orchestrator.train_members import train_members
 from orchestrator.training.fit import train_in_process

@@ -19,8 +19,7 @@ import time
 
 import torch
 
-from orchestrator.config.file import parse_overrides
-from orchestrator.config.schema import load_config
+from orchestrator.config import load_config, parse_overrides
 from orchestrator.evaluation.report import table_lines
 from orchestrator.evaluation.tasks import final_attacks
 from orchestrator.runtime.shards import materialize, read_arrays

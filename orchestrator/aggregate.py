@@ -21,16 +21,12 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
+from orchestrator.config import JobConfig
 from orchestrator.config.locations import checkpoint_location
-from orchestrator.config.schema import JobConfig
 from orchestrator.evaluation.figures import accuracy_figure, choice_figure
 from orchestrator.evaluation.report import STRATEGY_NAMES, markdown_report, percent, table_lines
-from orchestrator.evaluation.tasks import (
-    Evaluation,
-    evaluate_rows,
-    evaluation_rows,
-    staged,
-)
+from orchestrator.evaluation.rows import Evaluation, aggregation_rows, member_key
+from orchestrator.evaluation.tasks import evaluate_rows, staged
 from orchestrator.registry.register import EXAMPLE_SIZE, Registration, register_ensemble
 from orchestrator.runtime.ray_session import check_ray, prepare_job
 from orchestrator.runtime.shards import read_arrays
@@ -43,7 +39,7 @@ from orchestrator.runtime.tracking import (
     VERSION_TAG,
     Tracker,
 )
-from psat_core.accounting import plain_parameters, trained_parameters
+from psat_core.accounting import plain_parameters, saving, trained_parameters
 from psat_core.checkpoint import MemberSpec, ensemble_from_checkpoints, read_spec
 from psat_core.ensemble import STRATEGIES
 
@@ -135,12 +131,12 @@ def check_members(job: JobConfig, dirs: Mapping[str, Path]) -> dict[str, MemberS
 def parameter_counts(specs: Mapping[str, MemberSpec]) -> dict[str, float]:
     """Each member's trainable parameters, their sum (the PSAT model F_H) and the saving
     against the plain ResNet of the same shape (Tables 1 and 2)."""
-    counts = {f"member.{name}": trained_parameters(spec) for name, spec in specs.items()}
+    counts = {member_key(name): trained_parameters(spec) for name, spec in specs.items()}
     spec = next(iter(specs.values()))
     aggregated = sum(counts.values())
     plain = plain_parameters(spec.arch, spec.num_classes, spec.in_channels)
     counts |= {"aggregated": aggregated, "plain": plain}
-    counts["saving"] = 1.0 - aggregated / counts["plain"]
+    counts["saving"] = saving(aggregated, plain)
     return counts
 
 
@@ -220,8 +216,8 @@ def aggregate(
             f"evaluating {', '.join(members)} and the ensemble on {where} (a Ray task per row, "
             f"suite {job.evaluation.suite!r})"
         )
-        rows = evaluation_rows(members)
-        evaluation = Evaluation.of(evaluate_rows(job, rows, manifest["eval"], echo))
+        rows = aggregation_rows(members, STRATEGIES)
+        evaluation = Evaluation.of(evaluate_rows(job, rows, members, manifest["eval"], echo))
         params = tracker.params() | {f"member.{n}": loc for n, loc in members.items()}
         run_id = _aggregate_run(job, tracker, params, train_run, echo)
         with tracker.run(run_id):
@@ -314,7 +310,7 @@ def _aggregate_run(
 
 
 def summary_lines(result: AggregateResult, strategy: str) -> list[str]:
-    labels = {f"H_{n}": result.rows[f"member.{n}"] for n in result.members}
+    labels = {f"H_{n}": result.rows[member_key(n)] for n in result.members}
     labels |= {f"PSAT {STRATEGY_NAMES[s].lower()}": result.rows[s] for s in STRATEGIES}
     lines = table_lines(labels)
     p = result.parameters

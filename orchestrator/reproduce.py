@@ -22,13 +22,14 @@ from pathlib import Path
 
 import ray
 
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import JobConfig
 from orchestrator.evaluation.claims import Claim
 from orchestrator.evaluation.report import (
     HEADERS,
 )
 from orchestrator.evaluation.reproduction import _unique, write_report
-from orchestrator.evaluation.tasks import Row, RowResult, evaluate_rows
+from orchestrator.evaluation.rows import Row
+from orchestrator.evaluation.tasks import RowResult, evaluate_rows
 from orchestrator.runtime.ray_session import check_ray, prepare_job
 from orchestrator.runtime.tracking import REPRODUCE, Tracker
 from orchestrator.training.driver import train_models
@@ -134,7 +135,7 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
     """
     res = job.resources
     plans = model_plans(job)
-    per_trainer = res.workers_per_member * (res.gpus or res.cpus_per_worker)
+    per_trainer = res.gpus_per_model or res.cpus_per_model
     concurrency = job.reproduce.concurrent_trainers
     check_ray(job, per_trainer)  # what can be refused before Ray starts is
     tracker = Tracker(job)
@@ -149,8 +150,7 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
         tables = table_rows(job)
         rows = sorted(_unique(tables), key=lambda row: -len(row.models))  # ensembles cost most
         echo(f"evaluating {len(rows)} rows (Ray tasks): {', '.join(r.label for r in rows)}")
-        specs = {row.key: ({m: checkpoints[m] for m in row.models}, row.strategy) for row in rows}
-        results = evaluate_rows(job, specs, manifest["eval"], echo)
+        results = evaluate_rows(job, rows, checkpoints, manifest["eval"], echo)
         final, claims = _write_and_log(job, tables, results, tracker, run_id)
     for claim in claims:
         echo(claim.line().removeprefix("- ").replace("**", ""))

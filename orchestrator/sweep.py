@@ -18,6 +18,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable
+from math import nan
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,8 +27,8 @@ import pyarrow.parquet as pq
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
+from orchestrator.config import JobConfig
 from orchestrator.config.locations import join
-from orchestrator.config.schema import JobConfig
 from orchestrator.evaluation.figures import tradeoff_figure
 from orchestrator.runtime.ray_session import check_ray, prepare_job
 from orchestrator.runtime.tracking import SWEEP, Tracker
@@ -53,7 +54,7 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
     check_space(job)
     search = search_algorithm(job)
     res = job.resources
-    trial = 1 + res.workers_per_member * res.cpus_per_worker  # the trial's driver + its workers
+    trial = 1 + res.cpus_per_model  # the trial's driver + its workers
     check_ray(job, trial)  # what can be refused before Ray starts is refused first
     tracker = Tracker(job)
     tracker.resumable(SWEEP)
@@ -142,7 +143,11 @@ def _write_outputs(job, experiment: str, rows, best, tracker: Tracker, parent: s
             for row in rows
         ]
     )
-    figure = tradeoff_figure(rows, job.model.arch)
+    curves: dict[str, list] = {}
+    for row in rows:
+        point = (row["embedding_dim"], row["param_share"], row["metrics"].get("trade_off", nan))
+        curves.setdefault(f"member {row['norm']}", []).append(point)
+    figure = tradeoff_figure(dict(sorted(curves.items())), job.model.arch)
     fs, root = pafs.FileSystem.from_uri(experiment)
     with tempfile.TemporaryDirectory() as directory:
         local = Path(directory)

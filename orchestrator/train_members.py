@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import JobConfig
 from orchestrator.runtime.ray_session import check_ray, prepare_job
 from orchestrator.runtime.tracking import TRAIN, Tracker
 from orchestrator.training.driver import train_models
@@ -31,7 +31,7 @@ def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[s
     check_ray(job)  # what can be refused before Ray starts is refused first
     tracker = Tracker(job)
     tracker.resumable(TRAIN)
-    manifest = prepare_job(job, len(plans) * res.workers_per_member * res.cpus_per_worker)
+    manifest = prepare_job(job, len(plans) * res.cpus_per_model)
     with tracker.job_run(TRAIN) as parent:
         results = train_models(job, plans, manifest, tracker, parent, len(plans), echo)
     echo(f"members finished; MLflow parent run {parent}")

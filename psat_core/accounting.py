@@ -25,8 +25,7 @@ class ParameterReport:
 
     @property
     def saving(self) -> float:
-        """Fraction of the plain ResNet's parameters saved (negative: the ensemble is larger)."""
-        return 1.0 - self.aggregated / self.plain
+        return saving(self.aggregated, self.plain)
 
     def lines(self) -> list[str]:
         return [
@@ -36,6 +35,12 @@ class ParameterReport:
             f"plain {self.arch}: {self.plain:>12,}",
             f"saving:           {100 * self.saving:>11.2f}%",
         ]
+
+
+def saving(parameters: int, plain: int) -> float:
+    """Fraction of the plain ResNet's parameters saved (Table 1's "Paras Saving"; negative: the
+    ensemble is larger)."""
+    return 1.0 - parameters / plain
 
 
 def plain_parameters(arch: str, num_classes: int, in_channels: int = 3) -> int:

@@ -28,7 +28,7 @@ def tiny_job(tmp_path):
     """A tiny job config dict (digits, 128 images, 2 epochs) storing everything under tmp_path."""
 
     def make(name: str, **sections):
-        from orchestrator.config.schema import deep_merge
+        from orchestrator.config import deep_merge
 
         base = deep_merge(
             TINY,

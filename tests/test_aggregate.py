@@ -24,7 +24,7 @@ from orchestrator.aggregate import (
     member_checkpoints,
     parameter_counts,
 )
-from orchestrator.config.schema import parse_config
+from orchestrator.config import parse_config
 from orchestrator.evaluation.figures import accuracy_figure, choice_figure
 from orchestrator.evaluation.report import COLUMNS, markdown_report
 from orchestrator.evaluation.tasks import evaluate_checkpoints, evaluation_rows, lenders

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config.schema import load_config
+from orchestrator.config import load_config
 
 ROOT = Path(__file__).parents[1]
 

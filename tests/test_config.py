@@ -2,10 +2,15 @@ import re
 
 import pytest
 
-from orchestrator.config.cluster import check_cluster_locations
-from orchestrator.config.file import ConfigError, parse_overrides
+from orchestrator.config import (
+    ConfigError,
+    check_cluster_locations,
+    deep_merge,
+    load_config,
+    parse_config,
+    parse_overrides,
+)
 from orchestrator.config.locations import checkpoint_location
-from orchestrator.config.schema import deep_merge, load_config, parse_config
 
 QUICKSTART = "jobs/configs/quickstart.yaml"
 

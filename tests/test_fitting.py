@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from orchestrator.config.schema import deep_merge, parse_config
+from orchestrator.config import deep_merge, parse_config
 from orchestrator.training.fit import Fit, train_in_process
 from orchestrator.training.plan import ModelPlan
 from psat_core.accounting import trained_parameters

@@ -8,7 +8,7 @@ import ray
 import torch
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config.schema import parse_config
+from orchestrator.config import parse_config
 from orchestrator.train_members import train_members
 
 pytestmark = pytest.mark.slow
@@ -102,7 +102,7 @@ def test_fractional_gpus_put_three_members_on_one(local_ray, tiny_job):
     [(1.5, "a fraction of a GPU must be at most 1"), (0, "greater than 0")],
 )
 def test_gpus_per_worker_is_a_fraction_or_whole(value, message):
-    from orchestrator.config.file import ConfigError
+    from orchestrator.config import ConfigError
 
     resources = {"use_gpu": True, "gpus_per_worker": value}
     with pytest.raises(ConfigError, match=f"resources.gpus_per_worker.*{message}"):

@@ -21,7 +21,7 @@ from cluster import MlflowServer, free_port
 from helpers import write_member
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config.schema import deep_merge, parse_config
+from orchestrator.config import deep_merge, parse_config
 from orchestrator.runtime.locking import job_lock
 from orchestrator.runtime.tracking import Tracker
 

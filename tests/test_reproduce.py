@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.config.schema import parse_config
+from orchestrator.config import parse_config
 from orchestrator.evaluation.claims import Claim, claims_table, judged_protocols, paper_claims
-from orchestrator.evaluation.tasks import Row, evaluate_row
+from orchestrator.evaluation.rows import Row
+from orchestrator.evaluation.tasks import evaluate_row
 from orchestrator.reproduce import model_plans, table_rows
 from psat_core.metrics import standard_error
 from psat_core.models import NoiseGenerator, count_parameters
@@ -247,7 +248,7 @@ def test_tiny_reproduction_end_to_end(local_ray, tiny_job, tmp_path):
     ],
 )
 def test_bad_reproduce_settings_name_the_field(section, field):
-    from orchestrator.config.file import ConfigError
+    from orchestrator.config import ConfigError
 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         parse_config({"name": "r", **section})

@@ -1,8 +1,8 @@
 import pyarrow.parquet as pq
 import torch
 
+from orchestrator.config import parse_config
 from orchestrator.config.locations import join
-from orchestrator.config.schema import parse_config
 from orchestrator.runtime.shards import materialize, read_arrays, write_arrays
 from psat_core.data import ImageArrays
 

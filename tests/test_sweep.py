@@ -14,8 +14,7 @@ import yaml
 from helpers import ray_actors
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config.file import ConfigError
-from orchestrator.config.schema import parse_config
+from orchestrator.config import ConfigError, parse_config
 from orchestrator.training.tune import check_space, trial_job
 from psat_core.checkpoint import read_spec
 

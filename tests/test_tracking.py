@@ -9,7 +9,7 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config.schema import parse_config
+from orchestrator.config import parse_config
 from orchestrator.runtime.tracking import Tracker, ensure_experiment
 
 

@@ -12,7 +12,7 @@ import pytest
 from helpers import ray_actors
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config.schema import deep_merge, parse_config
+from orchestrator.config import deep_merge, parse_config
 from orchestrator.runtime.ray_session import board_name
 from orchestrator.train_members import train_members
 

@@ -239,6 +239,21 @@ class ResourcesConfig(Section):
         """GPUs one worker holds (0 without use_gpu)."""
         return self.gpus_per_worker if self.use_gpu else 0
 
+    @property
+    def cpus_per_model(self) -> float:
+        """CPUs one model's workers hold together."""
+        return self.workers_per_member * self.cpus_per_worker
+
+    @property
+    def gpus_per_model(self) -> float:
+        """GPUs one model's workers hold together (0 without use_gpu)."""
+        return self.workers_per_member * self.gpus
+
+    def ray_address(self) -> str | None:
+        """The cluster to join: `address`, else $RAY_ADDRESS (set inside Ray Jobs), else None
+        (a local Ray)."""
+        return self.address or os.environ.get("RAY_ADDRESS")
+
 
 class StorageConfig(Section):
     path: str = "./psat_runs"

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import JobConfig
 from orchestrator.evaluation.report import HEADERS, markdown_table, percent
-from orchestrator.evaluation.tasks import Row
+from orchestrator.evaluation.rows import Row
 from orchestrator.training.plan import MULTI_NORM
 from psat_core.metrics import paired_bootstrap
 

@@ -3,44 +3,18 @@ against the parameter share (the paper's Figure 2, for the reproduction and the 
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Mapping
 
 from matplotlib.figure import Figure
 
 from orchestrator.evaluation.report import COLUMNS, HEADERS, STRATEGY_NAMES, attack_label
-from orchestrator.evaluation.tasks import Row, RowResult
+from orchestrator.evaluation.rows import member_key
 from psat_core.ensemble import STRATEGIES
-
-
-def figure2(
-    dims: list[int],
-    rows: list[Row],
-    results: Mapping[str, RowResult],
-    plain: int,
-    baselines: Mapping[str, float],
-) -> Figure:
-    """Figure 2: PSAT's trade-off against its parameter share of the plain ResNet, one point
-    per embedding dimension, with the best single- and multi-perturbation baselines."""
-    fig = Figure(figsize=(6, 4.5), layout="constrained")
-    ax = fig.add_subplot()
-    share = [100 * results[r.key].parameters / plain for r in rows]
-    trade = [100 * results[r.key].row["trade_off"] for r in rows]
-    ax.plot(share, trade, "o-", label="PSAT")
-    for dim, x, y in zip(dims, share, trade, strict=True):
-        ax.annotate(f"z={dim}", (x, y), textcoords="offset points", xytext=(4, 4))
-    for (label, value), style in zip(baselines.items(), ("--", ":"), strict=True):
-        ax.axhline(100 * value, linestyle=style, color="gray", label=label)
-    ax.set_xlabel("parameters (% of the plain ResNet)")
-    ax.set_ylabel("trade-off accuracy (%)")
-    ax.set_title("Trade-off vs parameter share (Figure 2)")
-    ax.legend(fontsize="small")
-    return fig
 
 
 def accuracy_figure(rows: Mapping[str, Mapping[str, float]], names: list[str]) -> Figure:
     """Grouped bars: per column, each member alone and the ensemble under both strategies."""
-    series = [(f"H_{n}", rows[f"member.{n}"]) for n in names]
+    series = [(f"H_{n}", rows[member_key(n)]) for n in names]
     series += [(f"PSAT {STRATEGY_NAMES[s].lower()}", rows[s]) for s in STRATEGIES]
     return accuracy_bars(series, "Accuracy per attack: members vs the PSAT ensemble")
 
@@ -82,25 +56,27 @@ def choice_figure(
     return fig
 
 
-def tradeoff_figure(rows: list[dict], arch: str):
-    """Figure 2: trade-off accuracy against the PSAT model's share of the plain ResNet's params."""
-    figure = Figure(figsize=(6, 4))
-    axis = figure.subplots()
-    for norm, group in itertools.groupby(
-        sorted(rows, key=lambda r: r["norm"]), lambda r: r["norm"]
-    ):
-        group = sorted(group, key=lambda r: r["param_share"])
-        xs = [100 * r["param_share"] for r in group]
-        ys = [100 * r["metrics"].get("trade_off", float("nan")) for r in group]
-        axis.plot(xs, ys, "o-", label=f"member {norm}")
-        for r, x, y in zip(group, xs, ys, strict=True):
-            axis.annotate(
-                f"z={r['embedding_dim']}", (x, y), textcoords="offset points", xytext=(3, 3)
-            )
-    axis.set_xlabel(f"PSAT parameters (% of plain {arch})")
-    axis.set_ylabel("trade-off accuracy (%)")
-    axis.set_title("Trade-off accuracy vs parameter share (paper Fig. 2)")
-    axis.legend()
-    axis.grid(alpha=0.3)
-    figure.tight_layout()
-    return figure
+def tradeoff_figure(
+    curves: Mapping[str, list[tuple[int, float, float]]],
+    plain: str,
+    baselines: Mapping[str, float] | None = None,
+) -> Figure:
+    """The paper's Figure 2: trade-off accuracy against the parameter share of the plain
+    ResNet (`plain` names it). ``curves``: label -> points ``(embedding dim, share, trade-off)``
+    (fractions), one line each; ``baselines``: label -> trade-off, drawn as horizontal lines."""
+    fig = Figure(figsize=(6, 4.5), layout="constrained")
+    ax = fig.add_subplot()
+    for label, points in curves.items():
+        points = sorted(points, key=lambda point: point[1])
+        xs, ys = [100 * p[1] for p in points], [100 * p[2] for p in points]
+        ax.plot(xs, ys, "o-", label=label)
+        for (dim, _, _), x, y in zip(points, xs, ys, strict=True):
+            ax.annotate(f"z={dim}", (x, y), textcoords="offset points", xytext=(4, 4))
+    for (label, value), style in zip((baselines or {}).items(), ("--", ":"), strict=False):
+        ax.axhline(100 * value, linestyle=style, color="gray", label=label)
+    ax.set_xlabel(f"parameters (% of the plain {plain})")
+    ax.set_ylabel("trade-off accuracy (%)")
+    ax.set_title("Trade-off vs parameter share (Figure 2)")
+    ax.legend(fontsize="small")
+    ax.grid(alpha=0.3)
+    return fig

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from orchestrator.config.schema import JobConfig
-from orchestrator.evaluation.tasks import Evaluation
+from orchestrator.config import JobConfig
+from orchestrator.evaluation.rows import Evaluation, member_key
 from psat_core.ensemble import STRATEGIES
 from psat_core.metrics import TABLE1_KEYS, norm_of
 from psat_core.protocol import AUTOATTACK
@@ -135,7 +135,7 @@ def _summary(job: JobConfig, members: Mapping[str, str], evaluation: Evaluation)
 
 def _tables_3_and_4(rows: Mapping[str, dict], names: list[str], strategy: str) -> list[str]:
     header = [HEADERS[c] for c in COLUMNS]
-    members = [_accuracy_row(f"H_{n}", rows[f"member.{n}"]) for n in names]
+    members = [_accuracy_row(f"H_{n}", rows[member_key(n)]) for n in names]
     ensemble = _accuracy_row(f"PSAT ({STRATEGY_NAMES[strategy]})", rows[strategy])
     strategies = [_accuracy_row(STRATEGY_NAMES[s], rows[s]) for s in STRATEGIES]
     return [
@@ -151,7 +151,7 @@ def _tables_3_and_4(rows: Mapping[str, dict], names: list[str], strategy: str) -
 
 def _every_attack(evaluation: Evaluation, names: list[str]) -> list[str]:
     rows = evaluation.rows
-    models = {f"H_{n}": rows[f"member.{n}"] for n in names}
+    models = {f"H_{n}": rows[member_key(n)] for n in names}
     models |= {f"PSAT ({STRATEGY_NAMES[s]})": rows[s] for s in STRATEGIES}
     return [
         "## Every attack",
@@ -180,7 +180,7 @@ def _member_choice(choice: Mapping[str, dict], names: list[str]) -> list[str]:
 
 
 def _parameters(parameters: Mapping[str, float], names: list[str], arch: str) -> list[str]:
-    counts = [[f"H_{n}", f"{int(parameters[f'member.{n}']):,}"] for n in names]
+    counts = [[f"H_{n}", f"{int(parameters[member_key(n)]):,}"] for n in names]
     counts += [
         [f"PSAT ({len(names)} members)", f"{int(parameters['aggregated']):,}"],
         [f"plain {arch}", f"{int(parameters['plain']):,}"],

@@ -8,9 +8,9 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import JobConfig
 from orchestrator.evaluation.claims import Claim, claims_table, judged_protocols, paper_claims
-from orchestrator.evaluation.figures import accuracy_bars, figure2
+from orchestrator.evaluation.figures import accuracy_bars, tradeoff_figure
 from orchestrator.evaluation.report import (
     COLUMNS,
     HEADERS,
@@ -19,9 +19,10 @@ from orchestrator.evaluation.report import (
     markdown_table,
     percent,
 )
-from orchestrator.evaluation.tasks import Row, RowResult
+from orchestrator.evaluation.rows import Row
+from orchestrator.evaluation.tasks import RowResult
 from orchestrator.training.plan import MULTI_NORM, figure_dims
-from psat_core.accounting import plain_parameters
+from psat_core.accounting import plain_parameters, saving
 
 
 def _row_cells(row: Row, result: RowResult, protocol: str, extra: list[str]) -> list[str]:
@@ -45,8 +46,8 @@ def table_markdown(
     cells = []
     for row in rows:
         parameters = results[row.key].parameters
-        saving = "-" if row.strategy is None else f"↓ {percent(1 - parameters / plain)}"
-        cells.append(_row_cells(row, results[row.key], protocol, [f"{parameters:,}", saving]))
+        saved = "-" if row.strategy is None else f"↓ {percent(saving(parameters, plain))}"
+        cells.append(_row_cells(row, results[row.key], protocol, [f"{parameters:,}", saved]))
     return markdown_table([*header, "# of Paras", "Paras Saving"], cells)
 
 
@@ -74,7 +75,12 @@ def figure2_section(
         "best multi-norm AT": max(trade_off[f"at_{m}"] for m in MULTI_NORM),
     }
     dims = figure_dims(job)
-    figure2(dims, rows, results, plain, best).savefig(out / "figure2.png", dpi=120)
+    points = [
+        (dim, results[row.key].parameters / plain, trade_off[row.key])
+        for dim, row in zip(dims, rows, strict=True)
+    ]
+    figure = tradeoff_figure({"PSAT": points}, job.model.arch, best)
+    figure.savefig(out / "figure2.png", dpi=120)
     cells = [
         [
             f"PSAT z={dim}" + (" (Table 1)" if dim == job.model.embedding_dim else ""),

@@ -15,7 +15,7 @@ from __future__ import annotations
 import tempfile
 import time
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,14 +24,15 @@ import pyarrow.fs as pafs
 import ray
 import torch
 
+from orchestrator.config import JobConfig
 from orchestrator.config.locations import local_path
-from orchestrator.config.schema import JobConfig
+from orchestrator.evaluation.rows import Row
 from orchestrator.runtime.progress import BoardReader, ProgressBoard
 from orchestrator.runtime.shards import read_arrays
 from psat_core.accounting import trained_parameters
 from psat_core.adaptive import member_examples
 from psat_core.checkpoint import ensemble_from_checkpoints, read_spec
-from psat_core.ensemble import STRATEGIES, PSATEnsemble
+from psat_core.ensemble import PSATEnsemble
 from psat_core.metrics import (
     PerSampleResult,
     Progress,
@@ -42,7 +43,6 @@ from psat_core.metrics import (
 )
 from psat_core.protocol import attack_suite, paper_view, transfer_crafters
 
-Rows = Mapping[str, tuple[dict[str, str], str | None]]
 # norm -> (candidates, N, *): adversarial examples against members (`member_examples`)
 Examples = dict[str, torch.Tensor]
 
@@ -82,26 +82,6 @@ class RowResult:
         return {column: standard_error(v) for column, v in self.examples(protocol).items()}
 
 
-@dataclass(frozen=True)
-class Evaluation:
-    """Tables 3 and 4's rows of one aggregation: ``rows`` and ``choice`` (per strategy) by key."""
-
-    rows: dict[str, dict[str, float]]
-    choice: dict[str, dict[str, dict[str, float]]]
-    samples: int
-    device: str
-
-    @classmethod
-    def of(cls, results: Mapping[str, RowResult]) -> Evaluation:
-        first = next(iter(results.values()))
-        return cls(
-            rows={key: result.row for key, result in results.items()},
-            choice={key: result.choice for key, result in results.items() if result.choice},
-            samples=first.samples,
-            device=first.device,
-        )
-
-
 def row_seed(data_seed: int, models: Iterable[str]) -> int:
     """The attacks' seed for a row of ``models``: the same weights evaluated twice, or a
     one-member ensemble and its member, draw the same random starts."""
@@ -126,22 +106,18 @@ def final_attacks(
     )
 
 
-def lenders(job: JobConfig, rows: Rows) -> tuple[dict[str, list[str]], set[str]]:
+def lenders(job: JobConfig, rows: Sequence[Row]) -> tuple[dict[str, list[str]], set[str]]:
     """Ensemble row -> the member rows (one per member, in its order) whose adversarial
     examples its transfer attack scores instead of crafting them again: every ensemble row all
     of whose members are rows of their own, under a suite with a transfer attack. Second, the
     member rows that lend."""
     if not any(name.endswith("/transfer") for name in final_attacks(job, True, 0)):
         return {}, set()
-    alone = {
-        next(iter(ckpts.items())): key
-        for key, (ckpts, strategy) in rows.items()
-        if strategy is None and len(ckpts) == 1
-    }
+    alone = {row.models[0]: row.key for row in rows if row.strategy is None}
     found = {
-        key: [alone.get(item) for item in ckpts.items()]
-        for key, (ckpts, strategy) in rows.items()
-        if strategy is not None
+        row.key: [alone.get(model) for model in row.models]
+        for row in rows
+        if row.strategy is not None
     }
     borrowers = {key: members for key, members in found.items() if all(members)}
     return borrowers, {member for members in borrowers.values() for member in members}
@@ -171,13 +147,6 @@ def staged(members: Mapping[str, str]) -> Iterator[dict[str, Path]]:
             local[name] = Path(tmp) / name
             pafs.copy_files(path, str(local[name]), source_filesystem=fs)
         yield local
-
-
-def evaluation_rows(members: Mapping[str, str]) -> dict[str, tuple[dict[str, str], str | None]]:
-    """Tables 3 and 4's rows: ``member.<name>`` (one checkpoint, no strategy) and, per strategy,
-    the ensemble of all members; each as ``(checkpoints, strategy)``."""
-    rows = {f"member.{name}": ({name: location}, None) for name, location in members.items()}
-    return rows | {strategy: (dict(members), strategy) for strategy in STRATEGIES}
 
 
 def evaluate_ensemble(
@@ -308,11 +277,16 @@ def progress_line(event: Mapping) -> str:
 
 
 def evaluate_rows(
-    job: JobConfig, rows: Rows, eval_uri: str, echo: Callable[[str], None] = print
+    job: JobConfig,
+    rows: Sequence[Row],
+    checkpoints: Mapping[str, str],
+    eval_uri: str,
+    echo: Callable[[str], None] = print,
 ) -> dict[str, RowResult]:
     """Every row as a Ray task on the connected cluster (`evaluation.concurrent_rows` at
-    once), printing each finished attack. Member rows that lend their examples (`lenders`)
-    run first; an ensemble row starts once its members' rows have ended."""
+    once), its models' ``checkpoints`` (name -> location), printing each finished attack.
+    Member rows that lend their examples (`lenders`) run first; an ensemble row starts once
+    its members' rows have ended."""
     res = job.resources
     task = evaluate_row_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus)
     board = ProgressBoard.remote()
@@ -324,7 +298,8 @@ def evaluate_rows(
         for event in new_events():
             echo(progress_line(event))
 
-    waiting = sorted(rows, key=lambda key: key not in lending)  # stable: lenders first
+    by_key = {row.key: row for row in rows}
+    waiting = sorted(by_key, key=lambda key: key not in lending)  # stable: lenders first
     refs, lent, pending, ended = {}, {}, {}, set()
     at_once = job.evaluation.concurrent_rows or len(waiting)
     try:
@@ -332,10 +307,11 @@ def evaluate_rows(
             ready = [k for k in waiting if set(borrowers.get(k, ())) <= ended]
             for key in ready[: max(at_once - len(pending), 0)]:
                 waiting.remove(key)
-                checkpoints, strategy = rows[key]
+                row = by_key[key]
+                models = {name: checkpoints[name] for name in row.models}
                 borrowed = [lent[member] for member in borrowers.get(key, ())]
                 refs[key], lent[key] = task.remote(
-                    job_dict, checkpoints, strategy, eval_uri, board, key, key in lending,
+                    job_dict, models, row.strategy, eval_uri, board, key, key in lending,
                     *borrowed,
                 )  # fmt: skip
                 pending[refs[key]] = key
@@ -349,28 +325,3 @@ def evaluate_rows(
     for key, result in results.items():
         echo(f"[{key}] evaluated in {_duration(result.seconds)}")
     return results
-
-
-def evaluate_checkpoints(job_dict: dict, members: dict[str, str], eval_uri: str) -> Evaluation:
-    """Tables 3 and 4 on the eval split, in this process: every member alone (lending its
-    examples), then the ensemble per strategy."""
-    job = JobConfig.model_validate(job_dict)
-    rows = evaluation_rows(members)
-    borrowers, lending = lenders(job, rows)
-    results, lent = {}, {}
-    for key, (ckpts, strategy) in rows.items():  # members first
-        borrowed = [lent[member] for member in borrowers.get(key, ())]
-        results[key], lent[key] = evaluate_row(
-            job_dict, ckpts, strategy, eval_uri, None, "", key in lending, *borrowed
-        )
-    return Evaluation.of(results)
-
-
-@dataclass(frozen=True)
-class Row:
-    """One evaluated line of the tables: a single model, or an ensemble under a strategy."""
-
-    key: str
-    label: str
-    models: tuple[str, ...]  # plan names
-    strategy: str | None = None  # None: a single model

@@ -35,7 +35,7 @@ from orchestrator.runtime.tracking import (
     TRADE_OFF_TAG,
     tracking,
 )
-from psat_core.accounting import plain_parameters, trained_parameters
+from psat_core.accounting import plain_parameters, saving, trained_parameters
 from psat_core.checkpoint import (
     MemberSpec,
     checkpoint_digest,
@@ -126,7 +126,7 @@ class PulledModel:
 
     @property
     def saving(self) -> float:
-        return 1.0 - self.parameters / self.plain_parameters
+        return saving(self.parameters, self.plain_parameters)
 
     def lines(self) -> list[str]:
         spec = next(iter(self.specs.values()))

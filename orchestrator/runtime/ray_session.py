@@ -14,9 +14,8 @@ import ray
 import torch
 from ray._private.state import state as ray_state  # the cluster's ceiling, as Train reads it
 
-from orchestrator.config.file import ConfigError
+from orchestrator.config import ConfigError, JobConfig
 from orchestrator.config.locations import join
-from orchestrator.config.schema import JobConfig
 from orchestrator.runtime.reach import check_address
 from orchestrator.runtime.shards import materialize
 from orchestrator.runtime.signals import sigterm_kept
@@ -67,8 +66,8 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
 def _required(job: JobConfig, cpus_required: float | None) -> dict[str, float]:
     res = job.resources
     return {
-        "CPU": cpus_required or res.workers_per_member * res.cpus_per_worker,
-        "GPU": res.workers_per_member * res.gpus,
+        "CPU": cpus_required or res.cpus_per_model,
+        "GPU": res.gpus_per_model,
     }
 
 
@@ -76,7 +75,7 @@ def check_ray(job: JobConfig, cpus_required: float | None = None) -> None:
     """What can be checked about Ray before anything is written or started, else a
     ConfigError: the cluster to join accepts connections (`check_address`); where the job
     starts a Ray of its own, what one model needs at once fits this machine."""
-    address = job.resources.address or os.environ.get("RAY_ADDRESS")
+    address = job.resources.ray_address()
     if address:
         check_address(address)
     if address or ray.is_initialized():
@@ -90,7 +89,7 @@ def check_ray(job: JobConfig, cpus_required: float | None = None) -> None:
 def join_cluster(job: JobConfig) -> str | None:
     """Connect to `resources.address` (else $RAY_ADDRESS, set inside Ray Jobs) once; return it,
     or None where there is no cluster to join."""
-    address = job.resources.address or os.environ.get("RAY_ADDRESS")
+    address = job.resources.ray_address()
     if address and not ray.is_initialized():
         check_address(address)
         verbose = log.isEnabledFor(logging.DEBUG)

@@ -6,13 +6,11 @@ connects (`ray_session.join_cluster`, `tracking.open_store`).
 
 from __future__ import annotations
 
-import os
 import socket
 import urllib.error
 import urllib.request
 
-from orchestrator.config.file import ConfigError
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import ConfigError, JobConfig
 
 REACH_TIMEOUT_S = 5  # a service that has not answered by then is down or elsewhere
 
@@ -21,7 +19,7 @@ def check_services(job: JobConfig) -> None:
     """The job's tracking server (`tracking.uri`, else $MLFLOW_TRACKING_URI) and the Ray cluster
     it joins (`resources.address`, else $RAY_ADDRESS) answer."""
     check_server(job.tracking.resolved_uri())
-    address = job.resources.address or os.environ.get("RAY_ADDRESS")
+    address = job.resources.ray_address()
     if address:
         check_address(address)
 

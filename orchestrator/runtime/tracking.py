@@ -18,8 +18,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config.file import ConfigError
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import ConfigError, JobConfig
 from orchestrator.runtime.locking import file_lock
 from orchestrator.runtime.reach import check_server
 
@@ -27,13 +26,11 @@ log = logging.getLogger(__name__)
 
 # Every tag psat writes, here and nowhere else. Runs are found again by their tags.
 JOB_TAG = "psat.job"  # every run: the job's name
-ROLE_TAG = "psat.role"  # every run: one of ROLES
+ROLE_TAG = "psat.role"  # every run: one of the roles below
 TRAIN, SWEEP, AGGREGATE, REPRODUCE = "train", "sweep", "aggregate", "reproduce"  # a job's run
 MODEL, TRIAL = "model", "trial"  # a run nested under a job's: one trained model, one Tune trial
-ROLES = (TRAIN, SWEEP, AGGREGATE, REPRODUCE, MODEL, TRIAL)
-CHECKPOINT_TAG = (
-    "psat.checkpoint"  # a model's final checkpoint (psat.checkpoint.<plan> on its parent)
-)
+# a model's final checkpoint (psat.checkpoint.<plan> on its parent)
+CHECKPOINT_TAG = "psat.checkpoint"
 PLAN_TAG = "psat.plan"  # a model's run: the plan's name (a member's norm, "at_linf", "h8_l2")
 PLACEMENT_TAGS = ("device", "gpu_ids", "node")  # psat.<key>: where a model's worker trained
 TRIAL_TAG = "psat.trial"  # a trial's run: Tune's trial id

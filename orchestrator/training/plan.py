@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import JobConfig
 from psat_core.checkpoint import MemberSpec
 
 OBJECTIVE = "objective"  # the metric holding `ModelPlan.objective`'s value

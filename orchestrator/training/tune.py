@@ -21,8 +21,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from orchestrator.config.file import ConfigError
-from orchestrator.config.schema import JobConfig, SweepRange, deep_merge
+from orchestrator.config import ConfigError, JobConfig, SweepRange, deep_merge
 from orchestrator.runtime.tracking import TRIAL, TRIAL_TAG, Tracker, flatten
 from orchestrator.training.plan import OBJECTIVE, ModelPlan
 from orchestrator.training.trainer import trainer_for
@@ -112,8 +111,8 @@ def trial_concurrency(job: JobConfig) -> int:
     res = job.resources
     available = ray.cluster_resources()
     if res.use_gpu:
-        return max(1, int(available.get("GPU", 0) // (res.workers_per_member * res.gpus)))
-    per_trial = 1 + res.workers_per_member * res.cpus_per_worker
+        return max(1, int(available.get("GPU", 0) // res.gpus_per_model))
+    per_trial = 1 + res.cpus_per_model
     return max(1, int(available.get("CPU", 1) // per_trial))
 
 
