@@ -53,3 +53,23 @@ def write_member(
     model = dataclasses.replace(spec, embedding_dim=embedding_dim).build()
     save_member(directory, spec, {"model": model.state_dict(), "epoch": 0})
     return directory
+
+
+def evaluate_in_process(job_dict: dict, members: dict[str, str], eval_uri: str):
+    """The aggregation's rows evaluated in this process, without Ray (each row as its Ray task
+    would): every member alone, lending its examples, then the ensemble per strategy."""
+    from orchestrator.config import JobConfig
+    from orchestrator.evaluation.rows import Evaluation, aggregation_rows
+    from orchestrator.evaluation.tasks import evaluate_row, lenders
+    from psat_core.ensemble import STRATEGIES
+
+    rows = aggregation_rows(members, STRATEGIES)
+    borrowers, lending = lenders(JobConfig.model_validate(job_dict), rows)
+    results, lent = {}, {}
+    for row in rows:  # members first
+        borrowed = [lent[member] for member in borrowers.get(row.key, ())]
+        models = {name: members[name] for name in row.models}
+        results[row.key], lent[row.key] = evaluate_row(
+            job_dict, models, row.strategy, eval_uri, None, "", row.key in lending, *borrowed
+        )
+    return Evaluation.of(results)

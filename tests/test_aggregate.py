@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import ray
 import torch
-from helpers import ray_tasks, write_member
+from helpers import evaluate_in_process, ray_tasks, write_member
 from mlflow.tracking import MlflowClient
 
 from orchestrator.aggregate import (
@@ -27,7 +27,8 @@ from orchestrator.aggregate import (
 from orchestrator.config import parse_config
 from orchestrator.evaluation.figures import accuracy_figure, choice_figure
 from orchestrator.evaluation.report import COLUMNS, markdown_report
-from orchestrator.evaluation.tasks import evaluate_checkpoints, evaluation_rows, lenders
+from orchestrator.evaluation.rows import aggregation_rows
+from orchestrator.evaluation.tasks import lenders
 from orchestrator.registry.pull import load_ensemble
 from orchestrator.registry.register import CANDIDATE, CHAMPION
 from orchestrator.runtime.shards import read_arrays, write_arrays
@@ -81,7 +82,7 @@ def evaluation(tmp_path_factory, members) -> tuple[dict, str]:
     job = tiny_job(root)
     threads = torch.get_num_threads()
     try:
-        result = evaluate_checkpoints(job.model_dump(), members, str(root / "eval.parquet"))
+        result = evaluate_in_process(job.model_dump(), members, str(root / "eval.parquet"))
     finally:
         torch.set_num_threads(threads)
     return result, str(root / "eval.parquet")
@@ -132,20 +133,20 @@ def test_clean_evaluation_agrees_with_the_registered_predictor(evaluation, membe
 
 def test_ensemble_rows_borrow_their_member_rows_examples_under_the_strong_suite(tmp_path):
     members = {n: f"/ckpt/{n}" for n in NORMS}
-    rows = evaluation_rows(members)
+    rows = aggregation_rows(members, STRATEGIES)
     member_rows = [f"member.{n}" for n in NORMS]
     borrowers = {s: member_rows for s in STRATEGIES}
     assert lenders(tiny_job(tmp_path), rows) == (borrowers, set(member_rows))
     # an ensemble with a member no row evaluates alone crafts its transfer itself
-    del rows["member.l2"]
+    rows = [row for row in rows if row.key != "member.l2"]
     assert lenders(tiny_job(tmp_path), rows) == ({}, set())
     paper = tiny_job(tmp_path, evaluation={"suite": "paper"})  # no transfer attack to feed
-    assert lenders(paper, evaluation_rows(members)) == ({}, set())
+    assert lenders(paper, aggregation_rows(members, STRATEGIES)) == ({}, set())
 
 
 def test_evaluation_is_reproducible(evaluation, members, torch_threads, tmp_path):
     result, eval_uri = evaluation
-    again = evaluate_checkpoints(tiny_job(tmp_path).model_dump(), members, eval_uri)
+    again = evaluate_in_process(tiny_job(tmp_path).model_dump(), members, eval_uri)
     assert again == result
 
 
