@@ -29,13 +29,13 @@ from orchestrator.config_file import parse_overrides
 from orchestrator.evaluation import final_attacks
 from orchestrator.fitting import ModelPlan, train_in_process
 from orchestrator.shards import materialize, read_arrays
+from psat_core.attacks.suites import paper_view
 from psat_core.metrics import (
     evaluate_per_sample,
     example_scores,
     paired_bootstrap,
     standard_error,
 )
-from psat_core.protocol import paper_view
 
 PROTOCOLS = ("paper", "full")
 
