@@ -26,11 +26,11 @@ import torch
 import torchattacks
 
 from psat_core.attacks import eval_mode
+from psat_core.attacks.suites import attack_suite
 from psat_core.checkpoint import load_member, read_spec
 from psat_core.data import load_dataset
 from psat_core.ensemble import PSATEnsemble
 from psat_core.metrics import evaluate_per_sample, summarize
-from psat_core.protocol import attack_suite
 from psat_core.settings import attack_defaults
 
 NORMS = ("linf", "l2", "l1")

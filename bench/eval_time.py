@@ -8,7 +8,7 @@ its seconds; per row, the total against one no-grad forward pass over the same i
 
 `--transfer` (strong suite): how the ensemble's transfer attack gets the members' examples:
 `borrow` (as reports do) from the member rows, which keep theirs and craft the rest
-(`psat_core.adaptive.member_examples`, its seconds counted in the member row); `craft` in
+(`psat_core.attacks.adaptive.member_examples`, its seconds counted in the member row); `craft` in
 the ensemble row itself; `both` evaluates the ensemble both ways and compares what each found.
 The last lines give the ensemble row's time as a multiple of the mean member row's.
 
@@ -24,12 +24,12 @@ import time
 
 import torch
 
-from psat_core.adaptive import member_examples
+from psat_core.attacks.adaptive import member_examples
+from psat_core.attacks.suites import SUITES, attack_suite, transfer_crafters
 from psat_core.checkpoint import load_member, read_spec
 from psat_core.data import load_dataset
 from psat_core.ensemble import PSATEnsemble
 from psat_core.metrics import evaluate_per_sample, example_scores, summarize
-from psat_core.protocol import SUITES, attack_suite, transfer_crafters
 from psat_core.settings import attack_defaults
 
 

@@ -3,7 +3,7 @@
 `--method at` (default): a PSAT member, a HyperResNet trained on an AT-ℓ∞ batch. `--method mng`:
 AT_mng's plain ResNet with its noise generator, a norm drawn per step (CIFAR-10's training
 attacks). The model in channels_last, wrapped in DistributedDataParallel (NCCL, world size 1:
-the wrapping Ray Train's `prepare_model` applies), trained with `psat_core.train.train_step`
+the wrapping Ray Train's `prepare_model` applies), trained with `psat_core.steps.train_step`
 and bf16 autocast; then the same without DDP. Reports the step time of both, the memory peak,
 and the loss over the steps on one fixed batch (it must fall).
 
@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from psat_core.models import create_model
 from psat_core.settings import attack_defaults
-from psat_core.train import make_optimizer, train_step, training_inputs
+from psat_core.steps import make_optimizer, train_step, training_inputs
 
 
 def run(model, x, y, inputs, steps: int) -> tuple[list[float], list[float]]:

@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from psat_core.models import create_model
 from psat_core.settings import AttackConfig
-from psat_core.train import make_optimizer, train_step, training_inputs
+from psat_core.steps import make_optimizer, train_step, training_inputs
 
 
 def synchronize(device: torch.device) -> None:

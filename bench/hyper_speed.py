@@ -1,7 +1,7 @@
 """HyperResNet vs the plain ResNet of the same shape: wall-time ratio of training steps.
 
 (a) natural step: forward, backward, SGD step;
-(b) adversarial step: 10-step l_inf PGD, then the update (psat_core.train.train_step).
+(b) adversarial step: 10-step l_inf PGD, then the update (psat_core.steps.train_step).
 Targets (issue #2): (b) <= 1.05 and (a) <= 1.10.
 
     python bench/hyper_speed.py [--batch 128] [--repeats 3] [--archs resnet18:64 resnet50:128]
@@ -17,7 +17,7 @@ import torch
 
 from psat_core.models import create_model
 from psat_core.settings import AttackConfig
-from psat_core.train import make_optimizer, train_step, training_inputs
+from psat_core.steps import make_optimizer, train_step, training_inputs
 
 
 def time_step(model, optimizer, x, y, inputs, amp: bool) -> float:

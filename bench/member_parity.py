@@ -29,13 +29,13 @@ from orchestrator.evaluation.tasks import final_attacks
 from orchestrator.runtime.shards import materialize, read_arrays
 from orchestrator.training.fit import train_in_process
 from orchestrator.training.plan import ModelPlan
+from psat_core.attacks.suites import paper_view
 from psat_core.metrics import (
     evaluate_per_sample,
     example_scores,
     paired_bootstrap,
     standard_error,
 )
-from psat_core.protocol import paper_view
 
 PROTOCOLS = ("paper", "full")
 

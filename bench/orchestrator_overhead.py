@@ -1,7 +1,7 @@
 """Wall time of the Ray orchestrator against a bare single-process torch loop, same work.
 
 Both train the same members (same config, data shards, epochs, per-epoch validation) with the
-same `orchestrator.fitting.Fit`: once through `train_members` (local Ray started here, Ray
+same `orchestrator.training.fit.Fit`: once through `train_members` (local Ray started here, Ray
 Train workers, checkpoints, MLflow), once in this process (`train_in_process`), member after
 member, with every core's torch threads. Prints both wall times, their ratio (target <= 1.15
 at quickstart size), and where the orchestrator's extra time goes.

@@ -2,7 +2,7 @@
 robust model on its own norm, and weak on another?
 
 Trains AT_ℓ∞, AT_ℓ2 and AT_ℓ1 (plain ResNets, the config's budget) in this process with
-`orchestrator.fitting.train_in_process` (the workers' `Fit`, Ray-free), evaluates each on the
+`orchestrator.training.fit.train_in_process` (the workers' `Fit`, Ray-free), evaluates each on the
 eval split under `evaluation.suite` at the `attacks.eval` radii, and prints the table with the
 balls' ratios (ε∞·√d/ε2 and ε∞·d/ε1; CIFAR-10's are 3.5 and 8).
 

@@ -15,7 +15,7 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,7 +80,7 @@ def load_dataset(
     """Load split ``"train"`` or ``"test"`` of dataset ``name`` into memory.
 
     Args:
-        name: a key of :data:`DATASETS`.
+        name: a key of :data:`~psat_core.settings.DATASETS`, whose entry names the loader.
         split: ``"train"`` or ``"test"`` (for tinyimagenet, "test" is the labelled ``val`` folder,
             since the official test images carry no labels).
         data_dir: folder holding the dataset as its official archive extracts it:
@@ -96,10 +96,10 @@ def load_dataset(
         ValueError: unknown ``name`` or ``split``.
         DatasetNotFoundError: files missing and ``download`` is False.
     """
-    dataset_info(name)
+    info = dataset_info(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    return _LOADERS[name](Path(data_dir).expanduser(), split, download)
+    return info.load_function()(Path(data_dir).expanduser(), split, download)
 
 
 def random_crop_flip(
@@ -146,7 +146,7 @@ def random_crop_flip(
     return torch.where(flip[:, None, None, None], crops.flip(-1), crops).contiguous()
 
 
-# --- loaders ------------------------------------------------------------------------------------
+# --- loaders (each named by its dataset's DatasetInfo.loader) --------------------------------
 
 
 def require_files(paths: Iterable[Path], name: str, how: str) -> None:
@@ -163,14 +163,14 @@ DIGITS_TEST_FRACTION = 0.2
 DIGITS_SPLIT_SEED = 0
 
 
-def _load_digits(root: Path, split: str, download: bool) -> ImageArrays:
+def load_digits(root: Path, split: str, download: bool) -> ImageArrays:
     """scikit-learn's 1797 8 x 8 digits (values 0..16, rescaled to 0..255), split 80/20,
     stratified by label with a fixed seed, so train and test are disjoint and always the same."""
     # Imported here: scikit-learn is slow to import and only digits needs it.
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits as sklearn_digits
     from sklearn.model_selection import train_test_split
 
-    digits = load_digits()
+    digits = sklearn_digits()
     train_index, test_index = train_test_split(
         np.arange(len(digits.target)),
         test_size=DIGITS_TEST_FRACTION,
@@ -180,21 +180,3 @@ def _load_digits(root: Path, split: str, download: bool) -> ImageArrays:
     index = train_index if split == "train" else test_index
     images = np.rint(digits.images[index] * (255.0 / 16.0)).astype(np.uint8)[:, None]
     return ImageArrays(torch.from_numpy(images), torch.from_numpy(digits.target[index]).long())
-
-
-def _torchvision_loader(name: str) -> Callable[[Path, str, bool], ImageArrays]:
-    def load(root: Path, split: str, download: bool) -> ImageArrays:
-        # torchvision takes a second to import; only the on-disk datasets need it
-        from psat_core import vision_sets
-
-        return getattr(vision_sets, f"load_{name}")(root, split, download)
-
-    return load
-
-
-_LOADERS: dict[str, Callable[[Path, str, bool], ImageArrays]] = {
-    "cifar10": _torchvision_loader("cifar10"),
-    "svhn": _torchvision_loader("svhn"),
-    "tinyimagenet": _torchvision_loader("tinyimagenet"),
-    "digits": _load_digits,
-}

@@ -33,7 +33,7 @@ from collections.abc import Callable, Collection, Mapping
 import torch
 from torch import Tensor, nn
 
-from psat_core.attacks import PGD, eval_mode
+from psat_core.attacks.pgd import PGD, eval_mode
 from psat_core.settings import NORMS
 
 __all__ = [

@@ -4,20 +4,23 @@ validates a job with these alone; the kernels take them from here).
 * the norms of the threat models (eq. 1) and the attack phases;
 * :class:`AttackConfig`, the validated settings of one PGD attack (eq. 3), and each dataset's
   defaults, :func:`attack_defaults`;
-* :class:`DatasetInfo`, the static facts of each dataset, :func:`dataset_info`;
+* :data:`DATASETS`, one :class:`DatasetInfo` entry per dataset (its static facts, its attack
+  defaults and the name of its loader, imported only when the data is loaded), :func:`dataset_info`;
 * the architectures (name -> block and layers; `psat_core.models` builds them) and the
-  learning-rate schedules (`psat_core.train.make_scheduler`).
+  learning-rate schedules (`psat_core.steps.make_scheduler`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import math
 import numbers
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 
 NORMS = ("linf", "l2", "l1")
+NORM_SYMBOLS = {"linf": "ℓ∞", "l2": "ℓ2", "l1": "ℓ1"}  # how reports write each norm
 PHASES = ("train", "validation", "eval")
 SCHEDULES = ("cosine", "multistep", "constant")
 # ResNet depth -> residual block ("basic" or "bottleneck") and blocks per stage
@@ -124,13 +127,6 @@ _DIGITS = {
     ),
 }
 
-_DEFAULTS: dict[str, dict[str, dict[str, AttackConfig]]] = {
-    "cifar10": _IMAGE,
-    "svhn": _IMAGE,
-    "tinyimagenet": _IMAGE,
-    "digits": _DIGITS,
-}
-
 
 def attack_defaults(
     dataset: str, phase: str, overrides: Mapping[str, Mapping[str, object]] | None = None
@@ -145,11 +141,11 @@ def attack_defaults(
     Raises:
         ValueError: unknown dataset, phase, norm or field, or an invalid value.
     """
-    if dataset not in _DEFAULTS:
-        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(_DEFAULTS)}")
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; known: {', '.join(DATASETS)}")
     if phase not in PHASES:
         raise ValueError(f"unknown attack phase {phase!r}; allowed: {', '.join(PHASES)}")
-    configs = dict(_DEFAULTS[dataset][phase])
+    configs = dict(DATASETS[dataset].attacks[phase])
     fields = {f.name for f in dataclasses.fields(AttackConfig)} - {"norm"}
     for norm, changes in (overrides or {}).items():
         if norm not in configs:
@@ -171,7 +167,8 @@ def attack_defaults(
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    """Static facts about one dataset.
+    """One dataset, registered once in :data:`DATASETS`: its static facts, its attack defaults
+    and where its loader is (after MadryLab/robustness ``datasets.py``).
 
     Attributes:
         name: registry key.
@@ -183,6 +180,12 @@ class DatasetInfo:
         augment: whether :func:`random_crop_flip` suits the dataset (False where a horizontal
             flip changes the label's meaning, i.e. digits and house numbers).
         train_images, test_images: the sizes of the official splits.
+        loader: ``"module:function"`` naming its loader,
+            ``function(root: Path, split: str, download: bool) -> ImageArrays`` (see
+            :func:`psat_core.data.load_dataset`); imported only by :meth:`load_function`, so this
+            module stays importable without torch.
+        attacks: phase (:data:`PHASES`) -> norm -> :class:`AttackConfig`, the defaults
+            :func:`attack_defaults` starts from.
     """
 
     name: str
@@ -194,8 +197,17 @@ class DatasetInfo:
     augment: bool
     train_images: int
     test_images: int
+    loader: str
+    attacks: Mapping[str, Mapping[str, AttackConfig]] = field(repr=False, hash=False)
+
+    def load_function(self) -> Callable:
+        """The loader named by :attr:`loader`, imported now (torch and perhaps torchvision)."""
+        module, _, function = self.loader.partition(":")
+        return getattr(importlib.import_module(module), function)
 
 
+# The dataset registry. A new dataset is one entry here: its facts, its attack defaults (a table
+# above) and its loader's "module:function" (a function beside those of psat_core/vision_sets.py).
 DATASETS: dict[str, DatasetInfo] = {
     info.name: info
     for info in (
@@ -209,6 +221,8 @@ DATASETS: dict[str, DatasetInfo] = {
             augment=True,
             train_images=50000,
             test_images=10000,
+            loader="psat_core.vision_sets:load_cifar10",
+            attacks=_IMAGE,
         ),
         DatasetInfo(
             name="svhn",
@@ -220,6 +234,8 @@ DATASETS: dict[str, DatasetInfo] = {
             augment=False,
             train_images=73257,
             test_images=26032,
+            loader="psat_core.vision_sets:load_svhn",
+            attacks=_IMAGE,
         ),
         DatasetInfo(
             name="tinyimagenet",
@@ -231,6 +247,8 @@ DATASETS: dict[str, DatasetInfo] = {
             augment=True,
             train_images=100000,
             test_images=10000,
+            loader="psat_core.vision_sets:load_tinyimagenet",
+            attacks=_IMAGE,
         ),
         DatasetInfo(
             name="digits",
@@ -242,6 +260,8 @@ DATASETS: dict[str, DatasetInfo] = {
             augment=False,
             train_images=1437,
             test_images=360,
+            loader="psat_core.data:load_digits",
+            attacks=_DIGITS,
         ),
     )
 }

@@ -7,7 +7,8 @@ import torch
 from helpers import synthetic
 from torch import nn
 
-from psat_core.adaptive import (
+from psat_core.attacks import PGD, LinfBall
+from psat_core.attacks.adaptive import (
     ConfidentWrongMember,
     GatePGD,
     MemberTransfer,
@@ -15,11 +16,10 @@ from psat_core.adaptive import (
     adaptive_attacks,
     member_examples,
 )
-from psat_core.attacks import PGD, LinfBall
-from psat_core.crosscheck import crosscheck_attacks
+from psat_core.attacks.crosscheck import crosscheck_attacks
+from psat_core.attacks.suites import attack_suite
 from psat_core.ensemble import PSATEnsemble, entropy
 from psat_core.metrics import evaluate_per_sample, summarize
-from psat_core.protocol import attack_suite
 from psat_core.settings import AttackConfig, attack_defaults
 
 EPS = 0.1

@@ -1,5 +1,6 @@
-"""psat_core.apgd and psat_core.protocol: APGD / APGD-T / ℓ1-APGD against torchattacks and
-foolbox at the same budget, the transfer attack on an ensemble, and the evaluation suites."""
+"""psat_core.attacks.apgd and psat_core.attacks.suites: APGD / APGD-T / ℓ1-APGD against
+torchattacks and foolbox at the same budget, the transfer attack on an ensemble, and the
+evaluation suites."""
 
 from __future__ import annotations
 
@@ -10,12 +11,12 @@ import torchattacks
 from helpers import synthetic
 from torch import nn
 
-from psat_core.adaptive import MemberTransfer
-from psat_core.apgd import APGD, dlr_loss
 from psat_core.attacks import PGD, eval_mode, threat_model
-from psat_core.crosscheck import FoolboxSparseL1
+from psat_core.attacks.adaptive import MemberTransfer
+from psat_core.attacks.apgd import APGD, dlr_loss
+from psat_core.attacks.crosscheck import FoolboxSparseL1
+from psat_core.attacks.suites import SUITES, attack_suite
 from psat_core.ensemble import PSATEnsemble
-from psat_core.protocol import SUITES, attack_suite
 from psat_core.settings import attack_defaults
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,8 +1,11 @@
 """psat_core.data: loaders read tiny files written here in each dataset's real on-disk format."""
 
+import inspect
 import logging
 import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +15,14 @@ from PIL import Image
 from sklearn.datasets import load_digits
 
 from psat_core.data import DatasetNotFoundError, ImageArrays, load_dataset, random_crop_flip
-from psat_core.settings import DATASETS, dataset_info
+from psat_core.settings import (
+    DATASETS,
+    NORMS,
+    PHASES,
+    AttackConfig,
+    attack_defaults,
+    dataset_info,
+)
 
 
 def _assert_image_arrays(arrays, n, channels, size):
@@ -36,6 +46,31 @@ def test_registry_covers_the_papers_datasets_and_digits():
     assert dataset_info("tinyimagenet").num_classes == 200
     assert dataset_info("tinyimagenet").image_size == 64
     assert [n for n, info in DATASETS.items() if info.augment] == ["cifar10", "tinyimagenet"]
+
+
+@pytest.mark.parametrize("name", DATASETS)
+def test_every_registered_dataset_is_one_complete_entry(name):
+    info = DATASETS[name]
+    assert dataset_info(name) is info and info.name == name
+    assert info.num_classes >= 2 and info.image_size >= 1
+    assert info.train_images >= 1 and info.test_images >= 1
+    assert len(info.mean) == len(info.std) == info.in_channels
+    assert all(0 <= m <= 1 for m in info.mean) and all(0 < s <= 1 for s in info.std)
+    assert set(info.attacks) == set(PHASES)
+    for phase in PHASES:
+        configs = attack_defaults(name, phase)
+        assert list(configs) == list(NORMS)
+        assert all(isinstance(c, AttackConfig) and c.norm == n for n, c in configs.items())
+    module, colon, function = info.loader.partition(":")
+    assert colon and module.startswith("psat_core.") and function.isidentifier()
+    load = info.load_function()
+    assert callable(load)
+    assert list(inspect.signature(load).parameters) == ["root", "split", "download"]
+
+
+def test_settings_import_without_torch():
+    code = "import psat_core.settings, sys; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_unknown_dataset_names_it_and_the_known_ones(tmp_path):

@@ -1,4 +1,4 @@
-"""One model's training, Ray-free (`orchestrator.fitting`): what every Ray Train worker runs."""
+"""One model's training, Ray-free (`orchestrator.training.fit`): what every Ray Train worker runs."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from psat_core.accounting import trained_parameters
 from psat_core.checkpoint import load_state, save_member
 from psat_core.data import ImageArrays, load_dataset
 from psat_core.models import NoiseGenerator, count_parameters
-from psat_core.train import MetaNoiseTraining
+from psat_core.steps import MetaNoiseTraining
 
 NORMS = ("linf", "l2", "l1")
 PLANS = [

@@ -11,6 +11,7 @@ from helpers import synthetic as make_synthetic
 from torch import nn
 
 from psat_core.attacks import PGD, L1Ball, L2Ball, LinfBall, make_attacks
+from psat_core.attacks.suites import SUITES, attack_suite, paper_view
 from psat_core.metrics import (
     TABLE1_KEYS,
     SanityCheckError,
@@ -20,7 +21,6 @@ from psat_core.metrics import (
     summarize,
     trade_off,
 )
-from psat_core.protocol import SUITES, attack_suite, paper_view
 from psat_core.settings import attack_defaults
 
 pytestmark = pytest.mark.usefixtures("one_thread")

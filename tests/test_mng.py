@@ -20,7 +20,7 @@ from psat_core.checkpoint import MemberSpec, load_member, load_state, save_membe
 from psat_core.data import ImageArrays
 from psat_core.models import NoiseGenerator, count_parameters, create_model
 from psat_core.settings import NORMS, attack_defaults
-from psat_core.train import (
+from psat_core.steps import (
     MetaNoiseTraining,
     js_divergence,
     make_optimizer,

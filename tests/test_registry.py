@@ -1,4 +1,4 @@
-"""orchestrator.registry against real MLflow: an SQLite store and a `mlflow server` process.
+"""orchestrator.registry (register, pull, serve) against real MLflow: an SQLite store and a `mlflow server` process.
 
 Members are tiny random hypernetwork ResNets written with `save_member` (the training job's
 checkpoint format); every process these tests start listens on 127.0.0.1 and is stopped by its
@@ -179,7 +179,7 @@ FRESH = textwrap.dedent(
     assert "ray" not in sys.modules, "loading a registered ensemble imported ray"
     # the stored model-from-code imports what prediction needs, not psat's registry code
     assert not [m for m in sys.modules if m.startswith("orchestrator")], "imported orchestrator"
-    from orchestrator.pull import load_ensemble
+    from orchestrator.registry.pull import load_ensemble
     ensemble = load_ensemble(sys.argv[1])
     direct = pd.DataFrame(ensemble.predict(torch.from_numpy(x)))
     pyfunc.to_pickle(sys.argv[4] + "/pyfunc.pkl")

@@ -167,7 +167,7 @@ def test_second_job_with_a_running_name_is_refused(tmp_path, tiny_job):
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys, time
             from orchestrator.config import load_config
-            from orchestrator.locking import job_lock
+            from orchestrator.runtime.locking import job_lock
             with job_lock(load_config({str(config)!r}), "train"):
                 print("held", flush=True)
                 time.sleep(600)
@@ -187,7 +187,7 @@ FRESH_STORE = textwrap.dedent(
     """
     import sys
     from orchestrator.config import parse_config
-    from orchestrator.tracking import Tracker
+    from orchestrator.runtime.tracking import Tracker
     print("ready", flush=True)
     sys.stdin.readline()  # all three go at once, MLflow imported
     tracking = {"uri": sys.argv[1], "experiment": "e"}

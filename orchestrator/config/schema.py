@@ -105,7 +105,7 @@ class AttacksConfig(Section):
 
 
 class EvaluationConfig(Section):
-    """What a final evaluation (aggregation, reproduction) attacks with (psat_core.protocol).
+    """What a final evaluation (aggregation, reproduction) attacks with (psat_core.attacks.suites).
 
     `suite`: `strong` (PGD, APGD-CE/APGD-T, the third-party cross-check and, on ensembles, the
     gate and transfer attacks) or `paper` (per-norm PGD only, as the paper evaluates);
@@ -132,7 +132,7 @@ OptimizerName = Literal["sgd", "adam", "adamw"]
 
 
 class OptimizerConfig(Section):
-    """The members' optimizer and its per-group settings (`psat_core.train.param_groups`): a
+    """The members' optimizer and its per-group settings (`psat_core.steps.param_groups`): a
     hypernetwork's shared generator, its layer embeddings, and the rest (stem, BN, head).
     `momentum` applies to SGD; Adam and AdamW keep their default betas."""
 

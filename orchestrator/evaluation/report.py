@@ -12,9 +12,9 @@ from collections.abc import Mapping, Sequence
 
 from orchestrator.config import JobConfig
 from orchestrator.evaluation.rows import Evaluation, member_key
+from psat_core.attacks.suites import AUTOATTACK
 from psat_core.ensemble import STRATEGIES
 from psat_core.metrics import TABLE1_KEYS, norm_of
-from psat_core.protocol import AUTOATTACK
 
 COLUMNS = (*TABLE1_KEYS, "trade_off")
 HEADERS = {

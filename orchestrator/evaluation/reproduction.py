@@ -51,7 +51,9 @@ def table_markdown(
     return markdown_table([*header, "# of Paras", "Paras Saving"], cells)
 
 
-PAPER_VIEW = "psat_core.protocol.paper_view: per-norm PGD, the gate's choice not differentiated"
+PAPER_VIEW = (
+    "psat_core.attacks.suites.paper_view: per-norm PGD, the gate's choice not differentiated"
+)
 
 
 TITLE1_PAPER = "Table 1 under the paper's protocol (per-norm PGD only)"

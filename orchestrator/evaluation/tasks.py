@@ -2,7 +2,7 @@
 evaluated by psat's protocol as a Ray task, with progress, into a typed result.
 
     rows {key: (checkpoints, strategy)} -> one Ray task per row (a GPU one with
-    resources.use_gpu) -> `evaluation.suite` (psat_core.protocol) through
+    resources.use_gpu) -> `evaluation.suite` (psat_core.attacks.suites) through
     psat_core.metrics.evaluate_per_sample, seeded by `row_seed` -> RowResult per row;
     the tasks post every finished attack to a ProgressBoard, and the driver prints it.
 
@@ -30,7 +30,8 @@ from orchestrator.evaluation.rows import Row
 from orchestrator.runtime.progress import BoardReader, ProgressBoard
 from orchestrator.runtime.shards import read_arrays
 from psat_core.accounting import trained_parameters
-from psat_core.adaptive import member_examples
+from psat_core.attacks.adaptive import member_examples
+from psat_core.attacks.suites import attack_suite, paper_view, transfer_crafters
 from psat_core.checkpoint import ensemble_from_checkpoints, read_spec
 from psat_core.ensemble import PSATEnsemble
 from psat_core.metrics import (
@@ -41,7 +42,6 @@ from psat_core.metrics import (
     standard_error,
     summarize,
 )
-from psat_core.protocol import attack_suite, paper_view, transfer_crafters
 
 # norm -> (candidates, N, *): adversarial examples against members (`member_examples`)
 Examples = dict[str, torch.Tensor]
@@ -53,7 +53,7 @@ class RowResult:
 
     ``row``: Table 1's columns and every attack (the accuracy after it and the attacks of its
     norm before it) -> fraction; ``paper``: Table 1's columns under the paper's protocol, read
-    off the same run (`psat_core.protocol.paper_view`); ``choice`` (ensembles): input
+    off the same run (`psat_core.attacks.suites.paper_view`); ``choice`` (ensembles): input
     (``clean`` or an attack) -> member -> fraction of the images it answered; ``seconds``: the
     evaluation's wall time; ``scores``: protocol (``full``, ``paper``) -> Table 1's columns
     image by image (`psat_core.metrics.example_scores`), for standard errors and paired
@@ -92,7 +92,7 @@ def final_attacks(
     job: JobConfig, ensemble: bool, seed: int, member_examples: Examples | None = None
 ) -> dict:
     """The attacks of a final evaluation, by ``"<norm>/<attack>"``: `evaluation.suite`
-    (psat_core.protocol) at the `attacks.eval` radii and budgets. Every norm's accuracy is the
+    (psat_core.attacks.suites) at the `attacks.eval` radii and budgets. Every norm's accuracy is the
     per-example worst over its attacks. ``member_examples``: see `attack_suite`."""
     evaluation = job.evaluation
     return attack_suite(
@@ -192,7 +192,7 @@ def evaluate_row(
     finished attack is posted to ``board`` as row ``key``.
 
     ``lend`` (a single model): also return, per norm, the transfer crafters' examples against
-    it on every image (`psat_core.adaptive.member_examples`), reusing its own evaluation's;
+    it on every image (`psat_core.attacks.adaptive.member_examples`), reusing its own evaluation's;
     ``lent`` (an ensemble): those of each member, in the order of ``checkpoints``, which its
     transfer attack then scores instead of crafting them again. Else the second value is None.
     """

@@ -22,7 +22,7 @@ from psat_core.attacks import make_attacks
 from psat_core.checkpoint import MemberSpec
 from psat_core.data import ImageArrays
 from psat_core.metrics import evaluate_robustness
-from psat_core.train import (
+from psat_core.steps import (
     MetaNoiseTraining,
     Method,
     make_optimizer,
@@ -44,7 +44,7 @@ class Fit:
     model: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    method: Method  # what each update trains on (psat_core.train.training_inputs)
+    method: Method  # what each update trains on (psat_core.steps.training_inputs)
     steps_per_epoch: int
     device: torch.device
     parameters: int  # Table 1's count (`accounting.trained_parameters`), once per fit
@@ -86,7 +86,7 @@ class Fit:
         return unwrap(self.model)
 
     def train_epoch(self, data: ImageArrays, epoch: int) -> dict[str, float]:
-        """One epoch of updates (`psat_core.train.train_epoch`) and its timing."""
+        """One epoch of updates (`psat_core.steps.train_epoch`) and its timing."""
         cfg, started = self.job.training, time.time()
         metrics = train_epoch(
             self.model,

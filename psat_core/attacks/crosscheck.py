@@ -4,8 +4,8 @@ torchattacks ``PGD``, ``PGDL2`` and ``APGD`` (ℓ∞, ℓ2) and foolbox ``Sparse
 (ℓ1), each at the radius of our own eval attack for its norm. Named ``"<norm>/<library>.<name>"``
 they count under their norm (see :mod:`psat_core.metrics`): a point is robust for the norm only
 if it withstands ours and theirs, so a weak attack of ours cannot flatter a result. Each wrapper
-carries our :class:`~psat_core.attacks.ThreatModel`, so the evaluator checks their ``x_adv``
-against the same ε-ball.
+carries our :class:`~psat_core.attacks.threat.ThreatModel`, so the evaluator checks their ``x_adv``
+against the same ε-ball. Part of the ``strong`` suite (:mod:`psat_core.attacks.suites`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,8 @@ import foolbox
 import torchattacks
 from torch import Tensor, nn
 
-from psat_core.attacks import ThreatModel, eval_mode, threat_model
+from psat_core.attacks.pgd import eval_mode
+from psat_core.attacks.threat import ThreatModel, threat_model
 from psat_core.settings import AttackConfig
 
 

@@ -6,14 +6,16 @@ checkpoints (22% of the budget, then shrinking by 3% to at least 6%) the step is
 run restarted from its best point when the loss oscillates or stalls. ℓ1-APGD (Croce & Hein
 2021, "Mind the box"): the step moves the top-k coordinates with adaptive k (from 20% of d,
 then 1/1.5 of the best point's sparsity), η = ε adapted between ε/10 and ε, the exact
-projection onto the ℓ1 ball ∩ box (:func:`~psat_core.attacks.project_l1_ball`), and the
+projection onto the ℓ1 ball ∩ box (:func:`~psat_core.attacks.threat.project_l1_ball`), and the
 3ε → 2ε → ε schedule of AutoAttack's ℓ1 version.
 
 Losses: cross-entropy (``"ce"``), the difference of logits ratio (``"dlr"``) and, with
 ``targets > 0``, APGD-T: the targeted DLR loss against each of the ``targets`` most likely wrong
 classes in turn. As in AutoAttack, restarts and targets only attack examples not yet
 misclassified, and the worst point per example is kept (misclassified first, then the higher
-cross-entropy), so the result merges with psat's other attacks.
+cross-entropy, :class:`~psat_core.attacks.pgd.WorstIterate`), so the result merges with psat's
+other attacks. APGD-CE and APGD-T are the ``strong`` suite's AutoAttack part
+(:mod:`psat_core.attacks.suites`).
 
 Example::
 
@@ -29,15 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from psat_core.attacks import (
-    AttackResult,
-    ThreatAttack,
-    ThreatModel,
-    _per_sample,
-    _Worst,
-    eval_mode,
-    project_l1_ball,
-)
+from psat_core.attacks.pgd import AttackResult, ThreatAttack, WorstIterate, eval_mode
+from psat_core.attacks.threat import ThreatModel, per_sample, project_l1_ball
 from psat_core.settings import check_count, invalid
 
 __all__ = ["APGD", "LOSSES", "dlr_loss"]
@@ -107,7 +102,7 @@ class APGD(ThreatAttack):
     def perturb(self, model: nn.Module, x: Tensor, y: Tensor) -> AttackResult:
         """Every restart (and target) on the examples still classified correctly."""
         x, y = x.detach(), y.detach()
-        worst = _Worst(x)
+        worst = WorstIterate(x)
         generator = torch.Generator(device=x.device).manual_seed(self.seed)
         with eval_mode(model), torch.enable_grad():
             with torch.no_grad():
@@ -127,7 +122,7 @@ class APGD(ThreatAttack):
                     worst.merge(todo, found)
         return worst.result(x)
 
-    def _run(self, model, x: Tensor, y: Tensor, target, generator) -> _Worst:
+    def _run(self, model, x: Tensor, y: Tensor, target, generator) -> WorstIterate:
         if self.norm != "l1":
             return _apgd(model, x, y, self.threat, self.steps, self._loss(target), generator)
         start = None
@@ -173,9 +168,9 @@ def _random_start(threat: ThreatModel, x: Tensor, generator: torch.Generator) ->
     return threat.project(noise.view_as(x), x)
 
 
-def _apgd(model, x, y, threat, steps, loss_fn, generator) -> _Worst:
+def _apgd(model, x, y, threat, steps, loss_fn, generator) -> WorstIterate:
     """One APGD run for ℓ∞ or ℓ2 (Algorithm 1 of Croce & Hein 2020)."""
-    found = _Worst(x)
+    found = WorstIterate(x)
     checkpoint, shrink = max(int(0.22 * steps), 1), max(int(0.03 * steps), 1)
     floor = max(int(0.06 * steps), 1)
     delta = _random_start(threat, x, generator)
@@ -190,7 +185,7 @@ def _apgd(model, x, y, threat, steps, loss_fn, generator) -> _Worst:
     since_check = 0
     for i in range(steps):
         with torch.no_grad():  # eq. (2): a projected step, then momentum towards it
-            z = threat.project(threat.step(delta, grad, _per_sample(eta, x), x), x)
+            z = threat.project(threat.step(delta, grad, per_sample(eta, x), x), x)
             alpha = MOMENTUM if i > 0 else 1.0
             moved = delta + alpha * (z - delta) + (1 - alpha) * (delta - previous)
             previous, delta = delta, threat.project(moved, x)
@@ -214,12 +209,12 @@ def _apgd(model, x, y, threat, steps, loss_fn, generator) -> _Worst:
     return found
 
 
-def _apgd_l1(model, x, y, threat, steps, loss_fn, generator, start) -> tuple[_Worst, Tensor]:
+def _apgd_l1(model, x, y, threat, steps, loss_fn, generator, start) -> tuple[WorstIterate, Tensor]:
     """One ℓ1-APGD run (Croce & Hein 2021, Algorithm 1): adaptive sparsity and step size.
 
     Starts at ``start`` when given (the previous stage's best point); returns the worst points
     and the highest-loss perturbation."""
-    found = _Worst(x)
+    found = WorstIterate(x)
     d = x[0].numel()
     eta_max = threat.eps
     checkpoint = max(int(0.04 * steps), 1)
@@ -241,7 +236,7 @@ def _apgd_l1(model, x, y, threat, steps, loss_fn, generator, start) -> tuple[_Wo
             kth = g.abs().sort(dim=1, descending=True).values.gather(1, (k - 1)[:, None])
             direction = g.sign() * (g.abs() >= kth)
             direction = direction / direction.abs().sum(dim=1, keepdim=True).clamp_min(1e-10)
-            moved = delta + _per_sample(eta, x) * direction.view_as(x)
+            moved = delta + per_sample(eta, x) * direction.view_as(x)
             delta = project_l1_ball(moved, threat.eps, lower=-x, upper=1.0 - x)
         loss, grad, ce, wrong = _evaluate(model, x + delta, y, loss_fn)
         found.update(delta, ce, wrong)

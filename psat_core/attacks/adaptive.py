@@ -15,7 +15,8 @@ about making the gate switch. Two attacks aim at the gate itself:
 
 Both take a :class:`~psat_core.ensemble.PSATEnsemble` as the model and return ``x_adv`` in their
 threat model's ball, so the evaluator checks them like any attack; named ``"<norm>/<variant>"``
-they count under their norm and in ``max`` (see :mod:`psat_core.metrics`).
+they count under their norm and in ``max`` (see :mod:`psat_core.metrics`). The ``strong`` suite
+(:mod:`psat_core.attacks.suites`) runs them on ensembles.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from psat_core.attacks import PGD, ThreatModel, _loss_and_wrong, _Worst, eval_mode, threat_model
+from psat_core.attacks.pgd import PGD, WorstIterate, eval_mode, loss_and_wrong
+from psat_core.attacks.threat import ThreatModel, threat_model
 from psat_core.ensemble import STRATEGIES, PSATEnsemble, entropy
 from psat_core.metrics import PerSampleResult, attack_seed
 from psat_core.settings import AttackConfig
@@ -59,7 +61,7 @@ class GatePGD:
 
     It runs plain PGD through the ensemble and PGD with the soft gate's gradient, and keeps the
     worst point of both per example: at least as strong as plain PGD with the same seed.
-    Iterates, restarts and the worst-iterate bookkeeping are :class:`~psat_core.attacks.PGD`'s.
+    Iterates, restarts and the worst-iterate bookkeeping are :class:`~psat_core.attacks.pgd.PGD`'s.
     """
 
     def __init__(self, pgd: PGD, temperature: float = 0.1) -> None:
@@ -79,7 +81,7 @@ class GatePGD:
         return 2 * self.pgd.cost
 
     def __call__(self, model: PSATEnsemble, x: Tensor, y: Tensor) -> Tensor:
-        worst = _Worst(x)
+        worst = WorstIterate(x)
         for attacked in (model, SoftGate(model, self.temperature)):  # same value, other gradient
             found = self.pgd.perturb(attacked, x, y)
             worst.update(found.x_adv - x, found.loss, found.misclassified)
@@ -121,12 +123,12 @@ class ConfidentWrongMember:
 
     def __call__(self, model: PSATEnsemble, x: Tensor, y: Tensor) -> Tensor:
         x, y = x.detach(), y.detach()
-        worst = _Worst(x)
+        worst = WorstIterate(x)
         with eval_mode(model):
             for member in model.members:
                 x_adv = self.pgd.last_iterate(member, x, y)
                 with torch.no_grad():
-                    worst.update(x_adv - x, *_loss_and_wrong(model, x_adv, y))
+                    worst.update(x_adv - x, *loss_and_wrong(model, x_adv, y))
         return worst.result(x).x_adv
 
     def __repr__(self) -> str:
@@ -172,11 +174,11 @@ class MemberTransfer:
         self, model: PSATEnsemble, x: Tensor, y: Tensor, index: Tensor | None = None
     ) -> Tensor:
         x, y = x.detach(), y.detach()
-        worst = _Worst(x)
+        worst = WorstIterate(x)
         with eval_mode(model):
             for x_adv in self._candidates(model, x, y, index):
                 with torch.no_grad():
-                    worst.update(x_adv - x, *_loss_and_wrong(model, x_adv, y))
+                    worst.update(x_adv - x, *loss_and_wrong(model, x_adv, y))
         return worst.result(x).x_adv
 
     def _candidates(self, model: PSATEnsemble, x: Tensor, y: Tensor, index: Tensor | None):

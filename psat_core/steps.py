@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from psat_core.attacks import MSD, PGD, ThreatModel, WorstCase, adversarial_examples
+from psat_core.attacks.multi import MSD, WorstCase
+from psat_core.attacks.pgd import PGD, adversarial_examples
+from psat_core.attacks.threat import ThreatModel
 from psat_core.data import ImageArrays, random_crop_flip
 from psat_core.models import HyperResNet, NoiseGenerator, count_parameters
 from psat_core.settings import SCHEDULES, AttackConfig
