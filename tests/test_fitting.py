@@ -1,4 +1,4 @@
-"""One model's training, Ray-free (`orchestrator.training.fit`): what every Ray Train worker runs."""
+"""One model's training without Ray (`orchestrator.training.fit`), as each worker runs it."""
 
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""orchestrator.registry (register, pull, serve) against real MLflow: an SQLite store and a `mlflow server` process.
+"""orchestrator.registry against real MLflow: an SQLite store and a `mlflow server` process.
 
 Members are tiny random hypernetwork ResNets written with `save_member` (the training job's
 checkpoint format); every process these tests start listens on 127.0.0.1 and is stopped by its
