@@ -12,16 +12,15 @@ from collections.abc import Mapping, Sequence
 
 from orchestrator.config import JobConfig
 from orchestrator.evaluation.rows import Evaluation, member_key
-from psat_core.attacks.suites import AUTOATTACK
+from psat_core.attacks.suites import describe_suite
 from psat_core.ensemble import STRATEGIES
 from psat_core.metrics import TABLE1_KEYS, norm_of
+from psat_core.settings import NORM_SYMBOLS
 
 COLUMNS = (*TABLE1_KEYS, "trade_off")
 HEADERS = {
     "clean": "Clean",
-    "linf": "ℓ∞",
-    "l2": "ℓ2",
-    "l1": "ℓ1",
+    **NORM_SYMBOLS,
     "max": "Max",
     "avg": "Avg",
     "trade_off": "Trade-off",
@@ -67,29 +66,15 @@ def attack_breakdown(rows: Mapping[str, Mapping[str, float]], samples: int) -> l
 
 
 def attacks_described(job: JobConfig) -> list[str]:
-    """One Markdown bullet per attack family of a final evaluation (see `final_attacks`)."""
-    lines = [
-        f"- ours, {HEADERS[n]}: PGD, ε={cfg.eps:g}, {cfg.steps} steps of {cfg.step_size:g}, "
-        f"{cfg.restarts} restart(s)"
-        for n, cfg in job.attack_configs("eval").items()
-    ]
-    if job.evaluation.suite == "strong":
-        restarts = ", ".join(f"{HEADERS[n]} {r}/{t}" for n, (r, t) in AUTOATTACK.items())
-        lines += [
-            f"- APGD-CE and APGD-T (DLR, targeted), {job.evaluation.apgd_steps} steps, "
-            f"AutoAttack's restarts/targets ({restarts}); ℓ1: ℓ1-APGD with the 3ε-2ε-ε schedule",
-            "- cross-check, same ε and steps: torchattacks PGD / PGDL2 and APGD (ℓ∞, ℓ2), "
-            "foolbox SparseL1DescentAttack (ℓ1)",
-            "- on ensembles: `gate` = plain PGD and PGD through a smooth lowest-entropy gate "
-            f"(τ={job.evaluation.gate_temperature:g}), the worst of both; `confident` = each "
-            "member made confidently wrong, keeping what fools the gate; `transfer` = every "
-            "member's own PGD, APGD-CE and APGD-T examples, scored by the ensemble",
-        ]
-    lines.append(
-        "- a point counts as robust for a norm only if it withstands every attack of that norm; "
-        "Max counts every attack. Each row's attacks are seeded from `data.seed` and its models"
+    """One Markdown bullet per attack family of a final evaluation: each family of the suite
+    describes itself (`psat_core.attacks.suites.describe_suite`)."""
+    evaluation = job.evaluation
+    return describe_suite(
+        evaluation.suite,
+        job.attack_configs("eval"),
+        evaluation.apgd_steps,
+        evaluation.gate_temperature,
     )
-    return lines
 
 
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
