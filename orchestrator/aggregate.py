@@ -1,9 +1,9 @@
 """The aggregation job: evaluate the PSAT ensemble, log it to MLflow, register it.
 
     member checkpoints (the training run's tags, or given) -> load and check them
-    -> `orchestrator.evaluation.evaluate_rows`: every member alone and the ensemble under both
+    -> `evaluation.tasks.evaluate_rows`: every member alone and the ensemble under both
        strategies, one Ray task per row, under the suite `evaluation.suite` (Tables 3 and 4)
-    -> `orchestrator.report`: report.md and the plots
+    -> `evaluation.report` and `evaluation.figures`: report.md and the plots
     -> one MLflow run, role "aggregate": metrics, report.md, plots, the pyfunc model
     -> a new registry version; alias `candidate`, and `champion` when its trade-off is better
 

@@ -181,7 +181,7 @@ class JobCommand:
     help: str
     module: str | None = None  # what Ray Jobs run: `python -m MODULE`; None: not submittable
     options: Callable[[argparse.ArgumentParser], None] | None = None  # the job's own flags
-    writes: bool = True  # holds the job's name while it runs (orchestrator.locking)
+    writes: bool = True  # holds the job's name while it runs (runtime.locking)
 
 
 JOBS = {

@@ -1,17 +1,5 @@
-"""The aggregation job: evaluate the PSAT ensemble, log it to MLflow, register it.
-
-    member checkpoints (the training run's tags, or given) -> load and check them
-    -> `orchestrator.evaluation.evaluate_rows`: every member alone and the ensemble under both
-       strategies, one Ray task per row, under the suite `evaluation.suite` (Tables 3 and 4)
-    -> `orchestrator.report`: report.md and the plots
-    -> one MLflow run, role "aggregate": metrics, report.md, plots, the pyfunc model
-    -> a new registry version; alias `candidate`, and `champion` when its trade-off is better
-
-Metric names: ``<row>.<column>`` with rows ``lowest_entropy``, ``average`` and
-``member.<norm>``, columns ``clean, linf, l2, l1, max, avg, trade_off`` (fractions);
-``choice.<strategy>.<input>.<member>``: the fraction of images that member answered, on clean
-inputs and under each attack; ``parameters.*``; ``trade_off``: the registered strategy's.
-"""
+"""`psat evaluate`: Table 1's rows of a registered ensemble (both strategies) on a job's
+eval split, loaded through `registry.pull` (digests and example answers verified)."""
 
 from __future__ import annotations
 

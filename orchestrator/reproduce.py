@@ -3,7 +3,7 @@
     config -> `train_models` (Ray Train, MLflow; role "reproduce"): Table 1's baselines on the
        plain ResNet (NAT, AT_ℓ∞, AT_ℓ2, AT_ℓ1, AT_max, AT_avg, AT_msd, AT_mng), the PSAT members at
        `model.embedding_dim` and at every Figure 2 dimension, and Table 3's H_NAT
-    -> `orchestrator.evaluation.evaluate_rows`: one Ray task per row, the suite
+    -> `evaluation.tasks.evaluate_rows`: one Ray task per row, the suite
        `evaluation.suite` on every model (the gate and transfer attacks on every ensemble)
     -> Tables 1, 3 and 4 (Markdown + PNG), Figure 2 (PNG), the paper's claims checked against
        the numbers, results.json: into ``<reproduce.output>/<name>/`` and the MLflow run

@@ -1,11 +1,8 @@
-"""The training job: materialize data, fit the members concurrently, track them in MLflow.
+"""The training job (`psat train`): materialize data, fit the members concurrently, track
+them in MLflow.
 
-validate config -> connect Ray -> Parquet shards -> MLflow parent + a run per model
--> one `train_on_ray` thread per model (concurrent TorchTrainers) -> follow progress
--> record checkpoints
-
-`train_members` is the job (the PSAT members); `train_models` fits any `ModelPlan`s under an
-open parent run, which the reproduction job uses for every model of Tables 1 and 3.
+validate config -> connect Ray -> Parquet shards -> MLflow parent + a run per member
+-> `training.driver.train_models`: one TorchTrainer per member, concurrently -> checkpoints
 """
 
 from __future__ import annotations

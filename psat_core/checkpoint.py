@@ -12,7 +12,7 @@ import hashlib
 import json
 import pickle
 from collections.abc import Mapping
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from torch import nn
 from psat_core.ensemble import PSATEnsemble
 from psat_core.models import create_model
 from psat_core.settings import dataset_info
+from psat_core.shims import upgrade_spec
 
 SPEC_FILE = "member.json"
 STATE_FILE = "state.pt"
@@ -41,9 +42,7 @@ class MemberSpec:
     method: str = "at"
     embedding_dim: int | None = None  # None: a plain ResNet
     reduction: str = "sum"
-    init: str = "shared"  # how generated layers start (HyperResNet); absent: a checkpoint from
-    # before "fan_in", whose state has no gains
-    extra: dict = field(default_factory=dict)
+    init: str = "shared"  # how generated layers start (HyperResNet); see shims.OLD_SPEC_DEFAULTS
 
     @property
     def model_name(self) -> str:
@@ -73,6 +72,7 @@ class MemberSpec:
 
     @classmethod
     def from_dict(cls, data: dict) -> MemberSpec:
+        data = upgrade_spec(data)
         known = set(cls.__dataclass_fields__)
         required = {f.name for f in fields(cls) if f.default is f.default_factory is MISSING}
         unknown, missing = set(data) - known, required - set(data)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -33,12 +34,35 @@ from psat_core.data import ImageArrays, random_crop_flip
 from psat_core.models import HyperResNet, NoiseGenerator, count_parameters
 from psat_core.settings import SCHEDULES, AttackConfig
 
-METHODS = ("nat", "at", "max", "avg", "msd", "mng")
 OPTIMIZERS = ("sgd", "adam", "adamw")
 PARAM_GROUPS = ("generator", "embeddings", "rest")  # `param_groups`
 
 # (model, x, y) -> the inputs the loss is averaged over
 TrainingInputs = Callable[[nn.Module, Tensor, Tensor], list[Tensor]]
+
+
+@dataclass(frozen=True)
+class TrainingMethod:
+    """A registered training method: `build(attacks, in_channels=, device=)` returns its
+    `Method`; `multi_norm`: a Table 1 baseline trained against every norm at once."""
+
+    name: str
+    build: Callable[..., Method]
+    multi_norm: bool
+
+
+# name -> method, in registration order: the reproduction trains every multi-norm one (Table 1)
+METHODS: dict[str, TrainingMethod] = {}
+
+
+def register_method(name: str, multi_norm: bool = False):
+    """Register a training method under `name` (timm's `register_model`, for methods)."""
+
+    def register(build: Callable[..., Method]) -> Callable[..., Method]:
+        METHODS[name] = TrainingMethod(name, build, multi_norm)
+        return build
+
+    return register
 
 
 def training_inputs(
@@ -54,27 +78,50 @@ def training_inputs(
     """
     if method not in METHODS:
         raise ValueError(f"unknown training method {method!r}; allowed: {', '.join(METHODS)}")
-    if method == "nat":
-        return lambda model, x, y: [x]
-    if not attacks:
+    if method != "nat" and not attacks:
         raise ValueError(f"method {method!r} needs at least one attack config")
-    if method == "mng":
-        if in_channels is None:
-            raise ValueError("method 'mng' needs in_channels, its noise generator's input channels")
-        return MetaNoiseTraining(attacks, in_channels, device=device)
-    pgds = {norm: PGD.from_config(cfg) for norm, cfg in attacks.items()}
-    if method == "at":
-        if len(pgds) != 1:
-            raise ValueError(f"method 'at' trains against one norm, got {sorted(pgds)}")
-        (pgd,) = pgds.values()
-        return lambda model, x, y: [pgd.last_iterate(model, x, y)]  # eq. 9's inner max
-    if method == "max":
-        worst = WorstCase(pgds)
-        return lambda model, x, y: [worst(model, x, y)]
-    if method == "avg":
-        return lambda model, x, y: list(adversarial_examples(pgds, model, x, y).values())
+    return METHODS[method].build(attacks, in_channels=in_channels, device=device)
+
+
+def _pgds(attacks: Mapping[str, AttackConfig]) -> dict[str, PGD]:
+    return {norm: PGD.from_config(cfg) for norm, cfg in attacks.items()}
+
+
+@register_method("nat")
+def natural(attacks: Mapping[str, AttackConfig], **_) -> TrainingInputs:
+    """NAT: the clean inputs."""
+    return lambda model, x, y: [x]
+
+
+@register_method("at")
+def adversarial(attacks: Mapping[str, AttackConfig], **_) -> TrainingInputs:
+    """AT for one norm: PGD's last iterate (eq. 9's inner max)."""
+    pgds = _pgds(attacks)
+    if len(pgds) != 1:
+        raise ValueError(f"method 'at' trains against one norm, got {sorted(pgds)}")
+    (pgd,) = pgds.values()
+    return lambda model, x, y: [pgd.last_iterate(model, x, y)]
+
+
+@register_method("max", multi_norm=True)
+def worst_case(attacks: Mapping[str, AttackConfig], **_) -> TrainingInputs:
+    """AT_max (eq. 5): the worst norm's example per input."""
+    worst = WorstCase(_pgds(attacks))
+    return lambda model, x, y: [worst(model, x, y)]
+
+
+@register_method("avg", multi_norm=True)
+def average(attacks: Mapping[str, AttackConfig], **_) -> TrainingInputs:
+    """AT_avg (eq. 6): every norm's example, the loss averaged over them."""
+    pgds = _pgds(attacks)
+    return lambda model, x, y: list(adversarial_examples(pgds, model, x, y).values())
+
+
+@register_method("msd", multi_norm=True)
+def steepest_descent(attacks: Mapping[str, AttackConfig], **_) -> TrainingInputs:
+    """AT_msd (eq. 7): one attack taking, per step, the highest-loss norm's step."""
     msd = MSD(
-        {norm: pgd.threat for norm, pgd in pgds.items()},
+        {norm: pgd.threat for norm, pgd in _pgds(attacks).items()},
         steps=max(cfg.steps for cfg in attacks.values()),
         step_sizes={norm: cfg.step_size for norm, cfg in attacks.items()},
     )
@@ -294,6 +341,16 @@ class MetaNoiseTraining:
 
 # a training method: the inputs a cross-entropy is averaged over, or AT_mng
 Method = TrainingInputs | MetaNoiseTraining
+
+
+@register_method("mng", multi_norm=True)
+def meta_noise(
+    attacks: Mapping[str, AttackConfig], *, in_channels: int | None, device: torch.device | str
+) -> MetaNoiseTraining:
+    """AT_mng (MNG-AC): a noise generator trained by a lookahead, with adversarial consistency."""
+    if in_channels is None:
+        raise ValueError("method 'mng' needs in_channels, its noise generator's input channels")
+    return MetaNoiseTraining(attacks, in_channels, device=device)
 
 
 def train_step(

@@ -1,10 +1,5 @@
-"""The job configuration: one YAML file -> one validated `JobConfig`.
-
-Sections: data, model, attacks, evaluation, training, resources, storage, tracking, registry,
-sweep, reproduce.
-An invalid file raises `ConfigError` naming the field, the value and what is allowed, before any
-Ray or MLflow work starts.
-"""
+"""Refusing, before any work, locations that would not outlive a Ray job: inside Ray Jobs the
+working dir is Ray's temporary copy, deleted after the job."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A config file as plain data: size-bounded, safe YAML without anchors or aliases.
 
 Imports neither torch, Ray nor MLflow, so the CLI refuses a hostile or broken file within a
-blink, before any heavy import (`orchestrator.config` validates the data).
+blink, before any heavy import (`schema` validates the data).
 """
 
 from __future__ import annotations

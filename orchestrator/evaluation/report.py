@@ -2,7 +2,7 @@
 terminal lines, the "every attack" table, the attacks described, the aggregation's report.md.
 Plots are `figures`; the reproduction's report is `reproduction`.
 
-Rows are `orchestrator.evaluation` results: Table 1's columns plus one key per attack
+Rows are `tasks.RowResult.row`s: Table 1's columns plus one key per attack
 (``"<norm>/<attack>"``), the accuracy after that attack and the attacks of its norm before it.
 """
 

@@ -1,13 +1,13 @@
-"""The evaluation layer: each row of a report (a model alone, or an ensemble under a strategy)
-evaluated by psat's protocol as a Ray task, with progress, into a typed result.
+"""Evaluating rows as Ray tasks: each `rows.Row` (a model alone, or an ensemble under a
+strategy) evaluated by psat's protocol, with progress, into a `RowResult`.
 
-    rows {key: (checkpoints, strategy)} -> one Ray task per row (a GPU one with
-    resources.use_gpu) -> `evaluation.suite` (psat_core.attacks.suites) through
-    psat_core.metrics.evaluate_per_sample, seeded by `row_seed` -> RowResult per row;
-    the tasks post every finished attack to a ProgressBoard, and the driver prints it.
+    rows + checkpoints -> one Ray task per row (a GPU one with resources.use_gpu) ->
+    `evaluation.suite` (psat_core.attacks.suites) through psat_core.metrics.evaluate_per_sample,
+    seeded by `row_seed` -> RowResult per row; the tasks post every finished attack to a
+    ProgressBoard, and the driver prints it.
 
 The aggregation and the reproduction jobs both evaluate through `evaluate_rows`; the tables
-and plots made of the results are `orchestrator.report`'s.
+and plots made of the results are `report`'s and `figures`'.
 """
 
 from __future__ import annotations

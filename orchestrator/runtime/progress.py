@@ -1,7 +1,7 @@
 """Where a job's Ray processes post progress and its driver reads it: a `ProgressBoard` actor.
 
-Training workers post each model's start and epochs (`orchestrator.trainers`), evaluation
-tasks each finished attack (`orchestrator.evaluation`). The board's own process imports this
+Training workers post each model's start and epochs (`training.trainer`), evaluation
+tasks each finished attack (`evaluation.tasks`). The board's own process imports this
 module only: Ray and the standard library, not torch.
 """
 

@@ -1,7 +1,6 @@
-"""Connecting a job to Ray: join the configured cluster, or start a Ray of its own here.
-
-Below the jobs (`training`, `sweep`, `aggregate`, `reproduce`) and beside `locking`, which
-asks it for the cluster; it imports no job module.
+"""Connecting a job to Ray: join the configured cluster, or start a Ray of its own here, and
+write the job's data shards once (`prepare_job`, what every job does first). Capacity is
+checked before Ray starts (`check_ray`).
 """
 
 from __future__ import annotations
@@ -124,7 +123,7 @@ def _check_capacity(job: JobConfig, required: dict, capacity: dict, where: str) 
 
 def prepare_job(job: JobConfig, cpus_wanted: float, cpus_required: float | None = None) -> dict:
     """What every job does first: join or start Ray (`connect_ray`) and write the data shards
-    once (`orchestrator.shards.materialize`); returns the shards' manifest."""
+    once (`shards.materialize`); returns the shards' manifest."""
     connect_ray(job, cpus_wanted, cpus_required)
     return materialize(job, data_uri(job), job.resources.workers_per_member)
 

@@ -46,7 +46,7 @@ def _on_sigterm(signum: int, frame) -> None:
 @contextmanager
 def sigterm_kept() -> Iterator[None]:
     """`ray.init` installs its own SIGTERM handler; keep the process's (the CLI's
-    `cli.exit_on_sigterm`, which never exits half-way through a SQLite store write)."""
+    `exit_on_sigterm`, which never exits half-way through a SQLite store write)."""
     handler = signal.getsignal(signal.SIGTERM)
     yield
     if threading.current_thread() is threading.main_thread():

@@ -1,4 +1,4 @@
-"""Ray Train's backend for a model trained by a single worker (`orchestrator.trainers`).
+"""Ray Train's backend for a model trained by a single worker (`trainer`).
 
 Ray's `TorchConfig` starts a torch.distributed process group, which only DDP needs (several
 workers per model), and the run's controller actor, which unpickles the config, then imports

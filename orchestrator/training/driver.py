@@ -1,11 +1,8 @@
-"""The training job: materialize data, fit the members concurrently, track them in MLflow.
-
-validate config -> connect Ray -> Parquet shards -> MLflow parent + a run per model
--> one `train_on_ray` thread per model (concurrent TorchTrainers) -> follow progress
--> record checkpoints
-
-`train_members` is the job (the PSAT members); `train_models` fits any `ModelPlan`s under an
-open parent run, which the reproduction job uses for every model of Tables 1 and 3.
+"""Driving models on Ray Train from the job's process: one `train_on_ray` thread per model
+(concurrent TorchTrainers, at most `concurrency` at once), each model's MLflow run nested under
+the job's, the progress board's events turned into metrics and printed lines, checkpoints
+recorded. `train_members` (the PSAT members) and `reproduce` (every model of Tables 1 and 3)
+both train through `train_models`; a relaunch skips the models an earlier launch finished.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """Fitting one model, Ray-free: what each Ray Train worker runs, and what a bare loop runs.
 
-A `ModelPlan` says what to train (a PSAT member, eq. 9, or a Table 1 baseline); a `Fit` holds
-one model's training state on one worker (model, optimizer, schedule, training method) and
-does one epoch, one validation, one checkpoint state at a time. `trainers.train_loop` runs it
-under Ray Train; `train_in_process` runs it here (the overhead benchmark's bare loop).
+A `Fit` holds one model's training state on one worker (model, optimizer, schedule, training
+method) for its `plan.ModelPlan`, and does one epoch, one validation, one checkpoint state at a
+time. `trainer.train_loop` runs it under Ray Train; `train_in_process` runs it here (the
+overhead benchmark's and the specialists benchmark's bare loop).
 """
 
 from __future__ import annotations

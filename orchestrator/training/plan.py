@@ -1,9 +1,6 @@
-"""Fitting one model, Ray-free: what each Ray Train worker runs, and what a bare loop runs.
-
-A `ModelPlan` says what to train (a PSAT member, eq. 9, or a Table 1 baseline); a `Fit` holds
-one model's training state on one worker (model, optimizer, schedule, training method) and
-does one epoch, one validation, one checkpoint state at a time. `trainers.train_loop` runs it
-under Ray Train; `train_in_process` runs it here (the overhead benchmark's bare loop).
+"""What to train: a `ModelPlan` per model (a PSAT member, eq. 9, or one of Table 1's baselines
+on the plain ResNet). The baselines are `MULTI_NORM` (eq. 5-7 and MNG-AC) beside the single-norm
+AT and NAT plans; a new baseline method is one name here plus its step in `psat_core.steps`.
 """
 
 from __future__ import annotations
@@ -12,6 +9,7 @@ from dataclasses import dataclass
 
 from orchestrator.config import JobConfig
 from psat_core.checkpoint import MemberSpec
+from psat_core.steps import METHODS
 
 OBJECTIVE = "objective"  # the metric holding `ModelPlan.objective`'s value
 
@@ -58,7 +56,8 @@ def psat_members(
     return [ModelPlan(f"{prefix}{norm}", "at", (norm,), dim) for norm in job.training.members]
 
 
-MULTI_NORM = ("max", "avg", "msd", "mng")  # Table 1's multi-norm methods (eq. 5-7, MNG-AC)
+# Table 1's multi-norm baselines (eq. 5-7, MNG-AC): every method registered as one
+MULTI_NORM = tuple(name for name, method in METHODS.items() if method.multi_norm)
 
 
 def figure_dims(job: JobConfig) -> list[int]:

@@ -1,7 +1,7 @@
 """Models on Ray Train: one `TorchTrainer` per model, the models fitted concurrently.
 
 `train_loop` is the one train loop per worker (Ray's `train_loop_per_worker`) for every
-`ModelPlan` (a PSAT member or a Table 1 baseline): it runs a `fitting.Fit` on the worker's data
+`ModelPlan` (a PSAT member or a Table 1 baseline): it runs a `fit.Fit` on the worker's data
 shard, reports every epoch with a checkpoint, and posts progress to the job's `ProgressBoard`.
 The same loop serves the training job, the Tune sweep and the reproduction job; `train_on_ray`
 builds one model's trainer and fits it (the jobs run one per plan in a driver thread).

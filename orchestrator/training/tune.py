@@ -1,14 +1,10 @@
-"""Ray Tune sweeps over the embedding dimension and the PGD training hyper-parameters.
+"""Ray Tune's side of a sweep: each trial's config and trainer, the search space, the search
+algorithm, ASHA, the trials' concurrency, and a nested MLflow run per trial (`MlflowTrials`).
 
 Each trial is a driver function that builds one member's `TorchTrainer` (the same `train_loop`
 as the training job) and fits it; `TuneReportCallback` forwards every epoch's metrics to Tune.
 The objective is the member's robust accuracy for its own norm on the validation slice
-(`objective`), under the config's validation attacks. Running the same command again
-continues an interrupted sweep with `Tuner.restore`; finished trials are not run again.
-
-Outputs under `<storage>/<job>/sweep/`: results.parquet (one row per trial), best.json (the best
-configuration per norm, with its checkpoint, read by the aggregation job) and tradeoff.png (the
-paper's Figure 2), all logged to MLflow under one sweep run with a nested run per trial.
+(`objective`), under the config's validation attacks. The sweep job is `orchestrator.sweep`.
 """
 
 from __future__ import annotations
