@@ -196,13 +196,8 @@ def aggregate(
     if members is None:
         tracker = Tracker(job)
         members = member_checkpoints(job, tracker, train_run)
-    missing = [norm for norm in job.training.members if norm not in members]
-    if missing and not partial:
-        raise ValueError(
-            f"the members to aggregate ({', '.join(members) or 'none'}) miss training.members "
-            f"{', '.join(missing)}; train or sweep those norms, or pass --allow-partial to "
-            "register a partial ensemble (it takes champion only with --force-champion)"
-        )
+    if not partial:
+        _check_coverage(job, members)
     members = {name: checkpoint_location(str(location), "") for name, location in members.items()}
     force = job.registry.force_champion if force_champion is None else force_champion
     strategy = job.registry.strategy
@@ -238,6 +233,16 @@ def aggregate(
     for line in summary_lines(result, strategy):
         echo(line)
     return result
+
+
+def _check_coverage(job: JobConfig, members: Mapping[str, str]) -> None:
+    """The members cover `training.members`, else a ValueError naming the missing norms."""
+    if missing := [norm for norm in job.training.members if norm not in members]:
+        raise ValueError(
+            f"the members to aggregate ({', '.join(members) or 'none'}) miss training.members "
+            f"{', '.join(missing)}; train or sweep those norms, or pass --allow-partial to "
+            "register a partial ensemble (it takes champion only with --force-champion)"
+        )
 
 
 def _log_and_register(

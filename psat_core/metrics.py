@@ -204,17 +204,8 @@ def evaluate_per_sample(
         Attacks with ``indexed = True`` are also given ``index=``, the positions in ``images``
         of the points they attack.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"evaluate.batch_size must be an integer >= 1 (got {batch_size!r})")
-    if len(images) != len(labels) or len(images) == 0:
-        raise ValueError(
-            f"need as many labels as images, at least one (got {len(images)}, {len(labels)})"
-        )
-    if not attacks:
-        raise ValueError("evaluate.attacks must name at least one attack")
+    _check_arguments(images, labels, attacks, batch_size, keep)
     names = tuple(attacks)
-    if unknown := sorted(set(keep) - set(names)):
-        raise ValueError(f"evaluate.keep names no attack of this evaluation: {unknown}")
     device = _device_of(model, images.device)
     batches = [
         (start, images[start : start + batch_size], labels[start : start + batch_size])
@@ -240,13 +231,7 @@ def evaluate_per_sample(
             for start, x, y in batches:
                 x, y = x.to(device), y.to(device)
                 attacked = robust[norm][start : start + len(x)].to(device).nonzero().squeeze(1)
-                x_eval = x.clone()
-                if len(attacked):
-                    torch.manual_seed(attack_seed(seed, name, start))
-                    at = {"index": start + attacked} if getattr(attack, "indexed", False) else {}
-                    x_adv = attack(model, x[attacked], y[attacked], **at)
-                    _check_adversarial(name, attack, x[attacked], x_adv)
-                    x_eval[attacked] = x_adv
+                x_eval = _attacked_batch(model, name, attack, x, y, attacked, start, seed)
                 with torch.no_grad():
                     ok = model(x_eval).argmax(1) == y
                     if probe is not None:
@@ -263,7 +248,7 @@ def evaluate_per_sample(
                 left = sum(
                     getattr(later, "cost", 1) * int(robust[norm_of(n)].sum())
                     for n, later in list(attacks.items())[index + 1 :]
-                )
+                )  # gradient passes still to come, at the rate so far
                 rate = (time.monotonic() - started) / max(done, 1.0)
                 progress(name, int(robust[norm].sum()), len(images), rate * left)
     return PerSampleResult(
@@ -272,6 +257,47 @@ def evaluate_per_sample(
         probes={k: torch.cat(v) for k, v in probes.items()},
         examples={k: torch.cat(v) for k, v in examples.items()},
     )
+
+
+def _check_arguments(
+    images: Tensor,
+    labels: Tensor,
+    attacks: Mapping[str, PGD],
+    batch_size: int,
+    keep: Collection[str],
+) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"evaluate.batch_size must be an integer >= 1 (got {batch_size!r})")
+    if len(images) != len(labels) or len(images) == 0:
+        raise ValueError(
+            f"need as many labels as images, at least one (got {len(images)}, {len(labels)})"
+        )
+    if not attacks:
+        raise ValueError("evaluate.attacks must name at least one attack")
+    if unknown := sorted(set(keep) - set(attacks)):
+        raise ValueError(f"evaluate.keep names no attack of this evaluation: {unknown}")
+
+
+def _attacked_batch(
+    model: nn.Module,
+    name: str,
+    attack: PGD,
+    x: Tensor,
+    y: Tensor,
+    attacked: Tensor,
+    start: int,
+    seed: int,
+) -> Tensor:
+    """The batch with attack `name`'s examples at the positions `attacked` (the points still
+    robust), each batch's attack seeded from (`seed`, `name`, `start`); checked."""
+    x_eval = x.clone()
+    if len(attacked):
+        torch.manual_seed(attack_seed(seed, name, start))
+        at = {"index": start + attacked} if getattr(attack, "indexed", False) else {}
+        x_adv = attack(model, x[attacked], y[attacked], **at)
+        _check_adversarial(name, attack, x[attacked], x_adv)
+        x_eval[attacked] = x_adv
+    return x_eval
 
 
 def norm_of(attack_name: str) -> str:

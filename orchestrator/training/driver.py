@@ -38,16 +38,7 @@ def train_models(
     """Fit every plan on Ray Train, at most `concurrency` at once, each logged to its own run
     nested under `parent` (ended here: FINISHED or FAILED); the first failure is raised once
     all have ended."""
-    runs = {
-        plan.name: tracker.child_run(
-            parent,
-            f"{job.name}-{plan.name}",
-            MODEL,
-            plan_params(tracker, plan),
-            **{PLAN_TAG: plan.name},
-        )
-        for plan in plans
-    }
+    runs = _model_runs(job, plans, tracker, parent)
     epochs = job.training.epochs
     results = {name: done for name, run in runs.items() if (done := _trained(tracker, run, epochs))}
     for name in results:
@@ -94,6 +85,22 @@ def train_models(
     if errors:
         raise next(iter(errors.values()))
     return results
+
+
+def _model_runs(
+    job: JobConfig, plans: list[ModelPlan], tracker: Tracker, parent: str
+) -> dict[str, str]:
+    """Each plan's MLflow run, nested under `parent`: found again on a relaunch, else new."""
+    return {
+        plan.name: tracker.child_run(
+            parent,
+            f"{job.name}-{plan.name}",
+            MODEL,
+            plan_params(tracker, plan),
+            **{PLAN_TAG: plan.name},
+        )
+        for plan in plans
+    }
 
 
 def _in_daemon_thread(slots: threading.Semaphore, fn: Callable, *args) -> Future:
