@@ -21,14 +21,15 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from orchestrator.config import JobConfig
 from orchestrator.config.locations import checkpoint_location
+from orchestrator.config.schema import JobConfig
 from orchestrator.evaluation.figures import accuracy_figure, choice_figure
 from orchestrator.evaluation.report import STRATEGY_NAMES, markdown_report, percent, table_lines
 from orchestrator.evaluation.rows import Evaluation, aggregation_rows, member_key
 from orchestrator.evaluation.tasks import evaluate_rows, staged
 from orchestrator.registry.register import EXAMPLE_SIZE, Registration, register_ensemble
-from orchestrator.runtime.ray_session import check_ray, prepare_job
+from orchestrator.runtime.capacity import check_ray, one_model
+from orchestrator.runtime.ray_session import prepare_job
 from orchestrator.runtime.shards import read_arrays
 from orchestrator.runtime.tracking import (
     AGGREGATE,
@@ -191,7 +192,7 @@ def aggregate(
             of ``job.training.members`` (unless ``partial``). Nothing is logged or registered
             then.
     """
-    check_ray(job, job.resources.cpus_per_worker)  # refused before any work
+    check_ray(job, one_model(job, "aggregate"))  # refused before any work
     tracker = None  # given members are checked before the store is opened (SQLite: created)
     if members is None:
         tracker = Tracker(job)
@@ -205,7 +206,8 @@ def aggregate(
         specs = check_members(job, dirs)
         tracker = tracker or Tracker(job)
         parameters = parameter_counts(specs)
-        manifest = prepare_job(job, job.resources.cpus_per_worker, job.resources.cpus_per_worker)
+        row = one_model(job, "aggregate")
+        manifest = prepare_job(job, row, row)
         where = "GPUs" if job.resources.use_gpu else "CPUs"
         echo(
             f"evaluating {', '.join(members)} and the ensemble on {where} (a Ray task per row, "

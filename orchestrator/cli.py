@@ -15,11 +15,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from orchestrator.config import parse_overrides, read_config_file
+from orchestrator.config.file import parse_overrides, read_config_file
 from orchestrator.runtime.signals import exit_on_sigterm
 
 if TYPE_CHECKING:
-    from orchestrator.config import JobConfig
+    from orchestrator.config.schema import JobConfig
 
 log = logging.getLogger("psat")
 QUIET_LIBRARIES = ("ray", "mlflow", "matplotlib")
@@ -36,7 +36,8 @@ def _is_user_error(err: Exception) -> bool:
 
 
 def _job_config(args: argparse.Namespace) -> JobConfig:
-    from orchestrator.config import check_cluster_locations, in_ray_job, parse_config
+    from orchestrator.config.cluster import check_cluster_locations, in_ray_job
+    from orchestrator.config.schema import parse_config
 
     job = parse_config(args.config_data, args.config, parse_overrides(args.set))
     if in_ray_job():  # Ray's working dir is temporary: nothing may be written relative to it
@@ -106,7 +107,7 @@ def _run_job(args: argparse.Namespace) -> int:
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
-    from orchestrator.config import TrackingConfig
+    from orchestrator.config.schema import TrackingConfig
 
     return args.tracking_uri or TrackingConfig().resolved_uri()
 
@@ -355,13 +356,15 @@ def main(argv: list[str] | None = None) -> int:
 def _check_before_loading(args: argparse.Namespace) -> None:
     """What can be refused before torch, Ray and MLflow load (seconds), is: a job's config
     values and the services it names; the tracking server a pull or serve reads from."""
-    from orchestrator.runtime.reach import check_server, check_services
+    from orchestrator.runtime.capacity import check_ray, one_model
+    from orchestrator.runtime.reach import check_services, check_store
 
     if args.command in JOBS:
         args.job = _job_config(args)
         check_services(args.job)
+        check_ray(args.job, one_model(args.job, args.command))
     elif args.command in ("pull", "serve"):
-        check_server(_tracking_uri(args))  # `pull` checks it again where it connects
+        check_store(_tracking_uri(args))  # `pull` checks it again where it connects
 
 
 def _bound_libraries(verbose: bool) -> None:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from orchestrator.config import JobConfig
+from orchestrator.config.schema import JobConfig
 from orchestrator.evaluation.report import STRATEGY_NAMES, table_lines
 from orchestrator.evaluation.tasks import (
     evaluate_ensemble,
     progress_line,
     progress_to,
 )
+from orchestrator.runtime.capacity import one_model
 from orchestrator.runtime.ray_session import prepare_job
 from orchestrator.runtime.shards import read_arrays
 from psat_core.ensemble import STRATEGIES
@@ -25,7 +26,8 @@ def evaluate_registered(
     from orchestrator.registry.pull import load_ensemble
 
     ensemble = load_ensemble(uri, tracking_uri=job.tracking.resolved_uri())
-    manifest = prepare_job(job, job.resources.cpus_per_worker, job.resources.cpus_per_worker)
+    row = one_model(job, "evaluate")
+    manifest = prepare_job(job, row, row)
     data = read_arrays(manifest["eval"])
     rows = {}
     for strategy in STRATEGIES:

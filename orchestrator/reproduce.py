@@ -22,7 +22,7 @@ from pathlib import Path
 
 import ray
 
-from orchestrator.config import JobConfig
+from orchestrator.config.schema import JobConfig
 from orchestrator.evaluation.claims import Claim
 from orchestrator.evaluation.report import (
     HEADERS,
@@ -30,7 +30,8 @@ from orchestrator.evaluation.report import (
 from orchestrator.evaluation.reproduction import _unique, write_report
 from orchestrator.evaluation.rows import Row
 from orchestrator.evaluation.tasks import RowResult, evaluate_rows
-from orchestrator.runtime.ray_session import check_ray, prepare_job
+from orchestrator.runtime.capacity import check_ray, one_model
+from orchestrator.runtime.ray_session import prepare_job
 from orchestrator.runtime.tracking import REPRODUCE, Tracker
 from orchestrator.training.driver import train_models
 from orchestrator.training.plan import MULTI_NORM, ModelPlan, figure_dims, psat_members
@@ -135,7 +136,7 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
     """
     res = job.resources
     plans = model_plans(job)
-    per_trainer = res.gpus_per_model or res.cpus_per_model
+    per_trainer = one_model(job, "reproduce")
     concurrency = job.reproduce.concurrent_trainers
     check_ray(job, per_trainer)  # what can be refused before Ray starts is
     tracker = Tracker(job)

@@ -27,10 +27,11 @@ import pyarrow.parquet as pq
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
-from orchestrator.config import JobConfig
 from orchestrator.config.locations import join
+from orchestrator.config.schema import JobConfig
 from orchestrator.evaluation.figures import tradeoff_figure
-from orchestrator.runtime.ray_session import check_ray, prepare_job
+from orchestrator.runtime.capacity import check_ray, one_model
+from orchestrator.runtime.ray_session import prepare_job
 from orchestrator.runtime.tracking import SWEEP, Tracker
 from orchestrator.training.plan import OBJECTIVE
 from orchestrator.training.tune import (
@@ -53,8 +54,7 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
     """Run (or continue) the job's sweep; return the best configuration per norm."""
     check_space(job)
     search = search_algorithm(job)
-    res = job.resources
-    trial = 1 + res.cpus_per_model  # the trial's driver + its workers
+    trial = one_model(job, "sweep")  # the trial's driver + its workers
     check_ray(job, trial)  # what can be refused before Ray starts is refused first
     tracker = Tracker(job)
     tracker.resumable(SWEEP)

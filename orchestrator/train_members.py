@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from orchestrator.config import JobConfig
-from orchestrator.runtime.ray_session import check_ray, prepare_job
+from orchestrator.config.schema import JobConfig
+from orchestrator.runtime.capacity import check_ray, one_model
+from orchestrator.runtime.ray_session import prepare_job
 from orchestrator.runtime.tracking import TRAIN, Tracker
 from orchestrator.training.driver import train_models
 from orchestrator.training.plan import psat_members
@@ -25,7 +26,9 @@ def train_members(job: JobConfig, echo: Callable[[str], None] = print) -> dict[s
     """
     plans = psat_members(job)
     res = job.resources
-    check_ray(job)  # what can be refused before Ray starts is refused first
+    check_ray(
+        job, one_model(job, "train")
+    )  # what can be refused before Ray starts is refused first
     tracker = Tracker(job)
     tracker.resumable(TRAIN)
     manifest = prepare_job(job, len(plans) * res.cpus_per_model)

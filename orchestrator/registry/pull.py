@@ -27,7 +27,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.tracking import MlflowClient
 
-from orchestrator.runtime.reach import check_server
+from orchestrator.runtime.reach import check_store
 from orchestrator.runtime.tracking import (
     DIGEST_TAG,
     MEMBERS_TAG,
@@ -171,7 +171,7 @@ def pull(
     Raises:
         ValueError: unknown model, alias or version; artifacts that fail verification.
     """
-    _require_store(tracking_uri or mlflow.get_tracking_uri())
+    check_store(tracking_uri or mlflow.get_tracking_uri())
     with tracking(tracking_uri):
         client = MlflowClient()
         version = resolve(uri, client)
@@ -229,17 +229,6 @@ def _verified_members(version: ModelVersion, meta: Model, path: Path) -> dict[st
                 "registry recorded; the artifacts were damaged or replaced"
             )
     return dirs
-
-
-def _require_store(uri: str) -> None:
-    """A SQLite tracking URI must name an existing file (reading never creates a store); a
-    server must answer (`check_server`)."""
-    check_server(uri)
-    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
-        raise ValueError(
-            f"no MLflow store at {uri}; set --tracking-uri or MLFLOW_TRACKING_URI to the "
-            "store the model was registered in"
-        )
 
 
 def _member_artifacts(meta: Model, names: list[str]) -> dict[str, str]:

@@ -10,19 +10,21 @@ import math
 import os
 
 import ray
-import torch
 from ray._private.state import state as ray_state  # the cluster's ceiling, as Train reads it
 
-from orchestrator.config import ConfigError, JobConfig
 from orchestrator.config.locations import join
+from orchestrator.config.schema import JobConfig
+from orchestrator.runtime.capacity import (
+    LOCAL_CPU_OVERSUBSCRIPTION,
+    check_capacity,
+    check_ray,
+    model_needs,
+)
 from orchestrator.runtime.reach import check_address
 from orchestrator.runtime.shards import materialize
 from orchestrator.runtime.signals import sigterm_kept
 
 log = logging.getLogger(__name__)
-
-
-LOCAL_CPU_OVERSUBSCRIPTION = 2  # a local Ray gets at most this many logical CPUs per core
 
 
 def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None = None) -> None:
@@ -35,12 +37,12 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
     workers_per_member × cpus_per_worker, and its GPUs) must fit in what the Ray can ever
     offer: else a ConfigError naming the fields, before any Ray work.
     """
-    required = _required(job, cpus_required)
+    required = model_needs(job, cpus_required)
     address = join_cluster(job)
     if address:
         # an autoscaling cluster's ceiling (what Ray Train checks too), else what it has now
         capacity = ray_state.get_max_resources_from_cluster_config() or ray.cluster_resources()
-        _check_capacity(job, required, capacity, f"the Ray cluster at {address}")
+        check_capacity(job, required, capacity, f"the Ray cluster at {address}")
         return
     if ray.is_initialized():  # a Ray this process started itself
         return
@@ -62,29 +64,6 @@ def connect_ray(job: JobConfig, cpus_wanted: float, cpus_required: float | None 
         )
 
 
-def _required(job: JobConfig, cpus_required: float | None) -> dict[str, float]:
-    res = job.resources
-    return {
-        "CPU": cpus_required or res.cpus_per_model,
-        "GPU": res.gpus_per_model,
-    }
-
-
-def check_ray(job: JobConfig, cpus_required: float | None = None) -> None:
-    """What can be checked about Ray before anything is written or started, else a
-    ConfigError: the cluster to join accepts connections (`check_address`); where the job
-    starts a Ray of its own, what one model needs at once fits this machine."""
-    address = job.resources.ray_address()
-    if address:
-        check_address(address)
-    if address or ray.is_initialized():
-        return
-    cores = os.cpu_count() or 1
-    capacity = {"CPU": LOCAL_CPU_OVERSUBSCRIPTION * cores, "GPU": torch.cuda.device_count()}
-    where = f"a local Ray on this machine's {cores} cores"
-    _check_capacity(job, _required(job, cpus_required), capacity, where)
-
-
 def join_cluster(job: JobConfig) -> str | None:
     """Connect to `resources.address` (else $RAY_ADDRESS, set inside Ray Jobs) once; return it,
     or None where there is no cluster to join."""
@@ -101,24 +80,6 @@ def join_cluster(job: JobConfig) -> str | None:
                 logging_level=logging.INFO if verbose else logging.WARNING,
             )
     return address
-
-
-def _check_capacity(job: JobConfig, required: dict, capacity: dict, where: str) -> None:
-    res = job.resources
-    if required["CPU"] > capacity.get("CPU", 0):
-        raise ConfigError(
-            f"one model needs {required['CPU']:g} CPUs at once (resources.workers_per_member="
-            f"{res.workers_per_member} x resources.cpus_per_worker={res.cpus_per_worker:g}); "
-            f"{where} offers at most {capacity.get('CPU', 0):g}: lower them, or run on a "
-            "larger cluster (resources.address, psat submit)"
-        )
-    if required["GPU"] > capacity.get("GPU", 0):
-        raise ConfigError(
-            f"resources.use_gpu asks for {required['GPU']:g} GPU(s) per model "
-            f"(resources.workers_per_member x resources.gpus_per_worker); {where} offers "
-            f"{capacity.get('GPU', 0):g}: set "
-            "resources.use_gpu=false, fewer workers, or run on a cluster with GPUs"
-        )
 
 
 def prepare_job(job: JobConfig, cpus_wanted: float, cpus_required: float | None = None) -> dict:

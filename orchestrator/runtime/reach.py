@@ -9,8 +9,10 @@ from __future__ import annotations
 import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
 
-from orchestrator.config import ConfigError, JobConfig
+from orchestrator.config.file import ConfigError
+from orchestrator.config.schema import JobConfig
 
 REACH_TIMEOUT_S = 5  # a service that has not answered by then is down or elsewhere
 
@@ -61,3 +63,14 @@ def check_server(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
         raise ConfigError(
             f"cannot reach the MLflow tracking server {uri} ({reason}); {fix}"
         ) from None
+
+
+def check_store(uri: str) -> None:
+    """A store to read from: a SQLite URI must name an existing file (reading never creates
+    a store), a server must answer (`check_server`); else one line saying so."""
+    check_server(uri)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise ConfigError(
+            f"no MLflow store at {uri}; set --tracking-uri or MLFLOW_TRACKING_URI to the "
+            "store the model was registered in"
+        )
