@@ -21,8 +21,8 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
+from orchestrator.config import JobConfig
 from orchestrator.config.locations import checkpoint_location
-from orchestrator.config.schema import JobConfig
 from orchestrator.evaluation.figures import accuracy_figure, choice_figure
 from orchestrator.evaluation.report import STRATEGY_NAMES, markdown_report, percent, table_lines
 from orchestrator.evaluation.rows import Evaluation, aggregation_rows, member_key

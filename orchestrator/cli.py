@@ -15,11 +15,11 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from orchestrator.config.file import parse_overrides, read_config_file
+from orchestrator.config import parse_overrides, read_config_file
 from orchestrator.runtime.signals import exit_on_sigterm
 
 if TYPE_CHECKING:
-    from orchestrator.config.schema import JobConfig
+    from orchestrator.config import JobConfig
 
 log = logging.getLogger("psat")
 QUIET_LIBRARIES = ("ray", "mlflow", "matplotlib")
@@ -36,8 +36,7 @@ def _is_user_error(err: Exception) -> bool:
 
 
 def _job_config(args: argparse.Namespace) -> JobConfig:
-    from orchestrator.config.cluster import check_cluster_locations, in_ray_job
-    from orchestrator.config.schema import parse_config
+    from orchestrator.config import check_cluster_locations, in_ray_job, parse_config
 
     job = parse_config(args.config_data, args.config, parse_overrides(args.set))
     if in_ray_job():  # Ray's working dir is temporary: nothing may be written relative to it
@@ -107,7 +106,7 @@ def _run_job(args: argparse.Namespace) -> int:
 
 
 def _tracking_uri(args: argparse.Namespace) -> str:
-    from orchestrator.config.schema import TrackingConfig
+    from orchestrator.config import TrackingConfig
 
     return args.tracking_uri or TrackingConfig().resolved_uri()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import JobConfig
 from orchestrator.evaluation.report import STRATEGY_NAMES, table_lines
 from orchestrator.evaluation.tasks import (
     evaluate_ensemble,

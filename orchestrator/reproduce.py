@@ -22,7 +22,7 @@ from pathlib import Path
 
 import ray
 
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import JobConfig
 from orchestrator.evaluation.claims import Claim
 from orchestrator.evaluation.report import (
     HEADERS,

@@ -37,9 +37,7 @@ from typing import TYPE_CHECKING
 import jobs
 import orchestrator
 import psat_core
-from orchestrator.config.cluster import check_cluster_locations
-from orchestrator.config.file import ConfigError, parse_overrides
-from orchestrator.config.schema import load_config
+from orchestrator.config import ConfigError, check_cluster_locations, load_config, parse_overrides
 from orchestrator.runtime.reach import check_server
 
 if TYPE_CHECKING:

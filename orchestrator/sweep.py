@@ -27,8 +27,8 @@ import pyarrow.parquet as pq
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 
+from orchestrator.config import JobConfig
 from orchestrator.config.locations import join
-from orchestrator.config.schema import JobConfig
 from orchestrator.evaluation.figures import tradeoff_figure
 from orchestrator.runtime.capacity import check_ray, one_model
 from orchestrator.runtime.ray_session import prepare_job

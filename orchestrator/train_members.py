@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import JobConfig
 from orchestrator.runtime.capacity import check_ray, one_model
 from orchestrator.runtime.ray_session import prepare_job
 from orchestrator.runtime.tracking import TRAIN, Tracker

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import JobConfig
 from orchestrator.evaluation.report import HEADERS, markdown_table, percent
 from orchestrator.evaluation.rows import Row
 from orchestrator.training.plan import MULTI_NORM

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import JobConfig
 from orchestrator.evaluation.rows import Evaluation, member_key
 from psat_core.attacks.suites import describe_suite
 from psat_core.ensemble import STRATEGIES

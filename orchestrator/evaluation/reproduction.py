@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import JobConfig
 from orchestrator.evaluation.claims import Claim, claims_table, judged_protocols, paper_claims
 from orchestrator.evaluation.figures import accuracy_bars, tradeoff_figure
 from orchestrator.evaluation.report import (

@@ -24,8 +24,8 @@ import pyarrow.fs as pafs
 import ray
 import torch
 
+from orchestrator.config import JobConfig
 from orchestrator.config.locations import local_path
-from orchestrator.config.schema import JobConfig
 from orchestrator.evaluation.rows import Row
 from orchestrator.runtime.progress import BoardReader, ProgressBoard
 from orchestrator.runtime.shards import read_arrays

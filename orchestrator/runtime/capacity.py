@@ -8,8 +8,7 @@ from __future__ import annotations
 import os
 import sys
 
-from orchestrator.config.file import ConfigError
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import ConfigError, JobConfig
 from orchestrator.runtime.reach import check_address
 
 LOCAL_CPU_OVERSUBSCRIPTION = 2  # a local Ray gets at most this many logical CPUs per core

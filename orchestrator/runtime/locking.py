@@ -18,9 +18,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from orchestrator.config.file import ConfigError
+from orchestrator.config import ConfigError, JobConfig
 from orchestrator.config.locations import is_uri
-from orchestrator.config.schema import JobConfig
 
 LOCK_FILE = "job.lock"
 

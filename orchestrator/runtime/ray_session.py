@@ -12,8 +12,8 @@ import os
 import ray
 from ray._private.state import state as ray_state  # the cluster's ceiling, as Train reads it
 
+from orchestrator.config import JobConfig
 from orchestrator.config.locations import join
-from orchestrator.config.schema import JobConfig
 from orchestrator.runtime.capacity import (
     LOCAL_CPU_OVERSUBSCRIPTION,
     check_capacity,

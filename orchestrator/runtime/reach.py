@@ -11,8 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from orchestrator.config.file import ConfigError
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import ConfigError, JobConfig
 
 REACH_TIMEOUT_S = 5  # a service that has not answered by then is down or elsewhere
 

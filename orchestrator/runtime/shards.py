@@ -20,8 +20,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 
+from orchestrator.config import JobConfig
 from orchestrator.config.locations import join
-from orchestrator.config.schema import JobConfig
 from psat_core.data import ImageArrays, load_dataset
 
 log = logging.getLogger(__name__)

@@ -18,8 +18,7 @@ from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from orchestrator.config.file import ConfigError
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import ConfigError, JobConfig
 from orchestrator.runtime.locking import file_lock
 from orchestrator.runtime.reach import check_server
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import ray
 from mlflow.entities import RunTag
 
+from orchestrator.config import JobConfig
 from orchestrator.config.locations import is_uri
-from orchestrator.config.schema import JobConfig
 from orchestrator.runtime.progress import BoardReader, ProgressBoard
 from orchestrator.runtime.ray_session import board_name
 from orchestrator.runtime.tracking import CHECKPOINT_TAG, MODEL, PLACEMENT_TAGS, PLAN_TAG, Tracker

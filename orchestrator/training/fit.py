@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import JobConfig
 from orchestrator.training.plan import OBJECTIVE, ModelPlan
 from psat_core.accounting import trained_parameters
 from psat_core.attacks import make_attacks

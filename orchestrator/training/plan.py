@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from orchestrator.config.schema import JobConfig
+from orchestrator.config import JobConfig
 from psat_core.checkpoint import MemberSpec
 from psat_core.steps import METHODS
 

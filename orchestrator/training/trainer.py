@@ -24,8 +24,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
+from orchestrator.config import JobConfig
 from orchestrator.config.locations import join
-from orchestrator.config.schema import JobConfig
 from orchestrator.runtime.shards import read_arrays
 from orchestrator.training.backend import SingleWorker
 from orchestrator.training.fit import Fit, steps_per_epoch

@@ -17,8 +17,7 @@ from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from orchestrator.config.file import ConfigError
-from orchestrator.config.schema import JobConfig, SweepRange, deep_merge
+from orchestrator.config import ConfigError, JobConfig, SweepRange, deep_merge
 from orchestrator.runtime.tracking import TRIAL, TRIAL_TAG, Tracker, flatten
 from orchestrator.training.plan import OBJECTIVE, ModelPlan
 from orchestrator.training.trainer import trainer_for
