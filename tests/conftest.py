@@ -9,38 +9,38 @@ os.environ.setdefault("RAY_AUTH_MODE", "token")
 # workers. Every Ray the tests start (and its workers) inherits this from the environment.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
-TINY = {
-    "data": {"dataset": "digits", "train_size": 128, "val_size": 32, "eval_size": 32},
-    "model": {"arch": "resnet10", "embedding_dim": 4},
-    "training": {"epochs": 2, "batch_size": 64, "amp": False},
-    "attacks": {
-        "train": {n: {"steps": 1} for n in ("linf", "l2", "l1")},
-        "validation": {n: {"steps": 2} for n in ("linf", "l2", "l1")},
-        "eval": {n: {"steps": 2, "restarts": 1} for n in ("linf", "l2", "l1")},
-    },
-    "evaluation": {"apgd_steps": 2, "concurrent_rows": 2},  # rows reuse 2 processes
-    "resources": {"workers_per_member": 1, "cpus_per_worker": 1, "torch_threads": 1},
-}
-
 
 @pytest.fixture
 def tiny_job(tmp_path):
-    """A tiny job config dict (digits, 128 images, 2 epochs) storing everything under tmp_path."""
+    """A tiny job config dict (digits, 128 images, 2 epochs) storing everything under tmp_path:
+    `tiny_job(name, **sections)` (helpers.tiny_config)."""
+    from helpers import tiny_config
 
     def make(name: str, **sections):
-        from orchestrator.config import deep_merge
-
-        base = deep_merge(
-            TINY,
-            {
-                "name": name,
-                "storage": {"path": str(tmp_path / "runs")},
-                "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "test"},
-            },
-        )
-        return deep_merge(base, sections)
+        return tiny_config(tmp_path, name, **sections)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def members(tmp_path_factory):
+    """Three tiny trained-looking digits members, {norm: checkpoint folder}: written once per
+    session (`helpers.write_member`). The same base name for every member, as Ray's checkpoint
+    folders have."""
+    from helpers import NORMS, write_member
+
+    root = tmp_path_factory.mktemp("members")
+    return {n: write_member(root / n / "checkpoint_000002", n, i) for i, n in enumerate(NORMS)}
+
+
+@pytest.fixture
+def torch_threads():
+    """What sets the torch threads of this process (e.g. evaluate_checkpoints): restored after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -71,11 +71,6 @@ def shared_ray():
 
 
 @pytest.fixture
-def local_ray(shared_ray):
-    return shared_ray
-
-
-@pytest.fixture
 def ray_address(shared_ray) -> str:
     """The shared Ray's GCS address, for `resources.address` of a job run as a process."""
     return shared_ray.get_runtime_context().gcs_address
@@ -88,7 +83,7 @@ def mlflow_server(tmp_path_factory):
     import sys
     from pathlib import Path
 
-    from cluster import MlflowServer
+    from helpers import MlflowServer
 
     server = MlflowServer(Path(sys.executable).parent, tmp_path_factory.mktemp("mlflow")).start()
     yield server.uri

@@ -1,21 +1,28 @@
-"""orchestrator.aggregate: evaluation (Tables 3 and 4), report, plots, and the job end to end.
+"""orchestrator.aggregate: evaluation (Tables 3 and 4), report, plots, and the job's refusals
+(the job end to end on Ray: e2e/test_jobs.py).
 
-Members are tiny random hypernetwork ResNets written with `save_member`; MLflow is a real
-SQLite store in a temporary directory; the end-to-end test starts a local Ray.
+Members are tiny random hypernetwork ResNets written with `save_member` (conftest's `members`);
+MLflow is a real SQLite store in a temporary directory.
 """
 
 from __future__ import annotations
 
 import io
 import re
-import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 import ray
 import torch
-from helpers import evaluate_in_process, ray_tasks, write_member
+from helpers import (
+    AGG_EVAL,
+    agg_job,
+    evaluate_in_process,
+    locations,
+    psat,
+    training_run,
+    write_member,
+)
 from mlflow.tracking import MlflowClient
 
 from orchestrator.aggregate import (
@@ -24,13 +31,10 @@ from orchestrator.aggregate import (
     member_checkpoints,
     parameter_counts,
 )
-from orchestrator.config import parse_config
 from orchestrator.evaluation.figures import accuracy_figure, choice_figure
 from orchestrator.evaluation.report import COLUMNS, markdown_report
 from orchestrator.evaluation.rows import aggregation_rows
 from orchestrator.evaluation.tasks import lenders
-from orchestrator.registry.pull import load_ensemble
-from orchestrator.registry.register import CANDIDATE, CHAMPION
 from orchestrator.runtime.shards import read_arrays, write_arrays
 from orchestrator.runtime.tracking import Tracker
 from psat_core.accounting import parameter_report
@@ -39,39 +43,7 @@ from psat_core.data import load_dataset
 from psat_core.ensemble import STRATEGIES
 
 NORMS = ("linf", "l2", "l1")
-EVAL = 8
-
-
-@pytest.fixture(scope="module")
-def members(tmp_path_factory) -> dict[str, str]:
-    root = tmp_path_factory.mktemp("members")
-    return {n: str(write_member(root / n / "checkpoint", n, i)) for i, n in enumerate(NORMS)}
-
-
-@pytest.fixture
-def torch_threads():
-    """evaluate_checkpoints sets the torch threads of the process it runs in: restore them."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_job(tmp_path, name: str = "agg", **sections):
-    return parse_config(
-        {
-            "name": name,
-            "data": {"dataset": "digits", "eval_size": EVAL, "val_size": 16},
-            "model": {"arch": "resnet10", "embedding_dim": 4},
-            "attacks": {"eval": {n: {"steps": 1, "restarts": 1} for n in NORMS}},
-            "evaluation": {"apgd_steps": 2, "concurrent_rows": 2},  # rows reuse 2 processes
-            # a Ray of its own, even where another cluster runs on this machine
-            "resources": {"address": "local"},
-            "storage": {"path": str(tmp_path / "runs")},
-            "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "experiment": "agg"},
-            "registry": {"model_name": "psat-agg"},
-        }
-        | sections
-    )
+EVAL = AGG_EVAL  # the test images agg_job evaluates
 
 
 @pytest.fixture(scope="module")
@@ -79,10 +51,12 @@ def evaluation(tmp_path_factory, members) -> tuple[dict, str]:
     root = tmp_path_factory.mktemp("eval")
     data = load_dataset("digits", "test", "unused").subset(EVAL, seed=0)
     write_arrays(data, str(root / "eval.parquet"))
-    job = tiny_job(root)
+    job = agg_job(root)
     threads = torch.get_num_threads()
     try:
-        result = evaluate_in_process(job.model_dump(), members, str(root / "eval.parquet"))
+        result = evaluate_in_process(
+            job.model_dump(), locations(members), str(root / "eval.parquet")
+        )
     finally:
         torch.set_num_threads(threads)
     return result, str(root / "eval.parquet")
@@ -118,6 +92,7 @@ def test_evaluation_has_tables_3_and_4(evaluation):
 
 
 def test_clean_evaluation_agrees_with_the_registered_predictor(evaluation, members):
+    members = locations(members)  # strings, as a training run's tags hold them
     result, eval_uri = evaluation
     data = read_arrays(eval_uri)
     ensemble = ensemble_from_checkpoints(members)
@@ -136,21 +111,23 @@ def test_ensemble_rows_borrow_their_member_rows_examples_under_the_strong_suite(
     rows = aggregation_rows(members, STRATEGIES)
     member_rows = [f"member.{n}" for n in NORMS]
     borrowers = {s: member_rows for s in STRATEGIES}
-    assert lenders(tiny_job(tmp_path), rows) == (borrowers, set(member_rows))
+    assert lenders(agg_job(tmp_path), rows) == (borrowers, set(member_rows))
     # an ensemble with a member no row evaluates alone crafts its transfer itself
     rows = [row for row in rows if row.key != "member.l2"]
-    assert lenders(tiny_job(tmp_path), rows) == ({}, set())
-    paper = tiny_job(tmp_path, evaluation={"suite": "paper"})  # no transfer attack to feed
+    assert lenders(agg_job(tmp_path), rows) == ({}, set())
+    paper = agg_job(tmp_path, evaluation={"suite": "paper"})  # no transfer attack to feed
     assert lenders(paper, aggregation_rows(members, STRATEGIES)) == ({}, set())
 
 
 def test_evaluation_is_reproducible(evaluation, members, torch_threads, tmp_path):
+    members = locations(members)  # strings, as a training run's tags hold them
     result, eval_uri = evaluation
-    again = evaluate_in_process(tiny_job(tmp_path).model_dump(), members, eval_uri)
+    again = evaluate_in_process(agg_job(tmp_path).model_dump(), members, eval_uri)
     assert again == result
 
 
 def test_parameter_counts_match_the_accounting(members):
+    members = locations(members)  # strings, as a training run's tags hold them
     counts = parameter_counts({n: read_spec(d) for n, d in members.items()})
     report = parameter_report("resnet10", 10, 4, members=3, in_channels=1)
     assert counts["member.linf"] == report.member
@@ -160,8 +137,9 @@ def test_parameter_counts_match_the_accounting(members):
 
 
 def test_report_metrics_and_plots(evaluation, members, tmp_path):
+    members = locations(members)  # strings, as a training run's tags hold them
     result, _ = evaluation
-    job = tiny_job(tmp_path)
+    job = agg_job(tmp_path)
     counts = parameter_counts({n: read_spec(d) for n, d in members.items()})
     report = markdown_report(job, members, result, counts)
     for heading in ("Table 3", "Table 4", "Every attack", "Which member answers", "Parameters"):
@@ -204,25 +182,19 @@ def test_report_metrics_and_plots(evaluation, members, tmp_path):
         assert png.getvalue().startswith(b"\x89PNG")
 
 
-def _train_run(tracker: Tracker, job, checkpoints: dict[str, str]) -> str:
-    """What the training job leaves behind: a parent run tagged with each member's checkpoint."""
-    tags = {"psat.job": job.name, "psat.role": "train"}
-    tags |= {f"psat.checkpoint.{n}": d for n, d in checkpoints.items()}
-    return tracker.client.create_run(tracker.experiment_id, tags=tags).info.run_id
-
-
 def test_members_come_from_the_training_run(tmp_path, members, monkeypatch):
+    members = locations(members)  # strings, as a training run's tags hold them
     monkeypatch.chdir(tmp_path)
-    job = tiny_job(tmp_path)
+    job = agg_job(tmp_path)
     tracker = Tracker(job)
     with pytest.raises(ValueError, match="no training run of job 'agg'"):
         member_checkpoints(job, tracker)
-    partial = _train_run(tracker, job, {n: members[n] for n in ("linf", "l2")})
+    partial = training_run(tracker, job, {n: members[n] for n in ("linf", "l2")})
     with pytest.raises(ValueError, match=f"{partial} has no final checkpoint for member.s. l1"):
         member_checkpoints(job, tracker, partial)
     with pytest.raises(ValueError, match="training run 'no-such-run' not found"):
         member_checkpoints(job, tracker, "no-such-run")
-    complete = _train_run(tracker, job, members)
+    complete = training_run(tracker, job, members)
     assert member_checkpoints(job, tracker, complete) == members
 
 
@@ -246,8 +218,9 @@ def _nothing_registered(job) -> None:
 def test_bad_members_are_one_error_and_register_nothing(
     bad, message, tmp_path, members, monkeypatch
 ):
+    members = locations(members)  # strings, as a training run's tags hold them
     monkeypatch.chdir(tmp_path)
-    job = tiny_job(tmp_path)
+    job = agg_job(tmp_path)
     given = dict(members)
     if bad == "wrong_tensors":  # member.json says embedding 4, tensors are embedding 8's
         given["l1"] = str(write_member(tmp_path / "bad", "l1", 0, embedding_dim=8))
@@ -279,93 +252,21 @@ def _ray_work() -> int:
     return len(list_tasks(**found)) + len(list_actors(**found))
 
 
-@pytest.mark.slow
-def test_aggregate_end_to_end(tmp_path, members, monkeypatch, local_ray, torch_threads):
-    monkeypatch.chdir(tmp_path)
-    job = tiny_job(tmp_path)
-    train = _train_run(Tracker(job), job, members)
-    lines: list[str] = []
-    before = ray_tasks(local_ray, "evaluate_row")
-    first = aggregate(job, echo=lines.append, train_run=train)  # members from the training run
-
-    # 5 rows, `evaluation.concurrent_rows` (2) at a time: a finished row's process takes the next
-    deadline = time.monotonic() + 30  # Ray records task events a second or so late
-    while True:
-        rows = [t for k, t in ray_tasks(local_ray, "evaluate_row").items() if k not in before]
-        if len(rows) == len(first.rows) or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    assert len(rows) == len(first.rows) == 5
-    assert len({t.worker_pid for t in rows}) <= 2, [t.worker_pid for t in rows]
-    # the 2 ensemble rows start once the 3 member rows whose examples they score have ended
-    rows.sort(key=lambda t: t.creation_time_ms)
-    assert max(t.end_time_ms for t in rows[:3]) <= min(t.creation_time_ms for t in rows[3:])
-
-    assert first.members == members
-    assert (first.registration.version, first.registration.champion) == (1, True)
-    client = MlflowClient(job.tracking.resolved_uri())
-    run = client.get_run(first.run_id)
-    assert run.info.status == "FINISHED"
-    assert run.data.tags["psat.role"] == "aggregate" and run.data.tags["psat.job"] == "agg"
-    assert run.data.tags["psat.train_run"] == train
-    assert run.data.tags["psat.registered_version"] == "1"
-    metrics = run.data.metrics
-    assert metrics["trade_off"] == first.rows["lowest_entropy"]["trade_off"]
-    assert {f"{r}.{c}" for r in first.rows for c in COLUMNS} <= set(metrics)
-    artifacts = {a.path for a in client.list_artifacts(first.run_id)}
-    assert {"report.md", "plots"} <= artifacts
-    plots = {a.path for a in client.list_artifacts(first.run_id, "plots")}
-    assert plots == {"plots/accuracy.png", "plots/member_choice.png"}
-    report = client.download_artifacts(first.run_id, "report.md", str(tmp_path))
-    text = Path(report).read_text()
-    assert "## Registry" in text and "models:/psat-agg/1" in text
-    assert any("champion -> v1" in line for line in lines)
-    assert any(line.startswith("PSAT lowest entropy") for line in lines)
-    # progress from the Ray tasks: every row, every attack, the points still robust
-    for key in ("member.l1", "lowest_entropy"):
-        shown = [line for line in lines if line.startswith(f"[{key}] ")]
-        attacks = [line.split()[1].rstrip(":") for line in shown if "still robust" in line]
-        assert attacks == [k for k in first.rows[key] if "/" in k]
-        robust = round(first.rows[key]["l1"] * first.samples)
-        last_l1 = [line for line in shown if line.split()[1].startswith("l1/")][-1]
-        assert f": {robust}/{first.samples} still robust, ~" in last_l1
-        assert "left in this row" in last_l1 and shown[-1].startswith(f"[{key}] evaluated in ")
-
-    # the same members again: not better, so champion stays, unless forced
-    second = aggregate(job, members, echo=lines.append)
-    assert (second.registration.version, second.registration.champion) == (2, False)
-    third = aggregate(job, members, echo=lines.append, force_champion=True)
-    assert (third.registration.version, third.registration.champion) == (3, True)
-    aliases = client.get_registered_model("psat-agg").aliases
-    assert {a: int(v) for a, v in aliases.items()} == {CANDIDATE: 3, CHAMPION: 3}
-
-    images = load_dataset("digits", "test", "unused").to_float()[:5]
-    loaded = load_ensemble("models:/psat-agg@champion", tracking_uri=job.tracking.resolved_uri())
-    pd.testing.assert_frame_equal(
-        pd.DataFrame(loaded.predict(images)),
-        pd.DataFrame(ensemble_from_checkpoints(members).predict(images)),
-    )
-
-
 def test_partial_sweep_is_refused_and_registers_nothing(tmp_path, members):
     """A sweep that covered only l_inf: `psat aggregate --from-sweep` names the missing norms."""
     import json
-    import subprocess
-    import sys
 
     import yaml
 
-    job = tiny_job(tmp_path, name="partial")
+    members = locations(members)  # strings, as a training run's tags hold them
+
+    job = agg_job(tmp_path, name="partial")
     sweep = tmp_path / "runs" / "partial" / "sweep"
     sweep.mkdir(parents=True)
     (sweep / "best.json").write_text(json.dumps({"linf": {"checkpoint": members["linf"]}}))
     config = tmp_path / "partial.yaml"
     config.write_text(yaml.safe_dump(job.model_dump(mode="json")))
-    proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "aggregate", "--config", str(config),
-         "--from-sweep"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+    proc = psat("aggregate", "--config", str(config), "--from-sweep", cwd=tmp_path, timeout=300)
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
     assert "miss training.members l2, l1" in line and "--allow-partial" in line

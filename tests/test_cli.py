@@ -1,37 +1,21 @@
-"""The psat command line as a user meets it."""
+"""The psat command line as a user meets it (the quickstart end to end: e2e/test_jobs.py)."""
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-import mlflow
-import numpy as np
 import pytest
+from helpers import psat
 
 from orchestrator.cli import build_parser, main
-from orchestrator.runtime.tracking import tracking
-
-ROOT = Path(__file__).parents[1]
-PSAT = [sys.executable, "-m", "orchestrator.cli"]
-ENV = os.environ | {"PYTHONPATH": str(ROOT)}
-
-
-def psat(*args, cwd, timeout=600, env=None):
-    return subprocess.run(
-        [*PSAT, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env or ENV
-    )
 
 
 @pytest.mark.parametrize("command", ["run", "train", "sweep", "aggregate", "evaluate", "reproduce"])
 def test_missing_config_is_one_line_and_writes_nothing(
-    tmp_path, command, monkeypatch, capsys, local_ray
+    tmp_path, command, monkeypatch, capsys, shared_ray
 ):
     monkeypatch.chdir(tmp_path)  # main() as `psat` runs it; the malformed file's test runs psat
     extra = ["--model", "models:/x@champion"] if command == "evaluate" else []
     assert main([command, "--config", "nope.yaml", *extra]) == 2
-    assert local_ray.is_initialized()  # a failed command leaves a Ray it did not start
+    assert shared_ray.is_initialized()  # a failed command leaves a Ray it did not start
     err = capsys.readouterr().err
     line = f"psat {command}: error: config file nope.yaml does not exist; the example configs"
     assert err.startswith(line) and len(err.strip().splitlines()) == 1
@@ -40,7 +24,7 @@ def test_missing_config_is_one_line_and_writes_nothing(
 
 def test_malformed_yaml_is_one_line_and_writes_nothing(tmp_path):
     (tmp_path / "bad.yaml").write_text("name: x\ntraining: {epochs: 3\n")
-    proc = psat("run", "--config", "bad.yaml", cwd=tmp_path)
+    proc = psat("run", "--config", "bad.yaml", cwd=tmp_path, timeout=600)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "bad.yaml: not valid YAML" in lines[0]
@@ -104,49 +88,9 @@ def test_submit_takes_each_jobs_options_and_the_clusters(job, capsys):
 
 def test_params_prints_table2_row(tmp_path):
     proc = psat("params", "--arch", "resnet18", "--num-classes", "200", "--embedding-dim", "64",
-                cwd=tmp_path)  # fmt: skip
+                cwd=tmp_path, timeout=600)  # fmt: skip
     assert proc.returncode == 0
     assert "1,318,104" in proc.stdout and "88.31%" in proc.stdout
-
-
-@pytest.mark.slow
-def test_quickstart_runs_end_to_end_and_its_model_loads(tmp_path, ray_address):
-    sets = {
-        "training.epochs": 1,
-        "data.train_size": 96,
-        "data.val_size": 16,
-        "data.eval_size": 6,
-        "model.embedding_dim": 4,
-        **{f"attacks.train.{n}.steps": 1 for n in ("linf", "l2", "l1")},
-        **{f"attacks.eval.{n}.steps": 2 for n in ("linf", "l2", "l1")},
-        "evaluation.apgd_steps": 2,
-    }
-    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
-    config = ROOT / "jobs" / "configs" / "quickstart.yaml"
-    proc = psat("run", "--config", str(config), *args, cwd=tmp_path, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    for column in ("Clean", "ℓ∞", "ℓ2", "ℓ1", "Max", "Avg", "Trade-off"):
-        assert column in proc.stdout
-    # only psat speaks: no MLflow progress bars or registration prints
-    for chatter in ("Downloading artifacts", "Successfully registered", "Created version", "\r"):
-        assert chatter not in proc.stdout + proc.stderr, chatter
-    assert "registered models:/psat-digits/1" in proc.stdout
-    uri = re.search(r"models:/psat-digits@champion", proc.stdout)
-    assert uri, proc.stdout
-    # the registered ensemble loads as the README says (in a fresh process: test_registry)
-    with tracking(f"sqlite:///{tmp_path / 'mlflow.db'}"):
-        model = mlflow.pyfunc.load_model("models:/psat-digits@champion")
-    answers = model.predict(np.random.rand(3, 1, 8, 8).astype("float32"))
-    assert len(answers) == 3 and {"member", "class"} <= set(answers.columns)
-
-    evaluated = psat("evaluate", "--config", str(config), *args, "--model",
-                     "models:/psat-digits@champion", "--set", f"resources.address={ray_address}",
-                     cwd=tmp_path, timeout=600)  # fmt: skip
-    assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-    rows = [line for line in evaluated.stdout.splitlines() if line.startswith("PSAT ")]
-    assert len(rows) == 2 and all(line.count("%") == 7 for line in rows)
-    progress = [line for line in evaluated.stdout.splitlines() if "still robust" in line]
-    assert {line.split("]")[0] for line in progress} == {"[lowest_entropy", "[average"}
 
 
 @pytest.mark.parametrize(

@@ -1,8 +1,8 @@
 """orchestrator.registry against real MLflow: an SQLite store and a `mlflow server` process.
 
 Members are tiny random hypernetwork ResNets written with `save_member` (the training job's
-checkpoint format); every process these tests start listens on 127.0.0.1 and is stopped by its
-own process group id.
+checkpoint format), once per session (conftest's `members`); every process these tests start
+listens on 127.0.0.1 and is stopped by its own process group id.
 """
 
 from __future__ import annotations
@@ -24,8 +24,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from cluster import free_port, wait_http
-from helpers import write_member
+from helpers import free_port, wait_http, write_member
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -38,13 +37,6 @@ from psat_core.ensemble import PSATEnsemble
 
 NORMS = ("linf", "l2", "l1")
 BIN = Path(sys.executable).parent
-
-
-@pytest.fixture(scope="module")
-def members(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("members")
-    # the same base name for every member, as Ray's checkpoint folders have
-    return {n: write_member(root / n / "checkpoint_000002", n, i) for i, n in enumerate(NORMS)}
 
 
 @pytest.fixture(scope="module")

@@ -11,19 +11,17 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import ray_actors
+from helpers import ROOT, ray_actors
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ConfigError, parse_config
 from orchestrator.training.tune import check_space, trial_job
 from psat_core.checkpoint import read_spec
 
-ROOT = Path(__file__).parents[1]
-
 
 @pytest.mark.slow
 def test_an_interrupted_sweep_continues_and_writes_table_best_configs_plot_and_runs(
-    tmp_path, tiny_job, local_ray, ray_address
+    tmp_path, tiny_job, shared_ray, ray_address
 ):
     """`python -m jobs.sweep`, Ctrl-C after its first trial, run again: the finished trial is
     not rerun, and the sweep's table, best members, plot and nested MLflow runs are whole."""
@@ -38,7 +36,7 @@ def test_an_interrupted_sweep_continues_and_writes_table_best_configs_plot_and_r
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(config))
     command = [sys.executable, "-m", "jobs.sweep", "--config", str(path)]
-    before = ray_actors(local_ray)
+    before = ray_actors(shared_ray)
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     first = subprocess.Popen(
         command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
@@ -87,7 +85,7 @@ def test_an_interrupted_sweep_continues_and_writes_table_best_configs_plot_and_r
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"results.parquet", "best.json", "tradeoff.png"} <= artifacts
     # ASHA stops trials: their runs keep Ray Train's placement group cleaner (ShardTrainer)
-    actors = [a for key, a in ray_actors(local_ray).items() if key not in before]
+    actors = [a for key, a in ray_actors(shared_ray).items() if key not in before]
     assert sum(a.class_name == "PlacementGroupCleaner" for a in actors) >= len(trials)
 
 

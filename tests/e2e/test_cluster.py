@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster import ROOT, RayCluster, free_port, make_venv
+from helpers import ROOT, RayCluster, free_port, make_venv
 from mlflow.tracking import MlflowClient
 
 NORMS = ("linf", "l2", "l1")
@@ -251,7 +251,7 @@ def test_a_model_larger_than_the_cluster_is_refused(site):
 HOLD = """
 import sys, time
 from orchestrator.config import load_config
-from orchestrator.locking import job_lock
+from orchestrator.runtime.locking import job_lock
 with job_lock(load_config(sys.argv[1]), "train"):
     print("held", flush=True)
     time.sleep(float(sys.argv[2]))

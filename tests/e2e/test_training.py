@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import ray_actors
+from helpers import ROOT, ray_actors
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import deep_merge, parse_config
@@ -58,17 +58,17 @@ def _kill_after_epoch(ray, job, norm: str, epoch: int, seen: dict) -> None:
         time.sleep(0.2)
 
 
-def test_members_train_concurrently_and_an_interrupted_job_resumes(local_ray, tiny_job):
+def test_members_train_concurrently_and_an_interrupted_job_resumes(shared_ray, tiny_job):
     """One job: the three members train at once, tracked; l2's worker dies (no retries left),
     the job fails; a damaged checkpoint is then one error; relaunched under the same name, l2
     resumes from its checkpoint in the same run and the finished members are not trained
     again (no trainer starts for them)."""
     paced = deep_merge(PACED, {"training": {"epochs": 3}})
     job = parse_config(tiny_job("interrupted", **paced, resources={"max_failures": 0}))
-    before = ray_actors(local_ray)
+    before = ray_actors(shared_ray)
     seen = {}
     # after epoch 1's report: epoch 0's checkpoint is persisted by then (Ray may lag one report)
-    killer = threading.Thread(target=_kill_after_epoch, args=(local_ray, job, "l2", 1, seen))
+    killer = threading.Thread(target=_kill_after_epoch, args=(shared_ray, job, "l2", 1, seen))
     killer.start()
     with pytest.raises(Exception, match="(?i)fail|died|error"):
         train_members(job, echo=lambda line: None)  # on the Ray this process started
@@ -76,7 +76,7 @@ def test_members_train_concurrently_and_an_interrupted_job_resumes(local_ray, ti
     # one Ray Train controller per member; one machine runs no preemption watchers, and
     # workers that read their own shards no Ray Data actor, the driver's runs no placement
     # group cleaner (`trainers.ShardTrainer`)
-    actors = [a for key, a in ray_actors(local_ray).items() if key not in before]
+    actors = [a for key, a in ray_actors(shared_ray).items() if key not in before]
     assert sum(a.class_name == "TrainController" for a in actors) == 3
     unneeded = ("PreemptionWatcher", "DatasetManager", "PlacementGroupCleaner")
     assert not [a for a in actors if a.class_name in unneeded]
@@ -133,7 +133,7 @@ def test_members_train_concurrently_and_an_interrupted_job_resumes(local_ray, ti
     assert len(history) == 3
 
 
-def test_killed_worker_restarts_from_its_checkpoint(local_ray, tiny_job):
+def test_killed_worker_restarts_from_its_checkpoint(shared_ray, tiny_job):
     job = parse_config(
         tiny_job(
             "killed",
@@ -142,7 +142,7 @@ def test_killed_worker_restarts_from_its_checkpoint(local_ray, tiny_job):
         )
     )
     lines, seen = [], {}
-    killer = threading.Thread(target=_kill_after_epoch, args=(local_ray, job, "linf", 1, seen))
+    killer = threading.Thread(target=_kill_after_epoch, args=(shared_ray, job, "linf", 1, seen))
     killer.start()
     results = train_members(job, echo=lines.append)
     killer.join()
@@ -164,7 +164,7 @@ def test_bad_config_fails_fast_and_leaves_nothing(tmp_path):
         cwd=tmp_path,
         capture_output=True,
         text=True,
-        env=os.environ | {"PYTHONPATH": str(Path(__file__).parents[1])},
+        env=os.environ | {"PYTHONPATH": str(ROOT)},
         timeout=120,
     )
     assert proc.returncode != 0

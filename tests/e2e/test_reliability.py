@@ -17,30 +17,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from cluster import MlflowServer, free_port
-from helpers import write_member
+from helpers import ENV, MlflowServer, free_port, psat, write_member
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import deep_merge, parse_config
 from orchestrator.runtime.locking import job_lock
 from orchestrator.runtime.tracking import Tracker
 
-ROOT = Path(__file__).parents[1]
 NORMS = ("linf", "l2", "l1")
-ENV = os.environ | {"PYTHONPATH": str(ROOT)}
 
 
 def job_file(tmp_path: Path, tiny_job, name: str = "probe", **sections) -> Path:
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(deep_merge(tiny_job(name), sections)))
     return config
-
-
-def psat(*args, cwd, timeout=300, env=None):
-    return subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, capture_output=True,
-        text=True, timeout=timeout, env=env or ENV,
-    )  # fmt: skip
 
 
 def one_line(proc) -> str:
