@@ -48,7 +48,6 @@ __all__ = [
     "standard_error",
     "paired_bootstrap",
     "evaluate_robustness",
-    "subset_indices",
 ]
 
 log = logging.getLogger(__name__)
@@ -371,18 +370,3 @@ def evaluate_robustness(
     :func:`evaluate_per_sample` for the arguments and :func:`summarize` for the aggregation.
     """
     return summarize(evaluate_per_sample(model, images, labels, attacks, batch_size))
-
-
-def subset_indices(n_total: int, n: int, seed: int) -> Tensor:
-    """A fixed-seed random subset of ``range(n_total)`` of size ``min(n, n_total)``, sorted.
-
-    The same ``(n_total, n, seed)`` gives the same indices on every machine (CPU generator).
-    ``n >= n_total`` selects everything.
-    """
-    for field, value in (("n_total", n_total), ("n", n)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"subset_indices.{field} must be an integer >= 1 (got {value!r})")
-    if n >= n_total:
-        return torch.arange(n_total)
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randperm(n_total, generator=generator)[:n].sort().values

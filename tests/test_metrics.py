@@ -17,7 +17,6 @@ from psat_core.metrics import (
     SanityCheckError,
     evaluate_per_sample,
     evaluate_robustness,
-    subset_indices,
     summarize,
     trade_off,
 )
@@ -230,18 +229,6 @@ def test_bad_evaluation_arguments():
 
 
 # --------------------------------------------------------------------------- subsets
-
-
-def test_subset_indices_are_fixed_by_the_seed():
-    a = subset_indices(1000, 100, seed=0)
-    assert a.dtype == torch.long and a.shape == (100,)
-    assert torch.equal(a, subset_indices(1000, 100, seed=0))
-    assert not torch.equal(a, subset_indices(1000, 100, seed=1))
-    assert len(set(a.tolist())) == 100 and a.min() >= 0 and a.max() < 1000
-    assert torch.equal(a, a.sort().values)
-    assert torch.equal(subset_indices(50, 100, seed=0), torch.arange(50))
-    with pytest.raises(ValueError, match=r"subset_indices\.n must be"):
-        subset_indices(10, 0, seed=0)
 
 
 class Recording:
