@@ -33,6 +33,7 @@ from orchestrator.evaluation.figures import tradeoff_figure
 from orchestrator.runtime.capacity import check_ray, one_model
 from orchestrator.runtime.ray_session import prepare_job
 from orchestrator.runtime.tracking import SWEEP, Tracker
+from orchestrator.training.fit import chosen
 from orchestrator.training.plan import OBJECTIVE
 from orchestrator.training.tune import (
     LOGGED_METRICS,
@@ -108,18 +109,21 @@ def _rows(job: JobConfig, grid) -> list[dict]:
                 job.model.arch, job.dataset.num_classes, dim, 3, job.dataset.in_channels
             )
         report = reports[dim]
+        history = result.metrics_dataframe.to_dict("records")
+        pick = chosen([r for r in history if r.get(CHECKPOINT_PATH_KEY)], job.training.checkpoint)
         rows.append(
             {
                 "trial_id": result.metrics.get("trial_id"),
                 "norm": norm,
                 "params": params,
-                "metrics": {k: result.metrics[k] for k in LOGGED_METRICS if k in result.metrics},
+                "metrics": {k: pick[k] for k in LOGGED_METRICS if k in pick},
                 "epochs_run": int(result.metrics["epoch"]) + 1,
+                "checkpoint_epoch": int(pick["epoch"]) + 1,
                 "embedding_dim": dim,
                 "member_params": report.member,
                 "ensemble_params": report.aggregated,
                 "param_share": report.aggregated / report.plain,
-                "checkpoint": result.metrics.get(CHECKPOINT_PATH_KEY),
+                "checkpoint": pick[CHECKPOINT_PATH_KEY],
             }
         )
     return rows

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from orchestrator.config import deep_merge, parse_config
-from orchestrator.training.fit import Fit, train_in_process
+from orchestrator.training.fit import Fit, chosen, train_in_process, why_chosen
 from orchestrator.training.plan import ModelPlan
 from psat_core.accounting import trained_parameters
 from psat_core.checkpoint import load_state, save_member
@@ -110,3 +110,38 @@ def test_optimizer_groups_follow_the_config_and_resume(job, digits, tmp_path):
     torch.testing.assert_close(
         fit.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     )
+
+
+def test_the_chosen_report_is_the_best_trade_off_the_later_of_a_tie():
+    reports = [
+        {"epoch": 0, "trade_off": 0.3},
+        {"epoch": 1, "trade_off": 0.5},
+        {"epoch": 2, "trade_off": 0.5},
+        {"epoch": 3, "trade_off": 0.4},
+        {"epoch": 4},  # another rank's report: no validation
+    ]
+    assert chosen(reports, "best")["epoch"] == 2
+    assert chosen(reports, "last")["epoch"] == 3
+    assert why_chosen(reports[2], "best", 4) == "epoch 3/4: best validation trade_off 0.5000"
+    with pytest.raises(ValueError, match="no validated epoch"):
+        chosen([{"epoch": 0}], "best")
+
+
+def test_a_model_trained_in_process_keeps_its_best_epochs_weights(tiny_job, digits):
+    """The best epoch's weights, not the last: the same training stopped after the best epoch
+    (a constant schedule, so the trajectories agree) ends with the same weights."""
+    train, val = digits
+    settings = {"epochs": 5, "schedule": "constant", "optimizer": {"name": "adam"}, "lr": 0.02}
+    job = parse_config(tiny_job("best", training=settings))
+    trade_offs: list[float] = []
+    best = train_in_process(
+        job, PLANS[0], train, val, on_epoch=lambda m: trade_offs.append(m["val_trade_off"])
+    )
+    epoch = max(range(len(trade_offs)), key=lambda e: (trade_offs[e], e))
+    assert epoch < 4, f"the validation trade-off peaked at the last epoch: {trade_offs}"
+    stopped = parse_config(
+        tiny_job("best", training=settings | {"epochs": epoch + 1, "checkpoint": "last"})
+    )
+    last = train_in_process(stopped, PLANS[0], train, val)
+    for a, b in zip(best.net.state_dict().values(), last.net.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)

@@ -171,6 +171,11 @@ class TrainingConfig(Section):
     schedule: str = "cosine"
     amp: bool = True
     seed: int = 0
+    checkpoint: Literal["best", "last"] = Field(
+        "best",
+        description="the checkpoint a model is used by: its epoch of highest validation "
+        "trade-off (ties: the later), or its last epoch",
+    )
 
     @field_validator("schedule")
     @classmethod

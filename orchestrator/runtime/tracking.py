@@ -31,6 +31,7 @@ TRAIN, SWEEP, AGGREGATE, REPRODUCE = "train", "sweep", "aggregate", "reproduce" 
 MODEL, TRIAL = "model", "trial"  # a run nested under a job's: one trained model, one Tune trial
 # a model's final checkpoint (psat.checkpoint.<plan> on its parent)
 CHECKPOINT_TAG = "psat.checkpoint"
+CHOSEN_TAG = "psat.checkpoint_chosen"  # which epoch's checkpoint, and why (training.checkpoint)
 PLAN_TAG = "psat.plan"  # a model's run: the plan's name (a member's norm, "at_linf", "h8_l2")
 PLACEMENT_TAGS = ("device", "gpu_ids", "node")  # psat.<key>: where a model's worker trained
 TRIAL_TAG = "psat.trial"  # a trial's run: Tune's trial id

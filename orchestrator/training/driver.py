@@ -19,7 +19,14 @@ from orchestrator.config import JobConfig
 from orchestrator.config.locations import is_uri
 from orchestrator.runtime.progress import BoardReader, ProgressBoard
 from orchestrator.runtime.ray_session import board_name
-from orchestrator.runtime.tracking import CHECKPOINT_TAG, MODEL, PLACEMENT_TAGS, PLAN_TAG, Tracker
+from orchestrator.runtime.tracking import (
+    CHECKPOINT_TAG,
+    CHOSEN_TAG,
+    MODEL,
+    PLACEMENT_TAGS,
+    PLAN_TAG,
+    Tracker,
+)
 from orchestrator.training.plan import ModelPlan
 from orchestrator.training.trainer import train_on_ray
 
@@ -75,6 +82,7 @@ def train_models(
                     echo(f"[{name}] failed: {err}")
                 else:
                     _record(tracker, parent, runs[name], results[name])
+                    echo(f"[{name}] uses the checkpoint of {results[name]['chosen']}")
         drain()
     except BaseException:
         for future in pending:  # those not started yet never start
@@ -133,12 +141,14 @@ def _trained(tracker: Tracker, run_id: str, epochs: int) -> dict | None:
         return None  # removed since: train it again
     metrics = run.data.metrics | {"epoch": epochs - 1}  # the last epoch's, as a trainer's
     return {"model": run.data.tags[PLAN_TAG], "checkpoint": checkpoint, "metrics": metrics,
-            "run_id": run_id}  # fmt: skip
+            "chosen": run.data.tags.get(CHOSEN_TAG, ""), "run_id": run_id}  # fmt: skip
 
 
 def _record(tracker: Tracker, parent: str, run_id: str, result: dict) -> None:
-    """A fitted model's checkpoint, on its run and its parent's; its run FINISHED."""
+    """A fitted model's chosen checkpoint (and why it, `training.checkpoint`), on its run and
+    its parent's; its run FINISHED."""
     tracker.client.set_tag(run_id, CHECKPOINT_TAG, result["checkpoint"])
+    tracker.client.set_tag(run_id, CHOSEN_TAG, result["chosen"])
     tracker.client.set_tag(parent, f"{CHECKPOINT_TAG}.{result['model']}", result["checkpoint"])
     tracker.end(run_id, "FINISHED")
     result["run_id"] = run_id

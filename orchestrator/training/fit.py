@@ -8,9 +8,11 @@ overhead benchmark's and the specialists benchmark's bare loop).
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -148,6 +150,30 @@ def steps_per_epoch(shard_sizes: list[int], world: int, batch_size: int) -> int:
     return -(-smallest // batch_size)
 
 
+# the validation metric `training.checkpoint: best` maximises (robust overfitting: Rice et al.)
+CHECKPOINT_METRIC = "trade_off"
+
+
+def chosen(reports: Iterable[Mapping[str, Any]], rule: str) -> Mapping[str, Any]:
+    """The epoch report whose checkpoint a model is used by: under ``rule`` "best" the one of
+    highest validation trade-off, the later of a tie; under "last" the last epoch's. Reports
+    without validation (other ranks) are not candidates."""
+    candidates = [r for r in reports if CHECKPOINT_METRIC in r]
+    if not candidates:
+        raise ValueError("no validated epoch to choose a checkpoint from")
+    if rule == "last":
+        return max(candidates, key=lambda r: r["epoch"])
+    return max(candidates, key=lambda r: (r[CHECKPOINT_METRIC], r["epoch"]))
+
+
+def why_chosen(report: Mapping[str, Any], rule: str, epochs: int) -> str:
+    """``"epoch 3/4: best validation trade_off 0.5312"``: what MLflow records of the choice."""
+    epoch = f"epoch {int(report['epoch']) + 1}/{epochs}"
+    if rule == "last":
+        return f"{epoch}: the last (training.checkpoint: last)"
+    return f"{epoch}: best validation {CHECKPOINT_METRIC} {report[CHECKPOINT_METRIC]:.4f}"
+
+
 def train_in_process(
     job: JobConfig,
     plan: ModelPlan,
@@ -158,11 +184,17 @@ def train_in_process(
 ) -> Fit:
     """Train `plan`'s model in this process, validating every epoch as the workers do (each
     epoch's training and validation metrics go to `on_epoch`); returns the finished `Fit`
-    (its `net` is the trained model)."""
+    (its `net` holds the chosen epoch's weights, `training.checkpoint`)."""
     torch.manual_seed(job.training.seed)
     steps = steps_per_epoch([len(train)], 1, job.training.batch_size)
     fit = Fit.build(job, plan, steps, torch.device(device))
+    reports: list[dict] = []
     for epoch in range(job.training.epochs):
         metrics = fit.train_epoch(train, epoch)
-        on_epoch(metrics | {f"val_{k}": v for k, v in fit.validate(val).items()})
+        validation = fit.validate(val)
+        on_epoch(metrics | {f"val_{k}": v for k, v in validation.items()})
+        reports.append({"epoch": epoch} | validation)
+        if chosen(reports, job.training.checkpoint)["epoch"] == epoch:
+            weights = copy.deepcopy(fit.net.state_dict())
+    fit.net.load_state_dict(weights)
     return fit

@@ -28,7 +28,7 @@ from orchestrator.config import JobConfig
 from orchestrator.config.locations import join
 from orchestrator.runtime.shards import read_arrays
 from orchestrator.training.backend import SingleWorker
-from orchestrator.training.fit import Fit, steps_per_epoch
+from orchestrator.training.fit import CHECKPOINT_METRIC, Fit, chosen, steps_per_epoch, why_chosen
 from orchestrator.training.plan import ModelPlan
 from psat_core.checkpoint import load_state, save_member
 from psat_core.data import ImageArrays
@@ -151,9 +151,19 @@ def trainer_for(
             name=run_name or plan.name,
             storage_path=join(job.storage.resolved(), job.name),
             failure_config=FailureConfig(max_failures=res.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            checkpoint_config=checkpoints_kept(job),
             callbacks=list(callbacks),
         ),
+    )
+
+
+def checkpoints_kept(job: JobConfig) -> CheckpointConfig:
+    """Two checkpoints kept besides the latest (which Ray always keeps: a restart resumes
+    from it): under `training.checkpoint: best` the two of highest validation trade-off."""
+    if job.training.checkpoint == "last":
+        return CheckpointConfig(num_to_keep=2)
+    return CheckpointConfig(
+        num_to_keep=2, checkpoint_score_attribute=CHECKPOINT_METRIC, checkpoint_score_order="max"
     )
 
 
@@ -178,8 +188,12 @@ def train_on_ray(job: JobConfig, plan: ModelPlan, manifest: dict, board) -> dict
         if faults:
             raise ValueError(f"{plan.name}: {faults[0]}") from err
         raise
+    rule, kept = job.training.checkpoint, result.best_checkpoints or []
+    report = chosen([metrics for _, metrics in kept], rule)
+    checkpoint = next(c for c, metrics in kept if metrics is report)
     return {
         "model": plan.name,
-        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "checkpoint": checkpoint.path,
         "metrics": dict(result.metrics or {}),
+        "chosen": why_chosen(report, rule, job.training.epochs),
     }

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from orchestrator.config import deep_merge, parse_config
 from orchestrator.runtime.ray_session import board_name
 from orchestrator.train_members import train_members
+from psat_core.checkpoint import load_state
 
 pytestmark = pytest.mark.slow
 
@@ -97,6 +98,14 @@ def test_members_train_concurrently_and_an_interrupted_job_resumes(shared_ray, t
         history = client.get_metric_history(run.info.run_id, "loss")
         assert sorted(m.step for m in history) == [0, 1, 2]
         assert 0 <= run.data.metrics["clean"] <= 1 and "linf" in run.data.metrics
+        # the member is used by its epoch of best validation trade-off (the later of a tie)
+        trade_off = {
+            m.step: m.value for m in client.get_metric_history(run.info.run_id, "trade_off")
+        }
+        best = max(trade_off, key=lambda epoch: (trade_off[epoch], epoch))
+        chosen = run.data.tags["psat.checkpoint_chosen"]
+        assert chosen == f"epoch {best + 1}/3: best validation trade_off {trade_off[best]:.4f}"
+        assert load_state(checkpoint)["epoch"] == best
     for norm, run in runs.items():
         starts = client.get_metric_history(run.info.run_id, "epoch_start")
         ends = client.get_metric_history(run.info.run_id, "epoch_end")
