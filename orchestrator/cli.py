@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import shlex
+import signal
 import sys
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -16,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from orchestrator.config import parse_overrides, read_config_file
-from orchestrator.runtime.signals import exit_on_sigterm
+from orchestrator.runtime.signals import Terminated, exit_on_sigterm
 
 if TYPE_CHECKING:
     from orchestrator.config import JobConfig
@@ -342,14 +344,26 @@ def main(argv: list[str] | None = None) -> int:
         _bound_libraries(args.verbose)
         return args.run(args)
     except KeyboardInterrupt:
-        print(f"psat {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return _interrupted(args, argv, signal.SIGINT)
+    except Terminated:
+        return _interrupted(args, argv, signal.SIGTERM)
     except Exception as err:
         if not _is_user_error(err):
             raise
         log.debug("psat %s failed", args.command, exc_info=True)
         print(f"psat {args.command}: error: {err}", file=sys.stderr)
         return 2
+
+
+def _interrupted(args: argparse.Namespace, argv: list[str] | None, signum: int) -> int:
+    """One line for Ctrl-C or SIGTERM: what stopped, and for a job that its runs are KILLED
+    and how to resume it; the shells' exit status (130, 143)."""
+    line = f"psat {args.command}: interrupted by {signal.Signals(signum).name}"
+    if args.command in JOBS:
+        command = shlex.join(["psat", *(sys.argv[1:] if argv is None else argv)])
+        line += f"; its MLflow runs are marked KILLED; resume it with: {command}"
+    print(line, file=sys.stderr)
+    return 128 + signum
 
 
 def _check_before_loading(args: argparse.Namespace) -> None:

@@ -7,13 +7,21 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 _first_sigterm: list[float] = []
+
+
+class Terminated(SystemExit):
+    """The process got SIGTERM: it ends like Ctrl-C, with the shells' exit status 143."""
+
+    def __init__(self) -> None:
+        super().__init__(128 + signal.SIGTERM)
+
+
 SIGTERM_GRACE_S = 2.0  # a store write finishes in well under this; a network wait may not
 
 
@@ -40,7 +48,7 @@ def _on_sigterm(signum: int, frame) -> None:
                 threading.Timer(0.1, os.kill, (os.getpid(), signum)).start()
                 return
             frame = frame.f_back
-    sys.exit(128 + signum)
+    raise Terminated()
 
 
 @contextmanager

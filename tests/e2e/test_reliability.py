@@ -258,7 +258,10 @@ def test_aggregation_killed_after_registering_is_completed_not_repeated(
 
 
 @pytest.mark.slow
-def test_sigterm_marks_the_jobs_runs_killed(tmp_path, tiny_job, ray_address):
+@pytest.mark.parametrize(
+    ("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "ctrl-c"]
+)
+def test_sigterm_marks_the_jobs_runs_killed(tmp_path, tiny_job, ray_address, signum, status):
     config = job_file(tmp_path, tiny_job, training={"epochs": 50, "members": ["linf", "l1"]},
                       resources={"address": ray_address})  # fmt: skip
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -272,9 +275,15 @@ def test_sigterm_marks_the_jobs_runs_killed(tmp_path, tiny_job, ray_address):
         seen.append(line)
         if "epoch 1/50" in line:  # members are training, their runs RUNNING
             break
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(timeout=60)  # SIGTERM stops the job in seconds, never after its trainers
-    assert proc.returncode != 0, "".join(seen)
+    os.killpg(proc.pid, signum)  # SIGTERM, or Ctrl-C: a terminal signals the whole group
+    rest = proc.stdout.read()
+    proc.wait(timeout=60)  # the signal stops the job in seconds, never after its trainers
+    assert proc.returncode == status, "".join(seen) + rest
+    name = signal.Signals(signum).name
+    assert rest.splitlines()[-1] == (
+        f"psat train: interrupted by {name}; its MLflow runs are marked KILLED; resume it with: "
+        f"psat train --config {config}"
+    )
     statuses = {r.data.tags["psat.role"] + r.data.tags.get("psat.plan", ""): r.info.status
                 for r in runs(uri)}  # fmt: skip
     assert statuses == {"train": "KILLED", "modellinf": "KILLED", "modell1": "KILLED"}
