@@ -15,6 +15,7 @@ import sys
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from orchestrator.config import parse_overrides, read_config_file
@@ -376,6 +377,8 @@ def _check_before_loading(args: argparse.Namespace) -> None:
         args.job = _job_config(args)
         check_services(args.job)
         check_ray(args.job, one_model(args.job, args.command))
+        data = args.job.data  # its files: present, official or warned about, safe to read
+        args.job.dataset.check_files(Path(data.data_dir).expanduser(), data.download)
     elif args.command in ("pull", "serve"):
         check_store(_tracking_uri(args))  # `pull` checks it again where it connects
 

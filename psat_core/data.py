@@ -15,7 +15,6 @@ Example::
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +25,6 @@ import torch.nn.functional as F
 from psat_core.settings import dataset_info
 
 SPLITS = ("train", "test")
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are not under ``data_dir``; the message says where and how to get them."""
 
 
 @dataclass(frozen=True)
@@ -147,16 +142,6 @@ def random_crop_flip(
 
 
 # --- loaders (each named by its dataset's DatasetInfo.loader) --------------------------------
-
-
-def require_files(paths: Iterable[Path], name: str, how: str) -> None:
-    """Raise one DatasetNotFoundError listing every missing path of dataset ``name``."""
-    missing = [str(p) for p in paths if not p.exists()]
-    if missing:
-        raise DatasetNotFoundError(
-            f"{name} not found: missing {', '.join(missing)}. Pass download=True (CLI: --download) "
-            f"or {how}"
-        )
 
 
 DIGITS_TEST_FRACTION = 0.2

@@ -18,6 +18,7 @@ import math
 import numbers
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 NORMS = ("linf", "l2", "l1")
 NORM_SYMBOLS = {"linf": "ℓ∞", "l2": "ℓ2", "l1": "ℓ1"}  # how reports write each norm
@@ -186,6 +187,9 @@ class DatasetInfo:
             module stays importable without torch.
         attacks: phase (:data:`PHASES`) -> norm -> :class:`AttackConfig`, the defaults
             :func:`attack_defaults` starts from.
+        files: ``"module:function"`` naming the torch-free check of its files in a data dir,
+            ``function(root: Path, download: bool)`` (:mod:`psat_core.dataset_files`); None for
+            a dataset that ships inside a package.
     """
 
     name: str
@@ -199,6 +203,13 @@ class DatasetInfo:
     test_images: int
     loader: str
     attacks: Mapping[str, Mapping[str, AttackConfig]] = field(repr=False, hash=False)
+    files: str | None = None
+
+    def check_files(self, root: Path, download: bool) -> None:
+        """Check the dataset's files in `root` (:attr:`files`, torch-free), if it has any."""
+        if self.files is not None:
+            module, _, function = self.files.partition(":")
+            getattr(importlib.import_module(module), function)(root, download)
 
     def load_function(self) -> Callable:
         """The loader named by :attr:`loader`, imported now (torch and perhaps torchvision)."""
@@ -222,6 +233,7 @@ DATASETS: dict[str, DatasetInfo] = {
             train_images=50000,
             test_images=10000,
             loader="psat_core.vision_sets:load_cifar10",
+            files="psat_core.dataset_files:check_cifar10",
             attacks=_IMAGE,
         ),
         DatasetInfo(
@@ -235,6 +247,7 @@ DATASETS: dict[str, DatasetInfo] = {
             train_images=73257,
             test_images=26032,
             loader="psat_core.vision_sets:load_svhn",
+            files="psat_core.dataset_files:check_svhn",
             attacks=_IMAGE,
         ),
         DatasetInfo(
@@ -248,6 +261,7 @@ DATASETS: dict[str, DatasetInfo] = {
             train_images=100000,
             test_images=10000,
             loader="psat_core.vision_sets:load_tinyimagenet",
+            files="psat_core.dataset_files:check_tinyimagenet",
             attacks=_IMAGE,
         ),
         DatasetInfo(

@@ -6,73 +6,28 @@ is asked for (torchvision is slow to import).
 
 from __future__ import annotations
 
-import logging
 import os
-import pickle
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torchvision.datasets import CIFAR10, SVHN, ImageFolder
-from torchvision.datasets.utils import check_md5, download_and_extract_archive
+from torchvision.datasets.utils import download_and_extract_archive
 
-from psat_core.data import ImageArrays, require_files
-
-logger = logging.getLogger(__name__)
-
-
-def _warn_if_not_official(files: Iterable[tuple[Path, str]], name: str) -> None:
-    """Log a warning naming the files whose md5 differs from the official release's."""
-    changed = [path.name for path, md5 in files if not check_md5(path, md5)]
-    if changed:
-        logger.warning(
-            "%s: %s differ from the official release (md5); loading them as they are",
-            name,
-            ", ".join(changed),
-        )
-
-
-class _CIFAR10Unpickler(pickle.Unpickler):
-    """Admits only what CIFAR-10's batches are made of: builtins and numpy arrays.
-
-    A pickle can name any callable to run while loading; files in `data_dir` are data, so any
-    other global is refused before it is looked up.
-    """
-
-    ALLOWED = {
-        (module, name)
-        for module in ("numpy.core.multiarray", "numpy._core.multiarray")
-        for name in ("_reconstruct", "scalar")
-    } | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing global {module}.{name}")
-        return super().find_class(module, name)
-
-
-def read_cifar10_batch(path: Path) -> tuple[np.ndarray, list[int]]:
-    """One batch file: images N x 3 x 32 x 32 (rows R(1024) G(1024) B(1024)) and labels.
-
-    Raises:
-        ValueError: not a CIFAR-10 batch (corrupt, another format, or a pickle that would run
-            code), naming the file.
-    """
-    try:
-        with open(path, "rb") as f:
-            batch = _CIFAR10Unpickler(f, encoding="latin1").load()
-        data = np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = [int(label) for label in batch.get("labels", batch.get("fine_labels"))]
-    except Exception as err:  # any failure to parse is the same user fault: a bad file
-        raise ValueError(
-            f"{path}: not a CIFAR-10 python batch ({type(err).__name__}: {err}); "
-            f"replace it with the file from {CIFAR10.url}"
-        ) from None
-    if len(labels) != len(data):
-        raise ValueError(f"{path}: {len(data)} images but {len(labels)} labels")
-    return data, labels
+from psat_core.data import ImageArrays
+from psat_core.dataset_files import (
+    CIFAR10_FOLDER,
+    CIFAR10_TEST,
+    CIFAR10_TRAIN,
+    TINY_IMAGENET_MD5,
+    TINY_IMAGENET_URL,
+    cifar10_files,
+    read_cifar10_batch,
+    require_files,
+    warn_if_not_official,
+)
+from psat_core.dataset_files import SVHN as SVHN_FILES
 
 
 class _SVHNFile(SVHN):
@@ -89,35 +44,30 @@ class _SVHNFile(SVHN):
 
 def load_cifar10(root: Path, split: str, download: bool) -> ImageArrays:
     """The python batches of CIFAR-10 (torchvision's layout and download, which checks the
-    archive's md5), read with :class:`_CIFAR10Unpickler`: no file in `root` can run code."""
-    folder = root / CIFAR10.base_folder
-    official = [(folder / file, md5) for file, md5 in CIFAR10.train_list + CIFAR10.test_list]
-    official.append((folder / CIFAR10.meta["filename"], CIFAR10.meta["md5"]))
+    archive's md5), read with `dataset_files.read_cifar10_batch`: no file in `root` can run
+    code."""
+    official = cifar10_files(root)
     if download and not all(path.is_file() for path, _ in official):
         download_and_extract_archive(
             CIFAR10.url, str(root), filename=CIFAR10.filename, md5=CIFAR10.tgz_md5
         )
     require_files((path for path, _ in official), "cifar10", f"extract {CIFAR10.url} into {root}")
-    _warn_if_not_official(official, "cifar10")
-    files = CIFAR10.train_list if split == "train" else CIFAR10.test_list
-    batches = [read_cifar10_batch(folder / file) for file, _ in files]
+    warn_if_not_official(official, "cifar10")
+    files = CIFAR10_TRAIN if split == "train" else CIFAR10_TEST
+    batches = [read_cifar10_batch(root / CIFAR10_FOLDER / file) for file, _ in files]
     images = torch.from_numpy(np.concatenate([data for data, _ in batches]))
     labels = torch.tensor([label for _, batch in batches for label in batch], dtype=torch.int64)
     return ImageArrays(images.contiguous(), labels)
 
 
 def load_svhn(root: Path, split: str, download: bool) -> ImageArrays:
-    url, file, md5 = SVHN.split_list[split]
+    url, file, md5 = SVHN_FILES[split]
     if not download:
         require_files([root / file], "svhn", f"download {url} into {root}")
     ds = _SVHNFile(root=root, split=split, download=download)
-    _warn_if_not_official([(root / file, md5)], "svhn")
+    warn_if_not_official([(root / file, md5)], "svhn")
     # torchvision maps label 10 (digit 0) to 0 and the .mat's H x W x C x N to N x C x H x W.
     return ImageArrays(torch.from_numpy(ds.data).contiguous(), torch.from_numpy(ds.labels))
-
-
-TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-TINY_IMAGENET_MD5 = "90528d7ca1a48142e341f4ef8d21d0de"
 
 
 def load_tinyimagenet(root: Path, split: str, download: bool) -> ImageArrays:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import pickle
 import secrets
 import shutil
 import signal
@@ -25,6 +26,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from orchestrator.config import JobConfig, deep_merge, parse_config
@@ -408,3 +410,35 @@ class MlflowServer:
     def stop(self) -> None:
         if self.proc is not None:
             stop(self.proc)
+
+
+# ---------------------------------------------------------------- hostile data files
+
+
+def write_cifar10(root, per_batch=2, n_test=3):
+    """cifar-10-batches-py/: latin1-readable pickles with rows R(1024) G(1024) B(1024)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    written = {}
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+    for name in names:
+        n = n_test if name == "test_batch" else per_batch
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).tolist()
+        with open(folder / name, "wb") as f:
+            pickle.dump({"batch_label": name, "data": data, "labels": labels}, f)
+        written[name] = (data, labels)
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}, f)
+    return written
+
+
+class RunsCommand:
+    """What a pickle can hide: unpickling it runs `command` (a file that is code, not data)."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))

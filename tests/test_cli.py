@@ -1,9 +1,14 @@
 """The psat command line as a user meets it (the quickstart end to end: e2e/test_jobs.py)."""
 
+import pickle
 import re
+import tempfile
+import time
+from pathlib import Path
 
 import pytest
-from helpers import psat
+import yaml
+from helpers import RunsCommand, psat, write_cifar10
 
 from orchestrator.cli import build_parser, main
 
@@ -136,3 +141,36 @@ def test_submit_takes_what_each_job_takes():
     assert {"--from-sweep", "--train-run", "--force-champion", "--allow-partial"} <= _options(
         "submit", "aggregate"
     )
+
+
+@pytest.mark.parametrize(
+    ("sets", "refusal"),
+    [
+        ([], "data_batch_1: not a CIFAR-10 python batch (UnpicklingError: refusing global"),
+        (["--set", "resources.workers_per_member=64"], "one model needs 64 CPUs at once"),
+    ],
+    ids=["poisoned-dataset", "oversize-request"],
+)
+def test_refused_before_anything_starts_or_is_written(tmp_path, sets, refusal):
+    """A dataset file that is code, or a model larger than this machine: one line in under
+    2 s, before Ray starts (no session directory) and before anything is written here."""
+    data = tmp_path / "data"
+    data.mkdir()
+    write_cifar10(data)
+    marker = tmp_path / "ran"
+    batch = data / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({"data": RunsCommand(f"touch {marker}"), "labels": [0]}))
+    work = tmp_path / "work"
+    work.mkdir()
+    config = work / "job.yaml"
+    config.write_text(yaml.safe_dump({"name": "refused", "data": {"dataset": "cifar10",
+                                      "data_dir": str(data)}}))  # fmt: skip
+    sessions = set(Path(tempfile.gettempdir(), "ray").glob("session_*"))
+    started = time.monotonic()
+    proc = psat("train", "--config", str(config), *sets, cwd=work)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert refusal in line and elapsed < 2, (line, elapsed)
+    assert list(work.iterdir()) == [config] and not marker.exists()
+    assert set(Path(tempfile.gettempdir(), "ray").glob("session_*")) == sessions

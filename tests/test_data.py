@@ -2,7 +2,6 @@
 
 import inspect
 import logging
-import os
 import pickle
 import subprocess
 import sys
@@ -11,10 +10,12 @@ import numpy as np
 import pytest
 import scipy.io
 import torch
+from helpers import RunsCommand, write_cifar10
 from PIL import Image
 from sklearn.datasets import load_digits
 
-from psat_core.data import DatasetNotFoundError, ImageArrays, load_dataset, random_crop_flip
+from psat_core.data import ImageArrays, load_dataset, random_crop_flip
+from psat_core.dataset_files import DatasetNotFoundError
 from psat_core.settings import (
     DATASETS,
     NORMS,
@@ -88,27 +89,8 @@ def test_unknown_split_is_a_value_error(tmp_path):
 # --- CIFAR-10 -----------------------------------------------------------------------------------
 
 
-def _write_cifar10(root, per_batch=2, n_test=3):
-    """cifar-10-batches-py/: latin1-readable pickles with rows R(1024) G(1024) B(1024)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    written = {}
-    names = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-    for name in names:
-        n = n_test if name == "test_batch" else per_batch
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        labels = rng.integers(0, 10, n).tolist()
-        with open(folder / name, "wb") as f:
-            pickle.dump({"batch_label": name, "data": data, "labels": labels}, f)
-        written[name] = (data, labels)
-    with open(folder / "batches.meta", "wb") as f:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}, f)
-    return written
-
-
 def test_cifar10_train_and_test_load_through_torchvision(tmp_path, caplog):
-    written = _write_cifar10(tmp_path)
+    written = write_cifar10(tmp_path)
     with caplog.at_level(logging.WARNING, logger="psat_core.data"):
         train = load_dataset("cifar10", "train", tmp_path)
     _assert_image_arrays(train, 10, 3, 32)
@@ -128,7 +110,7 @@ def test_cifar10_train_and_test_load_through_torchvision(tmp_path, caplog):
 
 
 def test_cifar10_missing_batch_is_named(tmp_path):
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     (tmp_path / "cifar-10-batches-py" / "data_batch_3").unlink()
     with pytest.raises(DatasetNotFoundError, match="data_batch_3") as error:
         load_dataset("cifar10", "test", tmp_path)
@@ -332,21 +314,13 @@ def test_random_crop_flip_reflect_and_no_padding():
         random_crop_flip(x[0])
 
 
-class _RunsCode:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.parametrize("kind", ["runs_code", "corrupt"])
 def test_cifar10_files_are_data_never_code(tmp_path, kind):
-    _write_cifar10(tmp_path)
+    write_cifar10(tmp_path)
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_2"
     marker = tmp_path / "pwned"
     if kind == "runs_code":
-        batch.write_bytes(pickle.dumps({"data": _RunsCode(marker), "labels": [0]}))
+        batch.write_bytes(pickle.dumps({"data": RunsCommand(f"touch {marker}"), "labels": [0]}))
     else:
         batch.write_bytes(batch.read_bytes()[:100])
     with pytest.raises(ValueError, match=r"data_batch_2: not a CIFAR-10 python batch") as error:

@@ -90,6 +90,7 @@ LIGHT = [
     "orchestrator.evaluation.rows",
     "orchestrator.cli",
     "psat_core.settings",
+    "psat_core.dataset_files",
 ]
 
 

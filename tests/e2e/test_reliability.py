@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import ENV, MlflowServer, free_port, psat, write_member
+from helpers import ENV, MlflowServer, RunsCommand, free_port, psat, write_member
 from mlflow.tracking import MlflowClient
 
 from orchestrator.config import deep_merge, parse_config
@@ -124,7 +124,7 @@ def test_bad_checkpoints_are_one_line_and_register_nothing(tmp_path, tiny_job, s
         state.write_bytes(state.read_bytes()[:300])
     else:  # what weights_only refuses: pickled objects, here one that would run a command
         marker = tmp_path / "ran"
-        torch.save({"model": _RunsCommand(f"touch {marker}")}, state)
+        torch.save({"model": RunsCommand(f"touch {marker}")}, state)
     sweep_of("probe", members)
     config = job_file(tmp_path, tiny_job)
     line = one_line(psat("aggregate", "--config", str(config), "--from-sweep", cwd=tmp_path))
@@ -133,14 +133,6 @@ def test_bad_checkpoints_are_one_line_and_register_nothing(tmp_path, tiny_job, s
         assert "objects other than tensors" in line and not marker.exists()
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     assert MlflowClient(uri).search_registered_models() == []
-
-
-class _RunsCommand:
-    def __init__(self, command: str):
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
 
 
 def test_second_job_with_a_running_name_is_refused(tmp_path, tiny_job):
