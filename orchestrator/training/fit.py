@@ -105,6 +105,7 @@ class Fit:
         )
         return metrics | {
             "epoch": epoch,
+            EPOCHS_DONE: epoch + 1,
             "lr": self.scheduler.get_last_lr()[0],
             "epoch_start": started,
             "epoch_end": time.time(),
@@ -150,6 +151,8 @@ def steps_per_epoch(shard_sizes: list[int], world: int, batch_size: int) -> int:
     return -(-smallest // batch_size)
 
 
+# epochs trained so far, reported every epoch: ASHA's clock, which survives a trial's restart
+EPOCHS_DONE = "epochs_done"
 # the validation metric `training.checkpoint: best` maximises (robust overfitting: Rice et al.)
 CHECKPOINT_METRIC = "trade_off"
 

@@ -28,7 +28,14 @@ from orchestrator.config import JobConfig
 from orchestrator.config.locations import join
 from orchestrator.runtime.shards import read_arrays
 from orchestrator.training.backend import SingleWorker
-from orchestrator.training.fit import CHECKPOINT_METRIC, Fit, chosen, steps_per_epoch, why_chosen
+from orchestrator.training.fit import (
+    CHECKPOINT_METRIC,
+    EPOCHS_DONE,
+    Fit,
+    chosen,
+    steps_per_epoch,
+    why_chosen,
+)
 from orchestrator.training.plan import ModelPlan
 from psat_core.checkpoint import load_state, save_member
 from psat_core.data import ImageArrays
@@ -37,6 +44,7 @@ from psat_core.data import ImageArrays
 def train_loop(config: dict[str, Any]) -> None:
     """Fit one plan's model on this worker's shard; report and checkpoint every epoch."""
     job, plan = JobConfig.model_validate(config["job"]), ModelPlan(**config["plan"])
+    last = config["last_epoch"]  # a sweep trial's ends at ASHA's max_t
     manifest, board = config["manifest"], config["board"]
     torch.set_num_threads(job.resources.torch_threads)
     context = ray.train.get_context()
@@ -51,10 +59,12 @@ def train_loop(config: dict[str, Any]) -> None:
     val = read_arrays(manifest["val"]) if rank == 0 else None
     started = {"model": plan.name, "kind": "start", "epoch": start, "pid": os.getpid()}
     _post(board, rank, started | placement)
-    for epoch in range(start, job.training.epochs):
+    for epoch in range(start, last):
         metrics = fit.train_epoch(train, epoch)
         metrics |= _report(fit, epoch, metrics, val)
         _post(board, rank, {"model": plan.name, "kind": "epoch", **metrics})
+    if start >= last > 0:  # restarted with its budget spent: its last epoch, reported again
+        _report(fit, last - 1, {"epoch": last - 1, EPOCHS_DONE: last}, val)
 
 
 def worker_device() -> tuple[torch.device, dict]:
@@ -129,8 +139,10 @@ def trainer_for(
     board,
     run_name: str | None = None,
     callbacks=(),
+    last_epoch: int | None = None,
 ) -> TorchTrainer:
-    """The TorchTrainer of one model; relaunching with the same run name resumes it."""
+    """The TorchTrainer of one model; relaunching with the same run name resumes it. It
+    trains until `last_epoch` (a sweep trial's budget), by default `training.epochs`."""
     res = job.resources
     return ShardTrainer(
         train_loop,
@@ -139,6 +151,7 @@ def trainer_for(
             "plan": asdict(plan),
             "manifest": manifest,
             "board": board,
+            "last_epoch": last_epoch or job.training.epochs,
         },
         torch_config=collective(res),
         scaling_config=ScalingConfig(

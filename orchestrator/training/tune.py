@@ -19,6 +19,7 @@ from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.config import ConfigError, JobConfig, SweepRange, deep_merge
 from orchestrator.runtime.tracking import TRIAL, TRIAL_TAG, Tracker, flatten
+from orchestrator.training.fit import EPOCHS_DONE
 from orchestrator.training.plan import OBJECTIVE, ModelPlan
 from orchestrator.training.trainer import trainer_for
 
@@ -59,6 +60,7 @@ def sweep_trial(params: dict[str, Any], job_dict: dict, manifest: dict) -> None:
         board=None,
         run_name=f"trial-{trial_id}",
         callbacks=[TuneReportCallback()],
+        last_epoch=trial_epochs(job),
     )
     trainer.fit()
 
@@ -182,12 +184,23 @@ LOGGED_METRICS = (
 )
 
 
+def trial_epochs(job: JobConfig) -> int:
+    """The most epochs a trial trains: ASHA's `max_t` (a cap, never more than the schedule's
+    `training.epochs`), else all of them."""
+    if job.sweep.asha and job.sweep.max_t:
+        return min(job.sweep.max_t, job.training.epochs)
+    return job.training.epochs
+
+
 def asha_scheduler(job: JobConfig) -> ASHAScheduler | None:
+    """ASHA counting the epochs a trial has trained (`EPOCHS_DONE`), not Tune's iterations:
+    a trial restarted by `Tuner.restore` resumes its Ray Train run at its checkpoint, while
+    Tune counts its iterations from 0 again, so an iteration budget would overrun `max_t`."""
     if not job.sweep.asha:
         return None
     return ASHAScheduler(
-        time_attr="training_iteration",
-        max_t=job.sweep.max_t or job.training.epochs,
+        time_attr=EPOCHS_DONE,
+        max_t=trial_epochs(job),
         grace_period=job.sweep.grace_period,
         reduction_factor=job.sweep.reduction_factor,
     )

@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 
 from orchestrator.config import ConfigError, parse_config
 from orchestrator.training.tune import check_space, trial_job
-from psat_core.checkpoint import read_spec
+from psat_core.checkpoint import load_state, read_spec
 
 
 @pytest.mark.slow
@@ -26,11 +26,12 @@ def test_an_interrupted_sweep_continues_and_writes_table_best_configs_plot_and_r
     """`python -m jobs.sweep`, Ctrl-C after its first trial, run again: the finished trial is
     not rerun, and the sweep's table, best members, plot and nested MLflow runs are whole."""
     space = {"embedding_dim": [8], "norm": ["linf", "l2"]}  # the job's own embedding_dim is 4
-    # ASHA's max_t of 1 epoch is below the 2 configured epochs: every trial is stopped by ASHA
+    # ASHA's max_t of 1 epoch is below the 2 configured epochs: every trial is stopped by ASHA,
+    # two at a time, one of them interrupted and resumed by the second launch
     config = tiny_job(
         "sweep",
         training={"epochs": 2},
-        sweep={"space": space, "max_t": 1, "max_concurrent_trials": 1},
+        sweep={"space": space, "max_t": 1, "max_concurrent_trials": 2},
         resources={"address": ray_address},  # the session's Ray: no start-up per process
     )
     path = tmp_path / "sweep.yaml"
@@ -66,6 +67,9 @@ def test_an_interrupted_sweep_continues_and_writes_table_best_configs_plot_and_r
     table = pq.read_table(out / "results.parquet").to_pylist()
     assert {(r["config.embedding_dim"], r["norm"]) for r in table} == {("8", "linf"), ("8", "l2")}
     assert len(table) == 2 and all(r["epochs_run"] < 2 for r in table)
+    # no trial trained past max_t, however it was stopped and resumed
+    trained = [load_state(c)["epoch"] for c in out.parent.glob("trial-*/checkpoint_*/")]
+    assert trained and set(trained) == {0}, trained
     assert all(r["member_params"] > 0 and 0 <= r["trade_off"] <= 1 for r in table)
     best = json.loads((out / "best.json").read_text())
     assert set(best) == {"linf", "l2"}
