@@ -312,6 +312,9 @@ class RayCluster:
             # the tests' Ray Train poll interval (conftest), for the nodes' workers
             "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"],
             "RAY_AUTH_MODE": "token",
+            # a lost node is declared dead after 3 missed 1 s health checks (default 5 x 3 s)
+            "RAY_health_check_period_ms": "1000",
+            "RAY_health_check_failure_threshold": "3",
             "RAY_AUTH_TOKEN": self.token,
             "PATH": f"{self.bin}{os.pathsep}{os.environ['PATH']}",
             "PYTHONPATH": "",
@@ -350,9 +353,26 @@ class RayCluster:
         )  # fmt: skip
         with stopped_on_failure(self):
             wait_http(self.address, head, self.root / "head.log")
-            self._node("worker", f"--address=127.0.0.1:{self.gcs_port}")
+            self.add_worker()
             self.wait_nodes(2)
         return self
+
+    def add_worker(self) -> subprocess.Popen:
+        """A worker node joining the head (again, after one was lost)."""
+        return self._node("worker", f"--address=127.0.0.1:{self.gcs_port}")
+
+    def node_ids(self) -> dict[str, str]:
+        """``{"head": id, "worker": id}`` of the live nodes (Ray's state API)."""
+        script = (
+            "from ray.util.state import list_nodes; "
+            f"nodes = list_nodes(address='{self.address}', filters=[('state', '=', 'ALIVE')]); "
+            "print(*(('head' if n.is_head_node else 'worker') + '=' + n.node_id for n in nodes))"
+        )
+        out = subprocess.run(
+            [str(self.bin / "python"), "-c", script], env=self.env, capture_output=True,
+            text=True, cwd=self.root, check=True,
+        )  # fmt: skip
+        return dict(pair.split("=") for pair in out.stdout.split())
 
     @property
     def address(self) -> str:

@@ -27,7 +27,7 @@ import torch
 from orchestrator.config import JobConfig
 from orchestrator.config.locations import local_path
 from orchestrator.evaluation.rows import Row
-from orchestrator.runtime.progress import BoardReader, ProgressBoard
+from orchestrator.runtime.progress import BoardReader, board_here
 from orchestrator.runtime.shards import read_arrays
 from psat_core.accounting import trained_parameters
 from psat_core.attacks.adaptive import member_examples
@@ -289,7 +289,7 @@ def evaluate_rows(
     its members' rows have ended."""
     res = job.resources
     task = evaluate_row_task.options(num_cpus=res.cpus_per_worker, num_gpus=res.gpus)
-    board = ProgressBoard.remote()
+    board = board_here()
     new_events = BoardReader(board)
     job_dict = job.model_dump()
     borrowers, lending = lenders(job, rows)

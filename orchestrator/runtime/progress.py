@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 
 @ray.remote(num_cpus=0)
@@ -37,3 +38,10 @@ class BoardReader:
         events = ray.get(self.board.since.remote(self.seen))
         self.seen += len(events)
         return events
+
+
+def board_here(name: str | None = None) -> ray.actor.ActorHandle:
+    """A new ProgressBoard on the driver's node (as Ray Train places its controllers): a job's
+    progress lives as long as its driver, whatever other node is lost."""
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return ProgressBoard.options(name=name, scheduling_strategy=here).remote()

@@ -17,7 +17,7 @@ from mlflow.entities import RunTag
 
 from orchestrator.config import JobConfig
 from orchestrator.config.locations import is_uri
-from orchestrator.runtime.progress import BoardReader, ProgressBoard
+from orchestrator.runtime.progress import BoardReader, board_here
 from orchestrator.runtime.ray_session import board_name
 from orchestrator.runtime.tracking import (
     CHECKPOINT_TAG,
@@ -51,16 +51,17 @@ def train_models(
     for name in results:
         echo(f"[{name}] already trained ({epochs}/{epochs} epochs)")
     plans = [plan for plan in plans if plan.name not in results]
-    board = ProgressBoard.options(name=board_name(job)).remote()
+    board = board_here(board_name(job))
     if plans:
         echo(f"training {', '.join(p.name for p in plans)}, {concurrency} at a time; MLflow "
              f"{tracker.uri}")  # fmt: skip
     errors: dict[str, BaseException] = {}
     new_events = BoardReader(board)
+    started: dict[str, dict] = {}
 
     def drain() -> None:
         for event in new_events():
-            _on_event(tracker, runs, event, job.training.epochs, echo)
+            _on_event(tracker, runs, started, event, job.training.epochs, echo)
 
     # one driver thread per model blocks in TorchTrainer.fit(); Ray runs the workers
     slots = threading.Semaphore(concurrency)
@@ -167,7 +168,10 @@ def plan_params(tracker: Tracker, plan: ModelPlan) -> dict[str, str]:
     return tracker.params() | own
 
 
-def _on_event(tracker: Tracker, runs: dict, event: dict, epochs: int, echo) -> None:
+def _on_event(tracker: Tracker, runs: dict, started: dict, event: dict, epochs: int, echo) -> None:
+    """One progress event: a model's start (where, from which epoch; a restart says what it
+    lost) or epoch, into its MLflow run and one printed line. `started`: model -> its last
+    start event in this launch."""
     name = event["model"]
     if event["kind"] == "start":
         tracker.client.log_metric(runs[name], "start_epoch", event["epoch"], step=event["epoch"])
@@ -177,10 +181,15 @@ def _on_event(tracker: Tracker, runs: dict, event: dict, epochs: int, echo) -> N
             else f"started resuming at epoch {done + 1}/{epochs}" if done < epochs
             else f"already trained ({done}/{epochs} epochs)"
         )  # fmt: skip
+        if (lost := started.get(name)) is not None:  # Ray Train restarted its worker group
+            state = f"{state} from its checkpoint" if done else "started again from scratch"
+            state += f", after losing its worker (pid {lost['pid']} on node {lost['node'][:8]}),"
+        started[name] = event
         placement = {f"psat.{key}": event[key] for key in PLACEMENT_TAGS}
         tracker.client.log_batch(runs[name], tags=[RunTag(k, v) for k, v in placement.items()])
         gpus = f", Ray GPU {event['gpu_ids']}" if event["gpu_ids"] else ""
-        echo(f"[{name}] {state} on {event['device']}{gpus} (pid {event['pid']})")
+        where = f"{event['device']}{gpus}, node {event['node'][:8]}"
+        echo(f"[{name}] {state} on {where} (pid {event['pid']})")
         return
     epoch = event["epoch"]
     metrics = {k: v for k, v in event.items() if k not in ("model", "kind", "epoch", "time")}

@@ -12,6 +12,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -296,3 +297,48 @@ def test_uri_storage_is_guarded_by_a_named_actor_on_the_cluster(site):
                 raise
             time.sleep(2)
     assert second.wait(timeout=60) == 0
+
+
+@pytest.mark.slow
+def test_a_node_lost_mid_training_costs_no_member_its_progress(site):
+    """Every process of the worker node killed (a preempted node) while members train there:
+    the job waits for the node to rejoin and finishes, each lost member resumed from its
+    checkpoint in its own MLflow run, and says so in one line per member."""
+    cluster = site.cluster
+    config = {"name": "node-loss", "storage.path": site.storage, **TINY, "training.epochs": 4,
+              "data.train_size": 256, "training.batch_size": 32, "resources.max_failures": 3,
+              **{f"attacks.train.{n}.steps": 3 for n in NORMS}}  # fmt: skip
+    proc = subprocess.Popen(
+        [str(site.user_bin / "psat"), "submit", "train", "--config", "mine.yaml", "--address",
+         cluster.address, *sets(config)], cwd=site.home, env=site.env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    worker = cluster.node_ids()["worker"][:8]
+    on_worker, lines, killed = set(), [], None
+    for line in proc.stdout:
+        lines.append(line)
+        if "started from scratch" in line and f"node {worker}" in line:
+            on_worker.add(line[1 : line.index("]")])
+        if killed is None and any(line.startswith(f"[{n}] epoch 2/4") for n in on_worker):
+            os.killpg(cluster.procs[1].pid, signal.SIGKILL)  # the worker node, every process
+            killed = time.monotonic()
+            time.sleep(5)  # a while with one node, then the node rejoins
+            cluster.add_worker()
+    proc.wait(timeout=300)
+    ended = time.monotonic()
+    output = "".join(lines)
+    print(output)
+    assert killed is not None and proc.returncode == 0, output[-3000:]
+    restarts = [line for line in lines if "after losing its worker" in line]
+    assert {line[1 : line.index("]")] for line in restarts} == on_worker, restarts
+    assert all(f"on node {worker}" in line and "from its checkpoint" in line for line in restarts)
+    runs = [r for r in site.runs("node-loss") if r.data.tags["psat.role"] == "model"]
+    assert sorted(r.data.tags["psat.plan"] for r in runs) == sorted(NORMS)  # no duplicate runs
+    assert all(r.info.status == "FINISHED" for r in runs)
+    client = MlflowClient(site.mlflow_uri)
+    for run in runs:
+        if run.data.tags["psat.plan"] in on_worker:  # resumed, not retrained from scratch
+            starts = client.get_metric_history(run.info.run_id, "start_epoch")
+            assert [m.value for m in starts][0] == 0 and max(m.value for m in starts) > 0
+    print(f"node lost -> job finished: {ended - killed:.1f} s")
+    cluster.wait_nodes(2)
