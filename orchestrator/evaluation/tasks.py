@@ -145,6 +145,7 @@ def staged(members: Mapping[str, str]) -> Iterator[dict[str, Path]]:
             if fs.get_file_info(path).type != pafs.FileType.Directory:
                 raise FileNotFoundError(f"member {name!r}: no checkpoint directory at {location}")
             local[name] = Path(tmp) / name
+            local[name].mkdir()
             pafs.copy_files(path, str(local[name]), source_filesystem=fs)
         yield local
 

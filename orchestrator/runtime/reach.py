@@ -12,6 +12,7 @@ import urllib.request
 from pathlib import Path
 
 from orchestrator.config import ConfigError, JobConfig
+from orchestrator.config.locations import is_uri, scheme
 
 REACH_TIMEOUT_S = 5  # a service that has not answered by then is down or elsewhere
 
@@ -23,6 +24,28 @@ def check_services(job: JobConfig) -> None:
     address = job.resources.ray_address()
     if address:
         check_address(address)
+    check_storage(job.storage.resolved())
+
+
+def check_storage(location: str) -> None:
+    """Object storage (`storage.path` as a URI: s3://, gs://, ...) answers: its folder, or the
+    bucket it would be written into, can be looked up with the credentials and endpoint
+    pyarrow finds (AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, ...). Local paths pass."""
+    if not is_uri(location) or scheme(location) == "file":
+        return
+    import pyarrow.fs as pafs  # only for object storage
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(location)
+        bucket = path.split("/", 1)[0]  # the folder may not exist yet; its bucket must
+        found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except (OSError, ValueError) as err:
+        raise ConfigError(
+            f"storage.path {location} cannot be reached ({str(err).strip().splitlines()[-1]}); "
+            "check its endpoint (AWS_ENDPOINT_URL for an S3-compatible server) and credentials"
+        ) from None
+    if not found:
+        raise ConfigError(f"storage.path {location}: bucket {bucket!r} does not exist; create it")
 
 
 def check_address(address: str) -> None:

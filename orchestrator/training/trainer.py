@@ -19,13 +19,20 @@ import ray
 import ray.train
 import ray.train.torch
 import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, WorkerGroupError
+from ray.train import (
+    CheckpointConfig,
+    ControllerError,
+    FailureConfig,
+    RunConfig,
+    ScalingConfig,
+    WorkerGroupError,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 from ray.train.v2._internal.callbacks import DatasetsCallback
 from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
 from orchestrator.config import JobConfig
-from orchestrator.config.locations import join
+from orchestrator.config.locations import checkpoint_location, join
 from orchestrator.runtime.shards import read_arrays
 from orchestrator.training.backend import SingleWorker
 from orchestrator.training.fit import (
@@ -201,12 +208,20 @@ def train_on_ray(job: JobConfig, plan: ModelPlan, manifest: dict, board) -> dict
         if faults:
             raise ValueError(f"{plan.name}: {faults[0]}") from err
         raise
+    except ControllerError as err:
+        if isinstance(err.controller_failure, OSError):  # the storage stopped answering
+            raise ConnectionError(
+                f"{plan.name}: storage {job.storage.resolved()} failed: "
+                f"{str(err.controller_failure).strip().splitlines()[-1]}; the checkpoints it "
+                "holds are kept: relaunch the job once it answers to resume"
+            ) from err
+        raise
     rule, kept = job.training.checkpoint, result.best_checkpoints or []
     report = chosen([metrics for _, metrics in kept], rule)
     checkpoint = next(c for c, metrics in kept if metrics is report)
     return {
         "model": plan.name,
-        "checkpoint": checkpoint.path,
+        "checkpoint": checkpoint_location(checkpoint.path, job.storage.resolved()),
         "metrics": dict(result.metrics or {}),
         "chosen": why_chosen(report, rule, job.training.epochs),
     }
