@@ -432,6 +432,58 @@ class MlflowServer:
             stop(self.proc)
 
 
+@dataclass
+class S3Server:
+    """A real S3-API server on 127.0.0.1 (moto's server mode, as Ray's storage tests use) and
+    the environment pyarrow, Ray's workers and psat reach it with."""
+
+    bin: Path
+    root: Path
+    proc: subprocess.Popen | None = None
+
+    def start(self) -> S3Server:
+        self.port = free_port()
+        self.root.mkdir(parents=True, exist_ok=True)
+        log = open(self.root / "s3.log", "w")  # noqa: SIM115 (lives as long as the server)
+        self.proc = subprocess.Popen(
+            [str(self.bin / "moto_server"), "-H", "127.0.0.1", "-p", str(self.port)],
+            cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )  # fmt: skip
+        with stopped_on_failure(self):
+            wait_http(self.endpoint, self.proc, self.root / "s3.log")
+        return self
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
+    def filesystem(self):
+        """A pyarrow filesystem on this server, for the test's own look."""
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(
+            access_key="testing", secret_key="testing", region="us-east-1",
+            endpoint_override=self.endpoint,
+        )  # fmt: skip
+
+    def create_bucket(self, name: str) -> None:
+        request = urllib.request.Request(f"{self.endpoint}/{name}", method="PUT")
+        urllib.request.urlopen(request, timeout=10).close()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop(self.proc, grace=2)
+
+
 # ---------------------------------------------------------------- hostile data files
 
 

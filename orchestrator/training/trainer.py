@@ -203,17 +203,19 @@ def train_on_ray(job: JobConfig, plan: ModelPlan, manifest: dict, board) -> dict
     """
     try:
         result = trainer_for(job, plan, manifest, board).fit()
-    except WorkerGroupError as err:
-        faults = [e for e in err.worker_failures.values() if isinstance(e, ValueError)]
-        if faults:
+    except (WorkerGroupError, ControllerError) as err:
+        failures = (
+            list(err.worker_failures.values())
+            if isinstance(err, WorkerGroupError)
+            else [err.controller_failure]
+        )
+        if faults := [e for e in failures if isinstance(e, ValueError)]:
             raise ValueError(f"{plan.name}: {faults[0]}") from err
-        raise
-    except ControllerError as err:
-        if isinstance(err.controller_failure, OSError):  # the storage stopped answering
+        if faults := [e for e in failures if isinstance(e, OSError)]:  # pyarrow: the storage
             raise ConnectionError(
                 f"{plan.name}: storage {job.storage.resolved()} failed: "
-                f"{str(err.controller_failure).strip().splitlines()[-1]}; the checkpoints it "
-                "holds are kept: relaunch the job once it answers to resume"
+                f"{str(faults[0]).strip().splitlines()[-1]}; the checkpoints it holds are "
+                "kept: relaunch the job once it answers to resume"
             ) from err
         raise
     rule, kept = job.training.checkpoint, result.best_checkpoints or []
