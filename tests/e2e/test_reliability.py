@@ -261,6 +261,9 @@ def test_sigterm_marks_the_jobs_runs_killed(tmp_path, tiny_job, ray_address, sig
         [sys.executable, "-m", "orchestrator.cli", "train", "--config", str(config)],
         cwd=tmp_path, env=ENV | {"PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        # Ctrl-C as at a terminal, whatever this process inherited (a shell's background job
+        # ignores SIGINT, and so would its children)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     seen = []
     for line in proc.stdout:

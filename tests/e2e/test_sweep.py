@@ -40,8 +40,9 @@ def test_an_interrupted_sweep_continues_and_writes_table_best_configs_plot_and_r
     before = ray_actors(shared_ray)
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     first = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True
-    )
+        command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # fmt: skip (Ctrl-C reaches it, even where this process ignores SIGINT)
     finished, lines = [], []
     deadline = time.time() + 400
     for line in first.stderr:
