@@ -39,10 +39,11 @@ def test_an_interrupted_sweep_continues_and_writes_table_best_configs_plot_and_r
     command = [sys.executable, "-m", "jobs.sweep", "--config", str(path)]
     before = ray_actors(shared_ray)
     env = os.environ | {"PYTHONPATH": str(ROOT)}
+    # Ctrl-C reaches it, even where this process ignores SIGINT (a shell's background job)
     first = subprocess.Popen(
         command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )  # fmt: skip (Ctrl-C reaches it, even where this process ignores SIGINT)
+    )  # fmt: skip
     finished, lines = [], []
     deadline = time.time() + 400
     for line in first.stderr:
