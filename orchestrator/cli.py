@@ -339,6 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        exit_on_sigterm()  # from the start: a SIGTERM while a check waits says so too
         if getattr(args, "config", None) is not None:  # a broken or hostile file is refused
             args.config_data = read_config_file(args.config)  # before torch, Ray, MLflow load
         _check_before_loading(args)
@@ -384,8 +385,8 @@ def _check_before_loading(args: argparse.Namespace) -> None:
 
 
 def _bound_libraries(verbose: bool) -> None:
-    """Bounded MLflow HTTP retries, SIGTERM that ends the job, and (unless -v) only psat on
-    the terminal: MLflow's progress bars and "View run" links, Ray's INFO chatter go."""
+    """Bounded MLflow HTTP retries and (unless -v) only psat on the terminal: MLflow's
+    progress bars and "View run" links, Ray's INFO chatter go."""
     for name, value in HTTP_BOUNDS.items():  # a user's own settings win
         os.environ.setdefault(name, value)
     if not verbose:
@@ -394,7 +395,6 @@ def _bound_libraries(verbose: bool) -> None:
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its level at import
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    exit_on_sigterm()
 
 
 def job_main(command: str) -> int:

@@ -250,10 +250,7 @@ def test_aggregation_killed_after_registering_is_completed_not_repeated(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    ("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "ctrl-c"]
-)
-def test_sigterm_marks_the_jobs_runs_killed(tmp_path, tiny_job, ray_address, signum, status):
+def test_sigterm_marks_the_jobs_runs_killed(tmp_path, tiny_job, ray_address):
     config = job_file(tmp_path, tiny_job, training={"epochs": 50, "members": ["linf", "l1"]},
                       resources={"address": ray_address})  # fmt: skip
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -261,23 +258,19 @@ def test_sigterm_marks_the_jobs_runs_killed(tmp_path, tiny_job, ray_address, sig
         [sys.executable, "-m", "orchestrator.cli", "train", "--config", str(config)],
         cwd=tmp_path, env=ENV | {"PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, start_new_session=True,
-        # Ctrl-C as at a terminal, whatever this process inherited (a shell's background job
-        # ignores SIGINT, and so would its children)
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
     seen = []
     for line in proc.stdout:
         seen.append(line)
         if "epoch 1/50" in line:  # members are training, their runs RUNNING
             break
-    os.killpg(proc.pid, signum)  # SIGTERM, or Ctrl-C: a terminal signals the whole group
+    proc.send_signal(signal.SIGTERM)
     rest = proc.stdout.read()
-    proc.wait(timeout=60)  # the signal stops the job in seconds, never after its trainers
-    assert proc.returncode == status, "".join(seen) + rest
-    name = signal.Signals(signum).name
+    proc.wait(timeout=60)  # SIGTERM stops the job in seconds, never after its trainers
+    assert proc.returncode == 143, "".join(seen) + rest  # the shells' 128 + 15
     assert rest.splitlines()[-1] == (
-        f"psat train: interrupted by {name}; its MLflow runs are marked KILLED; resume it with: "
-        f"psat train --config {config}"
+        "psat train: interrupted by SIGTERM; its MLflow runs are marked KILLED; resume it "
+        f"with: psat train --config {config}"
     )
     statuses = {r.data.tags["psat.role"] + r.data.tags.get("psat.plan", ""): r.info.status
                 for r in runs(uri)}  # fmt: skip
@@ -388,7 +381,10 @@ def test_an_unreachable_tracking_server_is_one_line(tmp_path, tiny_job, command)
     assert f"cannot reach the MLflow tracking server {uri} (" in line
 
 
-def test_sigterm_stops_a_pull_waiting_on_a_silent_server(tmp_path):
+@pytest.mark.parametrize(
+    ("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["sigterm", "ctrl-c"]
+)
+def test_sigterm_stops_a_pull_waiting_on_a_silent_server(tmp_path, signum, status):
     with socket.socket() as silent:  # accepts connections, never answers
         silent.bind(("127.0.0.1", 0))
         silent.listen()
@@ -396,15 +392,20 @@ def test_sigterm_stops_a_pull_waiting_on_a_silent_server(tmp_path):
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "pull", "models:/x@champion",
              "--tracking-uri", uri], cwd=tmp_path, env=ENV, stderr=subprocess.PIPE, text=True,
+            # Ctrl-C as at a terminal, whatever this process inherited (a shell's background
+            # job ignores SIGINT, and so would its children)
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
         silent.settimeout(60)
         waiting, _ = silent.accept()  # pull has asked and waits for an answer
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signum)
         start = time.monotonic()
-        proc.wait(timeout=30)
+        _, err = proc.communicate(timeout=30)
         assert time.monotonic() - start < 5
         waiting.close()
-    assert proc.returncode != 0
+    assert proc.returncode == status, err  # the shells' 128 + the signal's number
+    name = signal.Signals(signum).name
+    assert err.strip().splitlines()[-1] == f"psat pull: interrupted by {name}"
 
 
 def test_an_unreachable_ray_address_is_one_line_before_any_work(tmp_path, tiny_job):
