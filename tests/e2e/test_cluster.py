@@ -302,10 +302,11 @@ def test_uri_storage_is_guarded_by_a_named_actor_on_the_cluster(site):
 @pytest.mark.slow
 def test_a_node_lost_mid_training_costs_no_member_its_progress(site):
     """Every process of the worker node killed (a preempted node) while members train there:
-    the job waits for the node to rejoin and finishes, each lost member resumed from its
-    checkpoint in its own MLflow run, and says so in one line per member."""
+    the job finishes on the head's capacity, each lost member resumed from its checkpoint in
+    its own MLflow run, and says so in one line per member. The last test of the module: the
+    cluster keeps one node after it."""
     cluster = site.cluster
-    config = {"name": "node-loss", "storage.path": site.storage, **TINY, "training.epochs": 4,
+    config = {"name": "node-loss", "storage.path": site.storage, **TINY, "training.epochs": 6,
               "data.train_size": 256, "training.batch_size": 32, "resources.max_failures": 3,
               **{f"attacks.train.{n}.steps": 3 for n in NORMS}}  # fmt: skip
     proc = subprocess.Popen(
@@ -319,12 +320,20 @@ def test_a_node_lost_mid_training_costs_no_member_its_progress(site):
         lines.append(line)
         if "started from scratch" in line and f"node {worker}" in line:
             on_worker.add(line[1 : line.index("]")])
-        if killed is None and any(line.startswith(f"[{n}] epoch 2/4") for n in on_worker):
+            # its first checkpoint on the shared storage, not its progress line (which lags)
+            folder = site.storage / "node-loss" / line[1 : line.index("]")]
+            while not list(folder.glob("checkpoint_*/state.pt")):
+                time.sleep(0.1)
             os.killpg(cluster.procs[1].pid, signal.SIGKILL)  # the worker node, every process
             killed = time.monotonic()
-            time.sleep(5)  # a while with one node, then the node rejoins
-            cluster.add_worker()
+            break
+    lines += proc.stdout.readlines()
     proc.wait(timeout=300)
+    first_starts = {}  # each member's first start: where it trained before the node was lost
+    for line in lines:
+        if " started " in line and line.startswith("["):
+            first_starts.setdefault(line[1 : line.index("]")], line)
+    on_worker = {name for name, line in first_starts.items() if f"node {worker}" in line}
     ended = time.monotonic()
     output = "".join(lines)
     print(output)
@@ -341,4 +350,3 @@ def test_a_node_lost_mid_training_costs_no_member_its_progress(site):
             starts = client.get_metric_history(run.info.run_id, "start_epoch")
             assert [m.value for m in starts][0] == 0 and max(m.value for m in starts) > 0
     print(f"node lost -> job finished: {ended - killed:.1f} s")
-    cluster.wait_nodes(2)
