@@ -4,8 +4,10 @@
     -> `evaluation.tasks.evaluate_rows`: every member alone and the ensemble under both
        strategies, one Ray task per row, under the suite `evaluation.suite` (Tables 3 and 4)
     -> `evaluation.report` and `evaluation.figures`: report.md and the plots
-    -> one MLflow run, role "aggregate": metrics, report.md, plots, the pyfunc model
-    -> a new registry version; alias `candidate`, and `champion` when its trade-off is better
+    -> one MLflow run, role "aggregate": report.md, plots, the pyfunc model with its evidence
+       (the metrics below linked to it, the data splits as datasets, Table 1 as a table)
+    -> a new registry version described by its Table 1 line; alias `candidate`, and
+       `champion` when its trade-off is better
 
 Metric names: ``<row>.<column>`` with rows ``lowest_entropy``, ``average`` and
 ``member.<norm>``, columns ``clean, linf, l2, l1, max, avg, trade_off`` (fractions);
@@ -24,13 +26,25 @@ from mlflow.exceptions import MlflowException
 from orchestrator.config import JobConfig
 from orchestrator.config.locations import checkpoint_location
 from orchestrator.evaluation.figures import accuracy_figure, choice_figure
-from orchestrator.evaluation.report import STRATEGY_NAMES, markdown_report, percent, table_lines
+from orchestrator.evaluation.report import (
+    STRATEGY_NAMES,
+    markdown_report,
+    percent,
+    table_columns,
+    table_line,
+    table_lines,
+)
 from orchestrator.evaluation.rows import Evaluation, aggregation_rows, member_key
 from orchestrator.evaluation.tasks import evaluate_rows, staged
-from orchestrator.registry.register import EXAMPLE_SIZE, Registration, register_ensemble
+from orchestrator.registry.register import (
+    EXAMPLE_SIZE,
+    ModelEvidence,
+    Registration,
+    register_ensemble,
+)
 from orchestrator.runtime.capacity import check_ray, one_model
-from orchestrator.runtime.ray_session import prepare_job
-from orchestrator.runtime.shards import read_arrays
+from orchestrator.runtime.ray_session import data_uri, prepare_job
+from orchestrator.runtime.shards import read_arrays, splits
 from orchestrator.runtime.tracking import (
     AGGREGATE,
     CHECKPOINT_TAG,
@@ -261,7 +275,6 @@ def _log_and_register(
     """Metrics, plots and report into the aggregate run, then the registered version (partial
     when `members` miss a norm of the job); returns it and the final report, which names it."""
     strategy = job.registry.strategy
-    tracker.log_metrics(run_id, flat_metrics(evaluation, parameters, strategy), step=0)
     names = list(members)
     for fig, file in (
         (accuracy_figure(evaluation.rows, names), "accuracy.png"),
@@ -272,6 +285,17 @@ def _log_and_register(
         run_id, markdown_report(job, members, evaluation, parameters), "report.md"
     )
     example = read_arrays(manifest["eval"]).to_float()[:EXAMPLE_SIZE].numpy()
+    table = table1_rows(evaluation.rows, names)
+    label = f"PSAT {STRATEGY_NAMES[strategy].lower()}"
+    evidence = ModelEvidence(
+        metrics=flat_metrics(evaluation, parameters, strategy),
+        splits=splits(manifest, job.data.dataset, data_uri(job)),
+        table=table_columns(table),
+        description=(
+            f"{table_line(label, table[label])} on {evaluation.samples} {job.data.dataset} "
+            f"test images; {_parameters_line(parameters)}"
+        ),
+    )
     registration = register_ensemble(
         dirs,
         model_name=job.registry.model_name,
@@ -282,6 +306,7 @@ def _log_and_register(
         partial=any(norm not in members for norm in job.training.members),
         input_example=example,
         tags={JOB_TAG: job.name},
+        evidence=evidence,
         tracking_uri=tracker.uri,
     )
     report = markdown_report(job, members, evaluation, parameters, registration.lines())
@@ -316,15 +341,22 @@ def _aggregate_run(
     return run.info.run_id
 
 
-def summary_lines(result: AggregateResult, strategy: str) -> list[str]:
-    labels = {f"H_{n}": result.rows[member_key(n)] for n in result.members}
-    labels |= {f"PSAT {STRATEGY_NAMES[s].lower()}": result.rows[s] for s in STRATEGIES}
-    lines = table_lines(labels)
-    p = result.parameters
-    lines.append(
+def table1_rows(rows: Mapping[str, dict], names: list[str]) -> dict[str, dict[str, float]]:
+    """Table 1's rows by label: ``H_<norm>`` per member, ``PSAT <strategy>`` per strategy."""
+    labels = {f"H_{n}": rows[member_key(n)] for n in names}
+    return labels | {f"PSAT {STRATEGY_NAMES[s].lower()}": rows[s] for s in STRATEGIES}
+
+
+def _parameters_line(p: Mapping[str, float]) -> str:
+    return (
         f"parameters: PSAT {int(p['aggregated']):,} vs plain {int(p['plain']):,} "
         f"(saving {percent(p['saving'])})"
     )
+
+
+def summary_lines(result: AggregateResult, strategy: str) -> list[str]:
+    lines = table_lines(table1_rows(result.rows, list(result.members)))
+    lines.append(_parameters_line(result.parameters))
     lines += result.registration.lines()
     lines.append(f"MLflow run {result.run_id} ({strategy} is the registered strategy)")
     return lines

@@ -11,4 +11,4 @@ metrics.py      the evaluation protocol and its sanity checks (Table 1)
 checkpoint.py   member checkpoints, the ensemble from them; accounting.py: parameter counts
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

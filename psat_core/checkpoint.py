@@ -1,9 +1,11 @@
 """Member checkpoints: a JSON spec that rebuilds the model, and tensors loaded with weights_only.
 
-A checkpoint directory holds
+A training checkpoint directory holds
     member.json  the `MemberSpec` (architecture, embedding dimension, dataset, method, norms...)
     state.pt     {"model": state_dict, "epoch": int, ...training state...}; AT_mng's noise
                  generator under "noise_generator" (`MetaNoiseTraining.CHECKPOINT_KEY`)
+A registered member (`export_weights`) holds member.json and weights.safetensors: the model's
+tensors alone, no optimizer state and no pickle. Loading reads whichever of the two is there.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
+import safetensors
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from psat_core.ensemble import PSATEnsemble
@@ -25,6 +29,7 @@ from psat_core.shims import upgrade_spec
 
 SPEC_FILE = "member.json"
 STATE_FILE = "state.pt"
+WEIGHTS_FILE = "weights.safetensors"
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,31 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+def model_tensors(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """The model's state_dict: from weights.safetensors (a registered member) if there is one,
+    else from the training state (`load_state`). A damaged file is a ValueError naming it."""
+    path = Path(directory) / WEIGHTS_FILE
+    if not path.is_file():
+        return load_state(directory, map_location)["model"]
+    try:
+        return load_file(path, device=str(map_location))
+    except (safetensors.SafetensorError, OSError) as err:
+        raise ValueError(
+            f"{path}: not a loadable safetensors file ({err}); restore the registered version"
+        ) from None
+
+
+def export_weights(directory: str | Path, target: str | Path) -> Path:
+    """A member as it is registered: `directory`'s spec and its model's tensors as
+    safetensors in `target` (nothing of the optimizer, scheduler or RNG; no pickle)."""
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    (target / SPEC_FILE).write_bytes((Path(directory) / SPEC_FILE).read_bytes())
+    tensors = {name: t.contiguous() for name, t in model_tensors(directory).items()}
+    save_file(tensors, target / WEIGHTS_FILE)
+    return target
+
+
 def load_member(directory: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild a member from its checkpoint directory, in eval mode.
 
@@ -134,9 +164,9 @@ def load_member(directory: str | Path, map_location: str | torch.device = "cpu")
     """
     spec = read_spec(directory)
     model = spec.build()
-    state = load_state(directory, map_location)
+    tensors = model_tensors(directory, map_location)
     try:
-        model.load_state_dict(state["model"])
+        model.load_state_dict(tensors)
     except (RuntimeError, KeyError) as err:
         raise ValueError(
             f"{directory}: checkpoint does not match architecture {spec.model_name} "
@@ -173,9 +203,11 @@ def ensemble_from_checkpoints(
 
 
 def checkpoint_digest(directory: str | Path) -> str:
-    """sha256 over a checkpoint's spec and state files (what a registry records and checks)."""
+    """sha256 over a checkpoint's spec and tensors (weights.safetensors, else state.pt): what
+    a registry records and checks."""
     digest = hashlib.sha256()
-    for name in (SPEC_FILE, STATE_FILE):
+    weights = WEIGHTS_FILE if (Path(directory) / WEIGHTS_FILE).is_file() else STATE_FILE
+    for name in (SPEC_FILE, weights):
         digest.update(name.encode())
         with open(Path(directory) / name, "rb") as stream:
             for block in iter(lambda: stream.read(1 << 20), b""):

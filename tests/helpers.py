@@ -245,7 +245,7 @@ def make_venv(path: Path, with_psat: bool) -> Path:
         check=True, capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
     (Path(purelib) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    for script in ("ray", "mlflow"):  # console scripts of the shared packages
+    for script in ("ray", "mlflow", "uvicorn"):  # console scripts of the shared packages
         (path / "bin" / script).write_text(
             Path(sys.executable)
             .parent.joinpath(script)

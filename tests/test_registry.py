@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -24,14 +23,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from helpers import free_port, wait_http, write_member
+from helpers import free_port, make_venv, wait_http, write_member
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from orchestrator.registry.pull import load_ensemble, pull, resolve
-from orchestrator.registry.register import CANDIDATE, CHAMPION, register_ensemble
+from orchestrator.registry.register import CANDIDATE, CHAMPION, REQUIREMENTS, register_ensemble
 from orchestrator.runtime.tracking import PARTIAL_TAG, TRADE_OFF_TAG, tracking
-from psat_core.checkpoint import checkpoint_digest, ensemble_from_checkpoints
+from psat_core.checkpoint import checkpoint_digest, ensemble_from_checkpoints, export_weights
 from psat_core.data import load_dataset
 from psat_core.ensemble import PSATEnsemble
 
@@ -44,9 +43,10 @@ def images() -> torch.Tensor:
     return load_dataset("digits", "test", "unused").to_float()[:6]
 
 
-def start(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    """A process in its own session, so that stop() ends it and its workers by group id."""
-    env = {**os.environ, **(env or {}), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+def start(args: list[str], log: Path, env: dict | None = None, bin: Path = BIN) -> subprocess.Popen:
+    """A process in its own session, so that stop() ends it and its workers by group id; its
+    commands from `bin` first."""
+    env = {**os.environ, **(env or {}), "PATH": f"{bin}{os.pathsep}{os.environ['PATH']}"}
     with open(log, "wb") as out:
         return subprocess.Popen(
             args, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True
@@ -61,6 +61,13 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def plain_bin(tmp_path_factory) -> Path:
+    """The bin/ of a venv with MLflow, PyTorch and their dependencies but no psat: a serving
+    host's or a teammate's notebook's (the registered model must bring its own code)."""
+    return make_venv(tmp_path_factory.mktemp("plain") / "venv", with_psat=False)
 
 
 @pytest.fixture
@@ -162,26 +169,35 @@ def test_partial_ensemble_takes_champion_only_when_forced(tmp_path, members, req
     assert MlflowClient(uri).get_model_version(name, "2").tags[PARTIAL_TAG] == "false"
 
 
-FRESH = textwrap.dedent(
+PLAIN = textwrap.dedent(
     """
-    import sys, mlflow, numpy as np, pandas as pd, torch
+    import importlib.util, sys, mlflow, numpy as np, torch
+    assert importlib.util.find_spec("psat_core") is None, "this process can import psat_core"
     torch.set_num_threads(int(sys.argv[3]))
-    x = np.load(sys.argv[2])
-    pyfunc = mlflow.pyfunc.load_model(sys.argv[1]).predict(x)
+    pyfunc = mlflow.pyfunc.load_model(sys.argv[1]).predict(np.load(sys.argv[2]))
     assert "ray" not in sys.modules, "loading a registered ensemble imported ray"
-    # the stored model-from-code imports what prediction needs, not psat's registry code
-    assert not [m for m in sys.modules if m.startswith("orchestrator")], "imported orchestrator"
-    from orchestrator.registry.pull import load_ensemble
-    ensemble = load_ensemble(sys.argv[1])
-    direct = pd.DataFrame(ensemble.predict(torch.from_numpy(x)))
+    assert "/code/psat_core/" in sys.modules["psat_core"].__file__  # the version's own code
     pyfunc.to_pickle(sys.argv[4] + "/pyfunc.pkl")
+    """
+)
+DIRECT = textwrap.dedent(
+    """
+    import sys, numpy as np, pandas as pd, torch
+    from orchestrator.registry.pull import load_ensemble
+    torch.set_num_threads(int(sys.argv[3]))
+    ensemble = load_ensemble(sys.argv[1])
+    direct = pd.DataFrame(ensemble.predict(torch.from_numpy(np.load(sys.argv[2]))))
     direct.to_pickle(sys.argv[4] + "/direct.pkl")
     """
 )
 
 
 @pytest.mark.slow
-def test_fresh_process_predicts_bit_for_bit(store, tmp_path, members, images, request):
+def test_a_plain_mlflow_client_loads_it_bit_for_bit(
+    store, tmp_path, members, images, plain_bin, request
+):
+    """In a process that cannot import psat, `mlflow.pyfunc.load_model` runs the version's own
+    code and answers as psat's `load_ensemble` does in another, bit for bit."""
     name = model_name(request)
     register(store, tmp_path, members, name, 0.5)
     expected = pd.DataFrame(ensemble_from_checkpoints(members).predict(images))
@@ -189,9 +205,17 @@ def test_fresh_process_predicts_bit_for_bit(store, tmp_path, members, images, re
     np.save(tmp_path / "x.npy", images.numpy())
     uri = f"models:/{name}@{CHAMPION}"
     args = [uri, str(tmp_path / "x.npy"), str(torch.get_num_threads()), str(tmp_path)]
-    subprocess.run([sys.executable, "-c", FRESH, *args], check=True, timeout=300)
+    for python, script in ((plain_bin / "python", PLAIN), (sys.executable, DIRECT)):
+        subprocess.run([str(python), "-c", script, *args], check=True, timeout=300, cwd=tmp_path)
     for file in ("pyfunc.pkl", "direct.pkl"):
         pd.testing.assert_frame_equal(pd.read_pickle(tmp_path / file), expected, check_exact=True)
+    stored = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(tmp_path / "model")))
+    requirements = (stored / "requirements.txt").read_text().split()
+    assert [r.split("==")[0] for r in requirements] == list(REQUIREMENTS)  # public packages
+    assert not list(stored.rglob("*.pt")) and not list(stored.rglob("*.pkl"))  # no pickle
+    assert sorted(p.name for p in (stored / "artifacts" / "member_l2").iterdir()) == [
+        "member.json", "weights.safetensors"
+    ]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -216,7 +240,7 @@ def test_pull_downloads_verifies_and_describes(store, tmp_path, members, request
     assert "input 1x8x8" in text and "verified" in text
 
     # a damaged member is refused on load
-    state = next((tmp_path / "pulled" / "artifacts").glob("member_l2")) / "state.pt"
+    state = tmp_path / "pulled" / "artifacts" / "member_l2" / "weights.safetensors"
     data = bytearray(state.read_bytes())
     data[len(data) // 2] ^= 0xFF
     state.write_bytes(bytes(data))
@@ -233,7 +257,7 @@ def test_pull_refuses_tampering_the_artifact_store_can_hide(tmp_path, members, m
     (stored,) = (tmp_path / "artifacts").rglob("MLmodel")  # the store's copy of the model
     other = write_member(tmp_path / "other", "l2", 99)
     target = stored.parent / "artifacts" / "member_l2"
-    shutil.copyfile(other / "state.pt", target / "state.pt")
+    export_weights(other, target)
     text = stored.read_text()
     recorded = MlflowClient(uri).get_model_version("psat-tamper", "1").tags["psat.sha256.l2"]
     stored.write_text(text.replace(recorded, checkpoint_digest(target)))
@@ -304,9 +328,21 @@ def test_predict_rejects_pixels_outside_unit_range(tmp_path, members, images, mo
         model.predict(images[:, :, :4].numpy())
 
 
-SERVERS = {
-    "mlflow": [str(BIN / "mlflow"), "models", "serve", "--env-manager", "local", "-m"],
-    "psat": [str(BIN / "psat"), "serve", "--max-body-mb", "0.05", "--max-rows", "6"],
+SERVED = "models:/psat-served@champion"
+SERVERS = {  # MLflow's server from a venv without psat: the version brings its code
+    "mlflow": [
+        "mlflow",
+        "models",
+        "serve",
+        "--env-manager",
+        "local",
+        "-m",
+        SERVED,
+        "--host",
+        "127.0.0.1",
+        "-p",
+    ],  # fmt: skip
+    "psat": ["psat", "serve", SERVED, "--max-body-mb", "0.05", "--max-rows", "6", "--port"],
 }
 
 
@@ -321,17 +357,20 @@ def post(port: int, body: dict):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("command", SERVERS)
-def test_served_model_answers_like_predict(server, tmp_path, members, images, monkeypatch, command):
+def test_served_model_answers_like_predict(
+    server, tmp_path, members, images, monkeypatch, command, request
+):
     monkeypatch.chdir(tmp_path)
     register(server, tmp_path, members, "psat-served", 0.5)
     ensemble = ensemble_from_checkpoints(members)
     port = free_port()
+    bin = request.getfixturevalue("plain_bin") if command == "mlflow" else BIN
+    executable, *args = SERVERS[command]
     proc = start(
-        [*SERVERS[command], "models:/psat-served@champion", "--host", "127.0.0.1", "-p", str(port)]
-        if command == "mlflow"
-        else [*SERVERS[command], "models:/psat-served@champion", "--port", str(port)],
+        [str(bin / executable), *args, str(port)],
         tmp_path / "serve.log",
         env={"MLFLOW_TRACKING_URI": server, "HOME": str(tmp_path)},  # psat pulls to ~/.psat
+        bin=bin,
     )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc, tmp_path / "serve.log")

@@ -174,6 +174,16 @@ def _parameters(parameters: Mapping[str, float], names: list[str], arch: str) ->
     return ["## Parameters", "", *markdown_table(["Model", "Parameters"], counts)]
 
 
+def table_columns(rows: Mapping[str, Mapping[str, float]]) -> dict[str, list]:
+    """Table 1 by column (a logged table): ``model`` (the labels), then one per column."""
+    return {"model": list(rows), **{HEADERS[c]: [row[c] for row in rows.values()] for c in COLUMNS}}
+
+
+def table_line(label: str, row: Mapping[str, float]) -> str:
+    """``"PSAT lowest entropy: Clean 98.00%, ℓ∞ 48.00%, ..., Trade-off 50.78%"``."""
+    return f"{label}: " + ", ".join(f"{HEADERS[c]} {percent(row[c])}" for c in COLUMNS)
+
+
 def table_lines(rows: Mapping[str, Mapping[str, float]]) -> list[str]:
     """Table 1's columns for the terminal: a header, then one line per ``{label: row}``."""
     header = f"{'':<24}" + "".join(f"{HEADERS[c]:>11}" for c in COLUMNS)

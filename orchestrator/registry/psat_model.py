@@ -1,10 +1,12 @@
 """The registered PSAT ensemble as an MLflow pyfunc model, from code.
 
-MLflow stores this file with every registered version and runs it to rebuild the model
-(``mlflow.pyfunc.load_model``, ``mlflow models serve``). Its contract:
+MLflow stores this file with every registered version, beside the ``psat_core`` it imports
+(the version's ``code/``), and runs it to rebuild the model (``mlflow.pyfunc.load_model``,
+``mlflow models serve``): psat need not be installed. Its contract:
 
 * ``model_config``: ``members`` (names, in order), ``strategy``, ``input_shape`` ``[C, H, W]``
-  and each member's sha256 ``digests``; artifacts ``member_<name>``: the checkpoint folders.
+  and each member's sha256 ``digests``; artifacts ``member_<name>``: ``member.json`` and
+  ``weights.safetensors`` (versions registered by psat 0.1: ``state.pt``).
 * input: float32 ``N x C x H x W`` pixels in [0, 1] (JSON: ``{"inputs": [[[[...]]]]}``);
   optional param ``strategy``: ``"lowest_entropy"`` (eq. 12) or ``"average"`` (Table 4).
 * output: one row per image: ``class`` (int64), ``probability`` (float64) and ``member`` (the

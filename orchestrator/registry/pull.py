@@ -183,7 +183,7 @@ def pull(
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=pinned, dst_path=str(target)))
     # built by this installed psat (the stored psat_model.py never runs here)
     meta = Model.load(str(path))
-    config = meta.flavors["python_function"].get("model_config") or {}
+    config = meta.flavors["python_function"].get(mlflow.pyfunc.MODEL_CONFIG) or {}
     dirs = _verified_members(version, meta, path)
     strategy = version.tags.get(STRATEGY_TAG) or config.get("strategy", "lowest_entropy")
     _check_example(path, meta, ensemble_from_checkpoints(dirs, strategy))

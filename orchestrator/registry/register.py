@@ -1,12 +1,17 @@
 """Registering the PSAT ensemble in the MLflow Model Registry: log, register, promote.
 
 A registered version is the pyfunc model of `psat_model` (models-from-code: that file is
-stored with the version), whose artifacts are the member checkpoint folders (``member.json``
-+ ``state.pt``). Every registration adds a new version (never overwritten)
-and points the alias ``candidate`` at it; ``champion`` moves to it only when its trade-off
-accuracy beats the current champion's (or when forced). The version's tags record, per member,
-its sha256 and what it is (method, norms, architecture, embedding dimension). Pulling and
-loading a version: `pull`.
+stored with the version) and carries everything it runs: the pure-PyTorch `psat_core` as its
+code (``code_paths``), requirements naming only public packages, and per member its spec and
+weights (``member.json`` + ``weights.safetensors``: tensors only, no optimizer, no pickle). A
+plain MLflow client loads and serves it without psat installed. Its evidence (Table 1's
+metrics linked to the logged model, the data splits as datasets, the table, the version's
+description) comes with it (`ModelEvidence`).
+
+Every registration adds a new version (never overwritten) and points the alias ``candidate``
+at it; ``champion`` moves to it only when its trade-off accuracy beats the current champion's
+(or when forced). The version's tags record, per member, its sha256 and what it is (method,
+norms, architecture, embedding dimension). Pulling and loading a version: `pull`.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +30,9 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+from mlflow.entities import LoggedModelInput
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -32,6 +40,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 import psat_core
+from orchestrator.runtime.shards import DataSplit
 from orchestrator.runtime.tracking import (
     DIGEST_TAG,
     MEMBER_TAG,
@@ -43,13 +52,11 @@ from orchestrator.runtime.tracking import (
     tracking,
 )
 from psat_core.checkpoint import (
-    SPEC_FILE,
-    STATE_FILE,
     checkpoint_digest,
     ensemble_from_checkpoints,
+    export_weights,
     read_spec,
 )
-from psat_core.ensemble import PSATEnsemble
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +64,8 @@ MODEL_PATH = "ensemble"  # the model's name inside its run
 CANDIDATE, CHAMPION = "candidate", "champion"
 EXAMPLE_SIZE = 4
 MODEL_CODE = Path(__file__).with_name("psat_model.py")  # stored with, and run by, each version
+CORE_CODE = Path(psat_core.__file__).parent  # the code it runs, stored with it too
+REQUIREMENTS = ("torch", "numpy", "pandas", "safetensors", "mlflow")  # all it imports
 
 
 def signature(shape: tuple[int, int, int], strategy: str) -> ModelSignature:
@@ -74,17 +83,22 @@ def signature(shape: tuple[int, int, int], strategy: str) -> ModelSignature:
 
 
 def pip_requirements() -> list[str]:
-    """The versions this model was logged with; psat itself must be installed where it loads.
-
-    psat's version is its code's (`psat_core.__version__`): on a cluster the code travels as
-    py_modules, with no installed distribution to ask.
-    """
-    packages = ("torch", "mlflow", "numpy", "pandas")
-    versions = [f"{p}=={importlib.metadata.version(p).split('+')[0]}" for p in packages]
-    return [f"psat=={psat_core.__version__}", *versions]
+    """The public packages the model imports, at the versions it was logged with (psat itself
+    travels as the model's code)."""
+    return [f"{p}=={importlib.metadata.version(p).split('+')[0]}" for p in REQUIREMENTS]
 
 
-# --------------------------------------------------------------------------- registration
+@dataclass(frozen=True)
+class ModelEvidence:
+    """What a registered version was measured with, stored where MLflow 3 shows it: `metrics`
+    on the logged model (its page and the version's), measured on the evaluation split;
+    `splits` as the run's and model's datasets; `table` (column -> values) as a logged table;
+    `description` as the version's."""
+
+    metrics: Mapping[str, float]
+    splits: Sequence[DataSplit]
+    table: Mapping[str, list]
+    description: str
 
 
 @dataclass(frozen=True)
@@ -132,10 +146,12 @@ def log_ensemble(
     *,
     strategy: str = "lowest_entropy",
     input_example: np.ndarray | None = None,
-) -> tuple[mlflow.models.model.ModelInfo, PSATEnsemble]:
-    """Log the ensemble as a pyfunc model named ``ensemble`` into the active run.
+) -> tuple[mlflow.models.model.ModelInfo, dict[str, str]]:
+    """Log the ensemble as a pyfunc model named ``ensemble`` into the active run; return it
+    and the sha256 of each member as stored.
 
-    The members are loaded and checked first, so a bad checkpoint logs nothing. The
+    The members are loaded and checked first, so a bad checkpoint logs nothing. Each is
+    stored as its spec and weights (`export_weights`); `psat_core` goes with them as code. The
     ensemble's answers on ``input_example`` (default: ``EXAMPLE_SIZE`` fixed random images)
     are stored in the model's metadata for :func:`pull` to verify.
     """
@@ -146,33 +162,55 @@ def log_ensemble(
         input_example = torch.rand(EXAMPLE_SIZE, *shape, generator=generator).numpy()
     input_example = np.ascontiguousarray(input_example, dtype=np.float32)
     expected = ensemble.predict(torch.from_numpy(input_example))
-    config = {
-        "members": list(member_dirs),
-        "strategy": strategy,
-        "input_shape": list(shape),
-        "digests": {name: checkpoint_digest(d) for name, d in member_dirs.items()},
-    }
     with tempfile.TemporaryDirectory() as tmp:
         # one folder per member name: checkpoint folders of different members often share a
         # base name (checkpoint_000009), and MLflow stores each artifact under its base name
-        artifacts = {}
-        for name, directory in member_dirs.items():
-            staged = Path(tmp) / f"member_{name}"
-            staged.mkdir()
-            for file in (SPEC_FILE, STATE_FILE):
-                shutil.copyfile(Path(directory) / file, staged / file)
-            artifacts[staged.name] = str(staged)
+        staged = {
+            name: export_weights(directory, Path(tmp) / f"member_{name}")
+            for name, directory in member_dirs.items()
+        }
+        code = shutil.copytree(
+            CORE_CODE, Path(tmp) / "code" / CORE_CODE.name,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc"),
+        )  # fmt: skip
+        config = {
+            "members": list(member_dirs),
+            "strategy": strategy,
+            "input_shape": list(shape),
+            "digests": {name: checkpoint_digest(d) for name, d in staged.items()},
+        }
         info = mlflow.pyfunc.log_model(
             name=MODEL_PATH,
             python_model=str(MODEL_CODE),
-            artifacts=artifacts,
+            artifacts={d.name: str(d) for d in staged.values()},
+            code_paths=[str(code)],
             model_config=config,
             signature=signature(shape, strategy),
             input_example=input_example,
             pip_requirements=pip_requirements(),
-            metadata={"psat": {"example_output": {k: v.tolist() for k, v in expected.items()}}},
+            metadata={
+                "psat": {
+                    "version": psat_core.__version__,
+                    "example_output": {k: v.tolist() for k, v in expected.items()},
+                }
+            },
         )
-    return info, ensemble
+    return info, config["digests"]
+
+
+def _log_evidence(model_id: str, evidence: ModelEvidence) -> None:
+    """Datasets, metrics linked to the logged model `model_id`, and the table, into the
+    active run (see `ModelEvidence`)."""
+    model = LoggedModelInput(model_id)
+    datasets = {}
+    for split in evidence.splits:
+        source = resolve_dataset_source(split.source)
+        datasets[split.context] = MetaDataset(source, name=split.name, digest=split.digest)
+        tags = {"images": str(split.images)}
+        mlflow.log_input(datasets[split.context], context=split.context, tags=tags, model=model)
+    measured_on = datasets.get("evaluation")
+    mlflow.log_metrics(dict(evidence.metrics), step=0, model_id=model_id, dataset=measured_on)
+    mlflow.log_table(dict(evidence.table), artifact_file="table1.json")
 
 
 def register_ensemble(
@@ -186,12 +224,14 @@ def register_ensemble(
     partial: bool = False,
     input_example: np.ndarray | None = None,
     tags: Mapping[str, str] | None = None,
+    evidence: ModelEvidence | None = None,
     tracking_uri: str | None = None,
 ) -> Registration:
-    """Log the ensemble into run ``run_id``, register it as a new version of ``model_name``,
-    point ``candidate`` at it, and move ``champion`` to it when ``trade_off`` beats the
-    current champion's (or ``force_champion``; the first version becomes champion unless it
-    is ``partial``, an ensemble missing some of the job's norms, which needs the force).
+    """Log the ensemble (and its `evidence`) into run ``run_id``, register it as a new version
+    of ``model_name``, point ``candidate`` at it, and move ``champion`` to it when
+    ``trade_off`` beats the current champion's (or ``force_champion``; the first version
+    becomes champion unless it is ``partial``, an ensemble missing some of the job's norms,
+    which needs the force).
 
     Invalid members raise before anything is logged or registered. Versions are never
     overwritten. Two registrations racing for ``champion`` both compare against the champion
@@ -203,11 +243,14 @@ def register_ensemble(
         if done is not None:  # an interrupted run registered it: complete, never duplicate
             version = int(done.version)
         else:
-            info, _ = log_ensemble(member_dirs, strategy=strategy, input_example=input_example)
+            info, digests = log_ensemble(
+                member_dirs, strategy=strategy, input_example=input_example
+            )
+            if evidence is not None:
+                _log_evidence(info.model_id, evidence)
             # the registry keeps the digests where the artifact store cannot rewrite them
-            digests = {f"{DIGEST_TAG}.{n}": checkpoint_digest(d) for n, d in member_dirs.items()}
             version_tags = {
-                **digests,
+                **{f"{DIGEST_TAG}.{n}": digest for n, digest in digests.items()},
                 **{f"{MEMBER_TAG}.{n}": read_spec(d).describe() for n, d in member_dirs.items()},
                 TRADE_OFF_TAG: repr(float(trade_off)),
                 STRATEGY_TAG: strategy,
@@ -219,6 +262,8 @@ def register_ensemble(
             with prints_to_log():  # "Successfully registered model", "Created version"
                 registered = mlflow.register_model(info.model_uri, model_name, tags=version_tags)
             version = int(registered.version)
+        if evidence is not None:
+            client.update_model_version(model_name, str(version), evidence.description)
         _set_alias(client, model_name, CANDIDATE, version)
         champion, previous = _promote(
             client, model_name, version, trade_off, force_champion, partial

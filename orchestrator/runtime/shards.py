@@ -6,13 +6,16 @@ so no node needs a copy of the raw dataset. Layout under `<storage>/<run>/data/`
     train-00000-of-00002.parquet ...   the training split, one shard per worker
     val.parquet                        a held-out slice of the train split (per-epoch metrics)
     eval.parquet                       the test split, or its fixed-seed subset (final evaluation)
-    manifest.json                      written last: its presence means the data is complete
+    manifest.json                      written last: its presence means the data is complete;
+                                       each split's size and sha256 digest (`splits`)
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +29,34 @@ from psat_core.data import ImageArrays, load_dataset
 
 log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
+CONTEXTS = {"train": "training", "val": "validation", "eval": "evaluation"}  # MLflow's names
+
+
+@dataclass(frozen=True)
+class DataSplit:
+    """One split as a job used it: what a tracking store records of a dataset."""
+
+    context: str  # training, validation, evaluation
+    name: str  # e.g. "digits-eval"
+    source: str  # where the shards are (the train split: its folder)
+    digest: str  # sha256 of its images and labels, 32 hex digits
+    images: int
+
+
+def digest(arrays: ImageArrays) -> str:
+    content = hashlib.sha256(arrays.images.contiguous().numpy().tobytes())
+    content.update(arrays.labels.numpy().astype(np.int64).tobytes())
+    return content.hexdigest()[:32]
+
+
+def splits(manifest: dict, dataset: str, data_uri: str) -> list[DataSplit]:
+    """The training, validation and evaluation splits of a materialized job."""
+    sources = {"train": data_uri, "val": manifest["val"], "eval": manifest["eval"]}
+    return [
+        DataSplit(context, f"{dataset}-{key}", sources[key], manifest["digests"][key],
+                  manifest["sizes"][key])
+        for key, context in CONTEXTS.items()
+    ]  # fmt: skip
 
 
 def write_arrays(arrays: ImageArrays, uri: str) -> None:
@@ -72,7 +103,7 @@ def materialize(config: JobConfig, data_uri: str, num_shards: int) -> dict:
         "num_shards": num_shards,
     }
     manifest = read_manifest(data_uri)
-    if manifest is not None and manifest["key"] == key:
+    if manifest is not None and manifest["key"] == key and "digests" in manifest:
         return manifest
     train = load_dataset(config.data.dataset, "train", config.data.data_dir, config.data.download)
     test = load_dataset(config.data.dataset, "test", config.data.data_dir, config.data.download)
@@ -101,10 +132,10 @@ def materialize(config: JobConfig, data_uri: str, num_shards: int) -> dict:
         write_arrays(ImageArrays(train.images[idx], train.labels[idx]), uri)
         shards.append(uri)
         shard_sizes.append(len(idx))
-    write_arrays(
-        ImageArrays(train.images[val_idx], train.labels[val_idx]), join(data_uri, "val.parquet")
-    )
+    val = ImageArrays(train.images[val_idx], train.labels[val_idx])
+    write_arrays(val, join(data_uri, "val.parquet"))
     write_arrays(test, join(data_uri, "eval.parquet"))
+    trained = ImageArrays(train.images[train_idx], train.labels[train_idx])
     manifest = {
         "key": key,
         "train": shards,
@@ -112,6 +143,7 @@ def materialize(config: JobConfig, data_uri: str, num_shards: int) -> dict:
         "val": join(data_uri, "val.parquet"),
         "eval": join(data_uri, "eval.parquet"),
         "sizes": {"train": len(train_idx), "val": len(val_idx), "eval": len(test)},
+        "digests": {"train": digest(trained), "val": digest(val), "eval": digest(test)},
     }
     with fs.open_output_stream(join(root, MANIFEST)) as stream:
         stream.write(json.dumps(manifest, indent=2).encode())
