@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("psat")
 QUIET_LIBRARIES = ("ray", "mlflow", "matplotlib")
+# Ray's note that a local Ray enabled token authentication by default: shown with -v
+RAY_AUTH_NOTE = "ray._private.authentication.authentication_token_setup"
 # MLflow's HTTP defaults retry for minutes (7 retries, 120 s timeouts); psat's are bounded
 HTTP_BOUNDS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
@@ -34,8 +36,29 @@ def _is_user_error(err: Exception) -> bool:
     """Bad input, missing data, unreachable services: one line, exit 2 (else a traceback)."""
     if isinstance(err, ValueError | FileNotFoundError | ConnectionError):  # ConfigError, data
         return True
+    return _is_mlflow_error(err)
+
+
+def _is_mlflow_error(err: Exception) -> bool:
     exceptions = sys.modules.get("mlflow.exceptions")  # none was raised if MLflow never loaded
     return exceptions is not None and isinstance(err, exceptions.MlflowException)
+
+
+REFUSED = {"UNAUTHENTICATED": "HTTP 401", "PERMISSION_DENIED": "HTTP 403"}  # MLflow's codes
+
+
+def _error_line(args: argparse.Namespace, err: Exception) -> str:
+    """The one line for a user error; a tracking server that refused the credentials (an
+    auth proxy's 401 or 403) says so, not its response body."""
+    if _is_mlflow_error(err) and err.error_code in REFUSED:
+        job = getattr(args, "job", None)
+        uri = job.tracking.resolved_uri() if job else _tracking_uri(args)
+        return (
+            f"the MLflow tracking server {uri} refused this request's credentials "
+            f"({REFUSED[err.error_code]}); set MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME "
+            "and MLFLOW_TRACKING_PASSWORD, to credentials it accepts"
+        )
+    return str(err)
 
 
 def _job_config(args: argparse.Namespace) -> JobConfig:
@@ -111,7 +134,7 @@ def _run_job(args: argparse.Namespace) -> int:
 def _tracking_uri(args: argparse.Namespace) -> str:
     from orchestrator.config import TrackingConfig
 
-    return args.tracking_uri or TrackingConfig().resolved_uri()
+    return getattr(args, "tracking_uri", None) or TrackingConfig().resolved_uri()
 
 
 def _pull(args: argparse.Namespace) -> int:
@@ -353,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
         if not _is_user_error(err):
             raise
         log.debug("psat %s failed", args.command, exc_info=True)
-        print(f"psat {args.command}: error: {err}", file=sys.stderr)
+        print(f"psat {args.command}: error: {_error_line(args, err)}", file=sys.stderr)
         return 2
 
 
@@ -392,6 +415,7 @@ def _bound_libraries(verbose: bool) -> None:
     if not verbose:
         for name in QUIET_LIBRARIES:
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(RAY_AUTH_NOTE).setLevel(logging.ERROR)
         os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its level at import
         os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
         os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

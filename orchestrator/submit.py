@@ -1,8 +1,10 @@
 """Submit a psat job to a Ray cluster through the Ray Jobs API and follow it to the end.
 
 `psat submit train --config my.yaml --address http://head:8265` runs
-`python -m jobs.train_members --config my.yaml` on the cluster, prints the job id, streams the
-job's progress and exits with the job's status. What travels with the job:
+`python -m jobs.train_members --config my.yaml` on the cluster as the Ray job
+`<name>-<command>-<UTC time>` (metadata: `psat_job`, `psat_command`), prints that id, streams
+the job's progress and exits with the job's status. A psat job of the same name still pending
+or running on the cluster is refused before anything is uploaded. What travels with the job:
 
 - psat's own code, as `runtime_env.py_modules` (the installed `psat_core`, `orchestrator` and
   `jobs` packages, wherever pip put them); the cluster's Python brings the third-party
@@ -30,6 +32,7 @@ import re
 import shlex
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -48,6 +51,7 @@ SDK_LOGGERS = ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job
 PACKAGES = (psat_core, orchestrator, jobs)  # psat's code, wherever pip installed it
 EXCLUDES = ["__pycache__", "*.pyc"]
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI",)
+JOB_KEY, COMMAND_KEY = "psat_job", "psat_command"  # the Ray job's metadata
 # Ray's own chatter in a job's log: shown with -v, else only in `ray job logs`
 RAY_NOISE = re.compile(
     r"^\s*(\x1b\[[0-9;]*m)*\((raylet|PreemptionWatcher|TrainController|PlacementGroupCleaner"
@@ -146,6 +150,7 @@ def submit(
     # a server this machine cannot reach is refused here (one the cluster alone reaches is too)
     check_server(job.tracking.uri or env.get("MLFLOW_TRACKING_URI", ""))
     client = connect(address, token, verbose)
+    refuse_running(client, job.name)
     args = ["python", "-m", module, *(["-v"] if verbose else []), "--config", path.name]
     args += job_args
     entrypoint = shlex.join(args + [a for s in overrides for a in ("--set", s)])
@@ -153,6 +158,8 @@ def submit(
         shutil.copyfile(path, Path(staging) / path.name)
         job_id = client.submit_job(
             entrypoint=entrypoint,
+            submission_id=f"{job.name}-{command}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}",
+            metadata={JOB_KEY: job.name, COMMAND_KEY: command},
             runtime_env={
                 "working_dir": staging,
                 "py_modules": [str(Path(package.__file__).parent) for package in PACKAGES],
@@ -170,6 +177,18 @@ def submit(
     if not succeeded and not verbose:
         echo(f"full log: RAY_AUTH_MODE=token ray job logs --address {address} {job_id}")
     return 0 if succeeded else 1
+
+
+def refuse_running(client: JobSubmissionClient, name: str) -> None:
+    """A ConfigError if a psat job named `name` is pending or running on the cluster (two would
+    share its storage and runs)."""
+    for found in client.list_jobs():
+        if (found.metadata or {}).get(JOB_KEY) == name and not found.status.is_terminal():
+            raise ConfigError(
+                f"job {name!r} is already {found.status.value.lower()} on the cluster as "
+                f"{found.submission_id}; wait for it, stop it (ray job stop "
+                f"{found.submission_id}), or set another name"
+            )
 
 
 async def _tail(

@@ -18,6 +18,7 @@ import json
 import logging
 import tempfile
 from collections.abc import Callable
+from contextlib import nullcontext
 from math import nan
 from pathlib import Path
 
@@ -32,18 +33,21 @@ from orchestrator.config.locations import join
 from orchestrator.evaluation.figures import tradeoff_figure
 from orchestrator.runtime.capacity import check_ray, one_model
 from orchestrator.runtime.ray_session import prepare_job
+from orchestrator.runtime.terminal import prints_to_log
 from orchestrator.runtime.tracking import SWEEP, Tracker
 from orchestrator.training.fit import chosen
 from orchestrator.training.plan import OBJECTIVE
 from orchestrator.training.tune import (
     LOGGED_METRICS,
     MlflowTrials,
+    TrialLines,
     asha_scheduler,
     check_space,
     param_space,
     search_algorithm,
     sweep_trial,
     trial_concurrency,
+    trial_epochs,
     trial_job,
 )
 from psat_core.accounting import parameter_report
@@ -81,18 +85,51 @@ def run_sweep(job: JobConfig, echo: Callable[[str], None] = print) -> dict[str, 
                     max_concurrent_trials=trial_concurrency(job),
                 ),
                 run_config=tune.RunConfig(
-                    name="sweep", storage_path=storage, callbacks=[MlflowTrials(job, parent)]
+                    name="sweep",
+                    storage_path=storage,
+                    callbacks=[MlflowTrials(job, parent), TrialLines(trial_epochs(job))],
                 ),
             )
-        grid = tuner.fit()
+        # Tune's tables, trial boxes and hints: on the terminal with -v, else in the debug log
+        with nullcontext() if log.isEnabledFor(logging.DEBUG) else prints_to_log(stdout=True):
+            grid = tuner.fit()
         rows = _rows(job, grid)
         if not rows:
             raise RuntimeError(f"the sweep in {experiment} produced no results; see Ray's logs")
         best = _best_per_norm(rows)
         _write_outputs(job, experiment, rows, best, tracker, parent)
-    for norm, row in best.items():
-        echo(f"best {norm}: {row['params']} -> {OBJECTIVE} {row['metrics'][OBJECTIVE]:.3f}")
+    for line in table_lines(rows, best):
+        echo(line)
     return best
+
+
+def table_lines(rows: list[dict], best: dict[str, dict]) -> list[str]:
+    """The sweep's trials (the best of each norm starred), then the best per norm."""
+    swept = sorted({k for row in rows for k in row["params"] if k != "norm"})
+    header = ["trial", "norm", *swept, "epochs", "chosen", OBJECTIVE, "trade_off", "share"]
+    winners = {id(row) for row in best.values()}
+    table = [
+        [
+            row["trial_id"] + ("*" if id(row) in winners else ""),
+            row["norm"],
+            *(str(row["params"].get(k, "")) for k in swept),
+            str(row["epochs_run"]),
+            str(row["checkpoint_epoch"]),
+            f"{row['metrics'][OBJECTIVE]:.3f}",
+            f"{row['metrics'].get('trade_off', nan):.3f}",
+            f"{100 * row['param_share']:.2f}%",
+        ]
+        for row in sorted(rows, key=lambda r: (r["norm"], r["trial_id"]))
+    ]
+    widths = [max(len(cell) for cell in column) for column in zip(header, *table, strict=True)]
+    lines = [
+        "  ".join(cell.rjust(width) for cell, width in zip(cells, widths, strict=True))
+        for cells in [header, *table]
+    ]
+    for norm, row in best.items():
+        score = row["metrics"][OBJECTIVE]
+        lines.append(f"best {norm}: {row['params']} -> {OBJECTIVE} {score:.3f}")
+    return lines
 
 
 def _rows(job: JobConfig, grid) -> list[dict]:

@@ -17,13 +17,12 @@ norms, architecture, embedding dimension). Pulling and loading a version: `pull`
 from __future__ import annotations
 
 import importlib.metadata
-import io
 import logging
 import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, redirect_stderr
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
 import psat_core
 from orchestrator.runtime.shards import DataSplit
+from orchestrator.runtime.terminal import prints_to_log
 from orchestrator.runtime.tracking import (
     DIGEST_TAG,
     MEMBER_TAG,
@@ -269,18 +269,6 @@ def register_ensemble(
             client, model_name, version, trade_off, force_champion, partial
         )
     return Registration(model_name, version, run_id, float(trade_off), champion, previous)
-
-
-@contextmanager
-def prints_to_log() -> Iterator[None]:
-    """What MLflow prints on stderr inside the block goes to psat's debug log (`psat -v`)."""
-    printed = io.StringIO()
-    try:
-        with redirect_stderr(printed):
-            yield
-    finally:
-        for line in printed.getvalue().splitlines():
-            log.debug("mlflow: %s", line)
 
 
 def _registered_by(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:

@@ -68,7 +68,8 @@ def check_address(address: str) -> None:
 
 def check_server(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
     """An http(s) tracking URI must answer as an MLflow server within `timeout` seconds: else
-    a ConfigError naming it, before any work (other URIs pass)."""
+    a ConfigError naming it, before any work (other URIs pass). A 401 or 403 is an answer (a
+    server behind an auth proxy): whether it takes the credentials shows on the first request."""
     if not uri.startswith(("http://", "https://")):
         return
     fix = "fix tracking.uri, MLFLOW_TRACKING_URI or --tracking-uri"
@@ -76,6 +77,8 @@ def check_server(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
         with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
             return
     except urllib.error.HTTPError as err:
+        if err.code in (401, 403):
+            return
         raise ConfigError(
             f"{uri} does not answer as an MLflow tracking server (GET /health: HTTP "
             f"{err.code}); {fix}"

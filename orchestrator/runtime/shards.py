@@ -147,5 +147,5 @@ def materialize(config: JobConfig, data_uri: str, num_shards: int) -> dict:
     }
     with fs.open_output_stream(join(root, MANIFEST)) as stream:
         stream.write(json.dumps(manifest, indent=2).encode())
-    log.info("materialized %s under %s: %s", config.data.dataset, data_uri, manifest["sizes"])
+    log.debug("materialized %s under %s: %s", config.data.dataset, data_uri, manifest["sizes"])
     return manifest

@@ -148,7 +148,8 @@ def trainer_for(
     callbacks=(),
     last_epoch: int | None = None,
 ) -> TorchTrainer:
-    """The TorchTrainer of one model; relaunching with the same run name resumes it. It
+    """The TorchTrainer of one model, its Ray Train run named `<job>-<model>` (the dashboard
+    tells jobs apart) unless `run_name`; relaunching with the same run name resumes it. It
     trains until `last_epoch` (a sweep trial's budget), by default `training.epochs`."""
     res = job.resources
     return ShardTrainer(
@@ -168,7 +169,7 @@ def trainer_for(
             | ({"GPU": res.gpus} if res.gpus else {}),
         ),
         run_config=RunConfig(
-            name=run_name or plan.name,
+            name=run_name or f"{job.name}-{plan.name}",
             storage_path=join(job.storage.resolved(), job.name),
             failure_config=FailureConfig(max_failures=res.max_failures),
             checkpoint_config=checkpoints_kept(job),

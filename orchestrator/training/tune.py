@@ -1,5 +1,6 @@
 """Ray Tune's side of a sweep: each trial's config and trainer, the search space, the search
-algorithm, ASHA, the trials' concurrency, and a nested MLflow run per trial (`MlflowTrials`).
+algorithm, ASHA, the trials' concurrency, a nested MLflow run per trial (`MlflowTrials`) and
+a line per trial as it starts and ends, under a live status line on a terminal (`TrialLines`).
 
 Each trial is a driver function that builds one member's `TorchTrainer` (the same `train_loop`
 as the training job) and fits it; `TuneReportCallback` forwards every epoch's metrics to Tune.
@@ -10,6 +11,7 @@ The objective is the member's robust accuracy for its own norm on the validation
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import ray
@@ -18,6 +20,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.config import ConfigError, JobConfig, SweepRange, deep_merge
+from orchestrator.runtime.terminal import StatusLine
 from orchestrator.runtime.tracking import TRIAL, TRIAL_TAG, Tracker, flatten
 from orchestrator.training.fit import EPOCHS_DONE
 from orchestrator.training.plan import OBJECTIVE, ModelPlan
@@ -147,7 +150,6 @@ class MlflowTrials(tune.Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._run(trial)
-        log.info("trial %s started: %s", trial.trial_id, trial.config)
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         metrics = {k: v for k, v in result.items() if k in LOGGED_METRICS}
@@ -155,18 +157,69 @@ class MlflowTrials(tune.Callback):
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self.tracker.end(self._run(trial), "FINISHED")
-        last = trial.last_result or {}
-        log.info(
-            "trial %s finished: %s %.3f after %d epochs",
-            trial.trial_id,
-            OBJECTIVE,
-            last.get(OBJECTIVE, float("nan")),
-            int(last.get("epoch", -1)) + 1,
-        )
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.tracker.end(self._run(trial), "FAILED")
-        log.warning("trial %s failed", trial.trial_id)
+
+
+class TrialLines(tune.Callback):
+    """What a person follows of a sweep: a line per trial as it starts (its configuration) and
+    as it ends (epochs trained, objective, trade-off; ASHA's early stops say so), and on a
+    terminal a live line: trials running, ended and pending, the best objective, the time."""
+
+    def __init__(self, epochs: int):
+        self.epochs, self.numbers, self.started = epochs, {}, time.monotonic()
+        self.status = StatusLine()
+
+    def __getstate__(self) -> dict:  # pickled with the experiment: no terminal in it
+        return {"epochs": self.epochs, "numbers": self.numbers}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["epochs"])
+        self.numbers = state["numbers"]
+
+    def get_state(self) -> dict:  # Tune's checkpoint of the experiment: trials keep numbers
+        return {"numbers": self.numbers}
+
+    def set_state(self, state: dict) -> None:
+        self.numbers = state["numbers"]
+
+    def _name(self, trial) -> str:
+        number = self.numbers.setdefault(trial.trial_id, len(self.numbers) + 1)
+        return f"trial {number} ({trial.trial_id})"
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        config = ", ".join(f"{k}={v}" for k, v in flatten(trial.config).items())
+        self.status.print(f"{self._name(trial)} started: {config}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        done = int(last.get(EPOCHS_DONE, 0))
+        how = "stopped by ASHA" if done < self.epochs else "ended"
+        self.status.print(
+            f"{self._name(trial)} {how} after {done}/{self.epochs} epochs: "
+            f"{OBJECTIVE} {last.get(OBJECTIVE, float('nan')):.3f}, "
+            f"trade_off {last.get('trade_off', float('nan')):.3f}"
+        )
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.status.print(f"{self._name(trial)} failed (Ray's logs: psat sweep -v)")
+
+    def on_step_end(self, iteration, trials, **info):
+        counts = {"RUNNING": 0, "TERMINATED": 0, "PENDING": 0}
+        for trial in trials:
+            counts[trial.status] = counts.get(trial.status, 0) + 1
+        scores = [t.last_result.get(OBJECTIVE) for t in trials if t.last_result]
+        best = max((s for s in scores if s is not None), default=None)
+        elapsed = int(time.monotonic() - self.started)
+        self.status.show(
+            f"sweep: {counts['RUNNING']} running, {counts['TERMINATED']} ended, "
+            f"{counts['PENDING']} pending; best {OBJECTIVE} "
+            f"{'-' if best is None else f'{best:.3f}'}; {elapsed // 60}m {elapsed % 60:02d}s"
+        )
+
+    def on_experiment_end(self, trials, **info):
+        self.status.close()
 
 
 LOGGED_METRICS = (

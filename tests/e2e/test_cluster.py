@@ -9,6 +9,7 @@ psat's code travelled with it.
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shlex
 import shutil
@@ -74,6 +75,19 @@ class Site:
             return []
         return client.search_runs([experiment.experiment_id], f"tags.`psat.job` = '{job}'")
 
+    def ray_jobs(self) -> list:
+        """The cluster's Ray jobs (`JobDetails`), read with Ray's own client."""
+        script = (
+            "import pickle, sys; from ray.job_submission import JobSubmissionClient; "
+            f"sys.stdout.buffer.write(pickle.dumps(JobSubmissionClient('{self.cluster.address}')"
+            ".list_jobs()))"
+        )
+        out = subprocess.run(
+            [str(self.cluster.bin / "python"), "-c", script], env=self.cluster.env,
+            capture_output=True, cwd=self.root, check=True,
+        )  # fmt: skip
+        return pickle.loads(out.stdout)
+
     def worker_nodes(self, submission_id: str) -> set[str]:
         """Nodes of the Ray Train workers of one submitted job (Ray's state API)."""
         script = (
@@ -102,18 +116,38 @@ def site(tmp_path_factory, mlflow_server):
     site.stop()
 
 
-def submission_id(stdout: str) -> str:
-    return re.search(r"submitted (raysubmit_\w+)", stdout)[1]
+def submission_id(stdout: str, job: str, command: str) -> str:
+    """The Ray job's id psat printed: `<job>-<command>-<UTC time>`."""
+    return re.search(rf"submitted ({job}-{command}-\d{{8}}-\d{{6}}): ", stdout)[1]
 
 
 @pytest.mark.slow
 def test_submit_train_aggregate_pull_on_two_nodes(site):
     config = {"name": "two-nodes", "storage.path": site.storage, **TINY}
-    train = site.psat("submit", "train", "--config", "mine.yaml", "--address",
-                      site.cluster.address, *sets(config))  # fmt: skip
+    command = ["submit", "train", "--config", "mine.yaml", "--address", site.cluster.address,
+               *sets(config)]  # fmt: skip
+    proc = subprocess.Popen(
+        [str(site.user_bin / "psat"), *command], cwd=site.home, env=site.env(),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    first = proc.stdout.readline()
+    job_id = submission_id(first, "two-nodes", "train")
+    again = site.psat(*command)  # the same name while it runs: refused, nothing submitted
+    assert again.returncode == 2 and again.stdout == "", again.stdout + again.stderr
+    assert re.fullmatch(
+        rf"psat submit: error: job 'two-nodes' is already (pending|running) on the cluster as "
+        rf"{job_id}; wait for it, stop it \(ray job stop {job_id}\), or set another name\n",
+        again.stderr,
+    ), again.stderr
+    out, err = proc.communicate(timeout=600)
+    train = subprocess.CompletedProcess(proc.args, proc.returncode, first + out, err)
     print(train.stdout)
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
-    assert re.search(r"job raysubmit_\w+ SUCCEEDED", train.stdout)
+    assert f"job {job_id} SUCCEEDED" in train.stdout
+    jobs = site.ray_jobs()
+    assert [j.metadata for j in jobs if j.metadata.get("psat_job") == "two-nodes"] == [
+        {"psat_job": "two-nodes", "psat_command": "train"}
+    ]  # fmt: skip
     assert "[l1] epoch 1/1" in train.stdout
     assert "INFO dashboard_sdk" not in train.stdout + train.stderr  # Ray's chatter stays out
     runs = {r.data.tags["psat.role"] + ":" + r.data.tags.get("psat.plan", ""): r
@@ -122,9 +156,9 @@ def test_submit_train_aggregate_pull_on_two_nodes(site):
     assert all(r.info.status == "FINISHED" for r in runs.values())
     for norm in NORMS:  # checkpoints under the configured absolute path, not Ray's temp dir
         checkpoint = Path(runs[f"model:{norm}"].data.tags["psat.checkpoint"])
-        assert checkpoint.is_relative_to(site.storage / "two-nodes" / norm)
+        assert checkpoint.is_relative_to(site.storage / "two-nodes" / f"two-nodes-{norm}")
         assert (checkpoint / "member.json").is_file()
-    nodes = site.worker_nodes(submission_id(train.stdout))
+    nodes = site.worker_nodes(job_id)
     assert len(nodes) == 2, nodes  # 3 members, 2 CPUs per node: both nodes train
 
     aggregate = site.psat("submit", "aggregate", "--config", "mine.yaml", "--address",
@@ -159,7 +193,9 @@ def test_ray_job_submit_as_the_readme_writes_it(site):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (member,) = [r for r in site.runs("readme") if r.data.tags["psat.role"] == "model"]
     assert member.info.status == "FINISHED"
-    assert Path(member.data.tags["psat.checkpoint"]).is_relative_to(storage / "readme" / "linf")
+    assert Path(member.data.tags["psat.checkpoint"]).is_relative_to(
+        storage / "readme" / "readme-linf"
+    )
 
 
 def _ray_job(site, *entrypoint: str) -> subprocess.CompletedProcess:
@@ -321,7 +357,7 @@ def test_a_node_lost_mid_training_costs_no_member_its_progress(site):
         if "started from scratch" in line and f"node {worker}" in line:
             on_worker.add(line[1 : line.index("]")])
             # its first checkpoint on the shared storage, not its progress line (which lags)
-            folder = site.storage / "node-loss" / line[1 : line.index("]")]
+            folder = site.storage / "node-loss" / f"node-loss-{line[1 : line.index(']')]}"
             while not list(folder.glob("checkpoint_*/state.pt")):
                 time.sleep(0.1)
             os.killpg(cluster.procs[1].pid, signal.SIGKILL)  # the worker node, every process

@@ -84,10 +84,12 @@ def test_quickstart_runs_end_to_end_and_its_model_loads(tmp_path, ray_address):
 
 
 @pytest.mark.slow
-def test_aggregate_end_to_end(tmp_path, members, monkeypatch, shared_ray, torch_threads):
+def test_aggregate_end_to_end(
+    tmp_path, members, monkeypatch, shared_ray, torch_threads, mlflow_server
+):
     members = locations(members)  # strings, as a training run's tags hold them
     monkeypatch.chdir(tmp_path)
-    job = agg_job(tmp_path)
+    job = agg_job(tmp_path, tracking={"uri": mlflow_server, "experiment": "agg-e2e"})
     train = training_run(Tracker(job), job, members)
     lines: list[str] = []
     before = ray_tasks(shared_ray, "evaluate_row")
@@ -126,6 +128,7 @@ def test_aggregate_end_to_end(tmp_path, members, monkeypatch, shared_ray, torch_
     assert "## Registry" in text and "models:/psat-agg/1" in text
     assert any("champion -> v1" in line for line in lines)
     assert any(line.startswith("PSAT lowest entropy") for line in lines)
+    _check_evidence(client, first, job)
     # progress from the Ray tasks: every row, every attack, the points still robust
     for key in ("member.l1", "lowest_entropy"):
         shown = [line for line in lines if line.startswith(f"[{key}] ")]
@@ -150,6 +153,46 @@ def test_aggregate_end_to_end(tmp_path, members, monkeypatch, shared_ray, torch_
         pd.DataFrame(loaded.predict(images)),
         pd.DataFrame(ensemble_from_checkpoints(members).predict(images)),
     )
+
+
+def _check_evidence(client: MlflowClient, result, job) -> None:
+    """What MLflow 3 shows of the version, read back from the server: Table 1's metrics on the
+    logged model and its version, measured on the evaluation split; the splits as datasets;
+    Table 1 as a table; the description."""
+    from orchestrator.runtime.ray_session import data_uri
+    from orchestrator.runtime.shards import read_manifest
+
+    digests = read_manifest(data_uri(job))["digests"]
+    version = client.get_model_version("psat-agg", "1")
+    best = result.rows["lowest_entropy"]
+    assert version.description.startswith(
+        f"PSAT lowest entropy: Clean {100 * best['clean']:.2f}%, ℓ∞ "
+    ) and f"Trade-off {100 * best['trade_off']:.2f}% on 8 digits test images" in (
+        version.description
+    )
+    model = client.get_logged_model(version.source.removeprefix("models:/"))  # its logged model
+    assert {"name": "psat-agg", "version": "1"} in json.loads(model.tags["mlflow.modelVersions"])
+    linked = {m.key: m for m in model.metrics}
+    assert linked["lowest_entropy.trade_off"].value == best["trade_off"]
+    assert linked["member.l1.l1"].value == result.rows["member.l1"]["l1"]
+    assert {(m.dataset_name, m.dataset_digest) for m in model.metrics} == {
+        ("digits-eval", digests["eval"])
+    }
+    inputs = client.get_run(result.run_id).inputs.dataset_inputs
+    logged = {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset for i in inputs
+    }
+    assert {c: (d.name, d.digest) for c, d in logged.items()} == {
+        "training": ("digits-train", digests["train"]),
+        "validation": ("digits-val", digests["val"]),
+        "evaluation": ("digits-eval", digests["eval"]),
+    }
+    table = json.loads(Path(client.download_artifacts(result.run_id, "table1.json")).read_text())
+    assert [row[0] for row in table["data"]] == [
+        "H_linf", "H_l2", "H_l1", "PSAT lowest entropy", "PSAT average"
+    ]  # fmt: skip
+    assert table["columns"][-1] == "Trade-off"
+    assert table["data"][3][-1] == pytest.approx(best["trade_off"], rel=1e-6)
 
 
 # --------------------------------------------------- reproduce: the paper's tables and claims, tiny

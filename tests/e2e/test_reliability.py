@@ -4,6 +4,7 @@ their own: one clear line and exit 2, or nothing lost (issue 14's probes)."""
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
 import signal
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -379,6 +381,47 @@ def test_an_unreachable_tracking_server_is_one_line(tmp_path, tiny_job, command)
     line = one_line(psat(*args, cwd=tmp_path, env=ENV | {"HOME": str(tmp_path)}))
     assert time.monotonic() - start < 15
     assert f"cannot reach the MLflow tracking server {uri} (" in line
+
+
+@pytest.mark.parametrize("status", [401, 403])
+@pytest.mark.parametrize("command", ["pull", "train"])
+def test_a_server_behind_an_auth_proxy_is_reached_and_its_refusal_is_one_line(
+    tmp_path, tiny_job, command, status
+):
+    """An auth proxy answers every request, /health included, with 401 or 403: the server is
+    reachable; the first request it refuses is one line about credentials, before Ray starts."""
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def _refuse(self):
+            body = b"<html><body>Authentication required</body></html>"
+            self.send_response(status)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        do_GET = do_POST = _refuse
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy) as proxy:
+        threading.Thread(target=proxy.serve_forever, daemon=True).start()
+        uri = f"http://127.0.0.1:{proxy.server_address[1]}"
+        config = ["--config", str(job_file(tmp_path, tiny_job)), "--set", f"tracking.uri={uri}"]
+        args = {
+            "pull": ["pull", "models:/psat-x@champion", "--tracking-uri", uri],
+            "train": ["train", *config],
+        }[command]
+        ray_temp = tmp_path / "ray"
+        env = ENV | {"HOME": str(tmp_path), "RAY_TMPDIR": str(ray_temp)}
+        proc = psat(*args, cwd=tmp_path, env=env)
+        proxy.shutdown()
+    assert one_line(proc) == (
+        f"psat {command}: error: the MLflow tracking server {uri} refused this request's "
+        f"credentials (HTTP {status}); set MLFLOW_TRACKING_TOKEN, or MLFLOW_TRACKING_USERNAME "
+        "and MLFLOW_TRACKING_PASSWORD, to credentials it accepts"
+    )
+    assert not ray_temp.exists() and not (tmp_path / "runs" / "probe" / "data").exists()
 
 
 @pytest.mark.parametrize(

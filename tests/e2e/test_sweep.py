@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -41,28 +42,43 @@ def test_an_interrupted_sweep_continues_and_writes_table_best_configs_plot_and_r
     env = os.environ | {"PYTHONPATH": str(ROOT)}
     # Ctrl-C reaches it, even where this process ignores SIGINT (a shell's background job)
     first = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
         text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )  # fmt: skip
+    ended = re.compile(
+        r"^trial (\d) \((\w+)\) ended after 1/1 epochs: objective [\d.]+, trade_off "
+    )
     finished, lines = [], []
     deadline = time.time() + 400
-    for line in first.stderr:
+    for line in first.stdout:
         lines.append(line)
-        if "finished:" in line and "trial " in line:
-            finished.append(line.split("trial ")[1].split()[0])
+        if match := ended.match(line):
+            finished.append(match[2])
             first.send_signal(signal.SIGINT)  # a user's Ctrl-C after the first trial
             break
         assert time.time() < deadline, lines
     first.communicate(timeout=300)
     assert len(finished) == 1, lines
+    started = [line for line in lines if " started: embedding_dim=8, norm=" in line]
+    assert started and lines[0].startswith("trial 1 ("), lines  # psat's lines, nothing before
 
     second = subprocess.run(
         command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600
     )
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "continuing the sweep" in second.stdout
-    started = [line for line in second.stderr.splitlines() if "started:" in line]
-    assert started and not any(finished[0] in line for line in started), started
+    shown = second.stdout.splitlines()
+    assert shown[0].startswith("continuing the sweep"), shown
+    resumed = [line for line in shown if " started: " in line]
+    assert resumed and not any(finished[0] in line for line in resumed), shown
+    assert len([line for line in shown if ended.match(line)]) == len(resumed), shown
+    # only psat's lines: no Tune status tables, trial boxes, hints or log records
+    noise = ("╭", "tensorboard", "View detailed", " INFO ", "WARNING")
+    printed = second.stdout + second.stderr
+    assert not [word for word in noise if word in printed], printed
+    header = next(line for line in shown if line.split()[:3] == ["trial", "norm", "embedding_dim"])
+    assert shown[shown.index(header) + 1 :][-2:] == [
+        line for line in shown if line.startswith("best ")
+    ]  # fmt: skip
 
     job = parse_config(config)
     out = Path(job.storage.path, "sweep", "sweep")

@@ -116,7 +116,11 @@ def test_members_train_concurrently_and_an_interrupted_job_resumes(shared_ray, t
     assert latest_start < earliest_end, intervals
 
     # a damaged checkpoint on resume: one ValueError naming the model and file, not Ray's report
-    saved = [p for p in Path(job.storage.path, job.name, "l2").glob("checkpoint_*") if p.is_dir()]
+    saved = [
+        p
+        for p in Path(job.storage.path, job.name, f"{job.name}-l2").glob("checkpoint_*")
+        if p.is_dir()
+    ]
     intact = {p / "state.pt": (p / "state.pt").read_bytes() for p in saved}
     for state, data in intact.items():  # whichever of them Ray resumes from
         state.write_bytes(data[:300])

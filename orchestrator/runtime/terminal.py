@@ -1,0 +1,59 @@
+"""What reaches the terminal: a live status line (`StatusLine`) and libraries' prints sent to
+psat's debug log instead (`prints_to_log`, shown with `psat -v`)."""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, redirect_stderr, redirect_stdout
+from typing import TextIO
+
+log = logging.getLogger(__name__)
+
+
+class StatusLine:
+    """One line rewritten in place on a terminal (at most once per `every` seconds), kept
+    below the lines printed through it; nothing live where the output is not a terminal (CI,
+    Ray job logs), only the printed lines."""
+
+    CLEAR = "\r\x1b[K"
+
+    def __init__(self, stream: TextIO | None = None, every: float = 1.0) -> None:
+        self.stream = stream or sys.stdout  # the terminal, even inside `prints_to_log`
+        self.every, self.shown, self.last = every, "", 0.0
+        self.live = self.stream.isatty()
+
+    def show(self, text: str) -> None:
+        if self.live and time.monotonic() - self.last >= self.every:
+            self.stream.write(self.CLEAR + text)
+            self.stream.flush()
+            self.shown, self.last = text, time.monotonic()
+
+    def print(self, line: str) -> None:
+        prefix = self.CLEAR if self.live and self.shown else ""
+        suffix = self.shown if self.live else ""
+        self.stream.write(f"{prefix}{line}\n{suffix}")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.live and self.shown:
+            self.stream.write(self.CLEAR)
+            self.stream.flush()
+        self.shown = ""
+
+
+@contextmanager
+def prints_to_log(stdout: bool = False) -> Iterator[None]:
+    """What libraries print on stderr (and on stdout with `stdout`) inside the block goes to
+    psat's debug log (`psat -v`), line by line, when the block ends."""
+    printed = io.StringIO()
+    try:
+        with redirect_stderr(printed), redirect_stdout(printed) if stdout else nullcontext():
+            yield
+    finally:
+        for line in printed.getvalue().splitlines():
+            if line.strip():
+                log.debug("%s", line)
