@@ -5,21 +5,22 @@ A training checkpoint directory holds
     state.pt     {"model": state_dict, "epoch": int, ...training state...}; AT_mng's noise
                  generator under "noise_generator" (`MetaNoiseTraining.CHECKPOINT_KEY`)
 A registered member (`export_weights`) holds member.json and weights.safetensors: the model's
-tensors alone, no optimizer state and no pickle. Loading reads whichever of the two is there.
+tensors alone, no optimizer state and no pickle, read with torch alone (`read_safetensors`) so
+that a registered model loads where only MLflow and PyTorch are installed. Loading reads
+whichever of the two files is there.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
-import safetensors
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from psat_core.ensemble import PSATEnsemble
@@ -132,23 +133,57 @@ def load_state(directory: str | Path, map_location: str | torch.device = "cpu") 
     return state
 
 
+# the safetensors format: an 8-byte little-endian header size, a JSON header (name -> dtype,
+# shape, data_offsets into the bytes that follow), then the tensors' bytes
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, read with torch alone; a file that breaks the format
+    (truncated, offsets outside it, an unknown dtype) is a ValueError naming it."""
+    path = Path(path)
+    data = bytearray(path.read_bytes())
+    try:
+        size = int.from_bytes(data[:8], "little")
+        if len(data) < 8 or 8 + size > len(data):
+            raise ValueError("truncated header")
+        header = json.loads(data[8 : 8 + size])
+        header.pop("__metadata__", None)
+        body = memoryview(data)[8 + size :]
+        tensors = {}
+        for name, entry in header.items():
+            dtype, shape = SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
+            start, end = entry["data_offsets"]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if not 0 <= start <= end <= len(body) or end - start != nbytes:
+                raise ValueError(f"tensor {name!r} does not fit the file")
+            flat = torch.frombuffer(body[start:end], dtype=dtype) if nbytes else torch.empty(0)
+            tensors[name] = flat.to(dtype).reshape(shape).clone()
+    except (ValueError, KeyError, TypeError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(
+            f"{path}: not a loadable safetensors file ({err}); restore the registered version"
+        ) from None
+    return tensors
+
+
 def model_tensors(directory: str | Path, map_location: str | torch.device = "cpu") -> dict:
     """The model's state_dict: from weights.safetensors (a registered member) if there is one,
     else from the training state (`load_state`). A damaged file is a ValueError naming it."""
     path = Path(directory) / WEIGHTS_FILE
     if not path.is_file():
         return load_state(directory, map_location)["model"]
-    try:
-        return load_file(path, device=str(map_location))
-    except (safetensors.SafetensorError, OSError) as err:
-        raise ValueError(
-            f"{path}: not a loadable safetensors file ({err}); restore the registered version"
-        ) from None
+    return {name: t.to(map_location) for name, t in read_safetensors(path).items()}
 
 
 def export_weights(directory: str | Path, target: str | Path) -> Path:
     """A member as it is registered: `directory`'s spec and its model's tensors as
     safetensors in `target` (nothing of the optimizer, scheduler or RNG; no pickle)."""
+    from safetensors.torch import save_file  # writing only: reading needs torch alone
+
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     (target / SPEC_FILE).write_bytes((Path(directory) / SPEC_FILE).read_bytes())

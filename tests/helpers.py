@@ -235,9 +235,10 @@ def stop(*procs: subprocess.Popen, grace: float = 10) -> None:
             return
 
 
-def make_venv(path: Path, with_psat: bool) -> Path:
+def make_venv(path: Path, with_psat: bool, hide: tuple[str, ...] = ()) -> Path:
     """A fresh venv that sees this interpreter's third-party packages (through a .pth file) but
-    not its psat; with `with_psat`, psat is installed into it from a wheel (non-editable)."""
+    not its psat, nor the packages in `hide` (unimportable in every process it starts); with
+    `with_psat`, psat is installed into it from a wheel (non-editable)."""
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(path)], check=True)
     python = path / "bin" / "python"
     purelib = subprocess.run(
@@ -245,6 +246,10 @@ def make_venv(path: Path, with_psat: bool) -> Path:
         check=True, capture_output=True, text=True,
     ).stdout.strip()  # fmt: skip
     (Path(purelib) / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    if hide:  # a .pth line starting with "import" runs at every interpreter's start
+        (Path(purelib) / "hide.pth").write_text(
+            f"import sys; sys.modules.update(dict.fromkeys({list(hide)!r}))\n"
+        )
     for script in ("ray", "mlflow", "uvicorn"):  # console scripts of the shared packages
         (path / "bin" / script).write_text(
             Path(sys.executable)

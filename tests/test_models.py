@@ -233,3 +233,85 @@ def test_a_checkpoint_rebuilds_its_generated_weights(tmp_path, init):
     rebuilt.load_state_dict(load_state(tmp_path)["model"])
     for a, b in zip(model.generate(), rebuilt.generate(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("init", ["fan_in", "shared"])
+def test_registered_weights_are_the_models_tensors_alone(tmp_path, init):
+    """`export_weights`: the spec and the model's tensors as safetensors (no optimizer, no
+    pickle); the member rebuilt from them answers exactly as the training checkpoint's."""
+    from psat_core.checkpoint import (
+        MemberSpec,
+        checkpoint_digest,
+        export_weights,
+        load_member,
+        save_member,
+    )
+
+    spec = MemberSpec("resnet10", 10, 1, (0.5,), (0.25,), "digits", ("l1",), embedding_dim=4,
+                      init=init)  # fmt: skip
+    torch.manual_seed(0)
+    model = spec.build()
+    optimizer = torch.optim.Adam(model.parameters())
+    model(torch.rand(2, 1, 8, 8)).sum().backward()
+    optimizer.step()
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3}
+    save_member(tmp_path / "trained", spec, state)
+    exported = export_weights(tmp_path / "trained", tmp_path / "registered")
+    assert sorted(p.name for p in exported.iterdir()) == ["member.json", "weights.safetensors"]
+    x = torch.rand(4, 1, 8, 8)
+    with torch.no_grad():
+        expected = load_member(tmp_path / "trained")(x)
+        torch.testing.assert_close(load_member(exported)(x), expected, rtol=0, atol=0)
+    assert checkpoint_digest(exported) != checkpoint_digest(tmp_path / "trained")  # its files
+    assert b"optimizer" not in (exported / "weights.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", ["F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8",
+                                   "BOOL"])  # fmt: skip
+def test_safetensors_read_with_torch_alone_equal_the_librarys(tmp_path, dtype):
+    from safetensors.torch import load_file, save_file
+
+    from psat_core.checkpoint import SAFETENSORS_DTYPES, read_safetensors
+
+    torch_dtype = SAFETENSORS_DTYPES[dtype]
+    tensors = {
+        "weights": (torch.rand(3, 5) * 100).to(torch_dtype),
+        "scalar": torch.tensor(7).to(torch_dtype),
+        "empty": torch.zeros(0, 4, dtype=torch_dtype),
+    }
+    save_file(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    ours, theirs = (
+        read_safetensors(tmp_path / "x.safetensors"),
+        load_file(tmp_path / "x.safetensors"),
+    )
+    assert ours.keys() == theirs.keys()
+    for name, tensor in theirs.items():
+        assert ours[name].dtype == tensor.dtype and torch.equal(ours[name], tensor), name
+
+
+def test_a_damaged_safetensors_file_is_one_error_naming_it(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from psat_core.checkpoint import read_safetensors
+
+    path = tmp_path / "w.safetensors"
+    save_file({"w": torch.rand(4, 4)}, path)
+    data = path.read_bytes()
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    header["w"]["data_offsets"] = [0, 1024]  # past the end of the file
+    bad_offsets = json.dumps(header).encode()
+    header["w"]["data_offsets"], header["w"]["dtype"] = [0, 64], "C64"
+    bad_dtype = json.dumps(header).encode()
+    for damaged in (
+        data[:40],  # truncated
+        len(bad_offsets).to_bytes(8, "little") + bad_offsets + data[8 + size :],
+        len(bad_dtype).to_bytes(8, "little") + bad_dtype + data[8 + size :],
+        b"\xff" * 8 + data[8:],  # a header size beyond the file
+        b"",
+    ):
+        path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=f"^{path}: not a loadable safetensors file"):
+            read_safetensors(path)

@@ -65,7 +65,7 @@ CANDIDATE, CHAMPION = "candidate", "champion"
 EXAMPLE_SIZE = 4
 MODEL_CODE = Path(__file__).with_name("psat_model.py")  # stored with, and run by, each version
 CORE_CODE = Path(psat_core.__file__).parent  # the code it runs, stored with it too
-REQUIREMENTS = ("torch", "numpy", "pandas", "safetensors", "mlflow")  # all it imports
+REQUIREMENTS = ("torch", "numpy", "pandas", "mlflow")  # all it imports (MLflow brings the others)
 
 
 def signature(shape: tuple[int, int, int], strategy: str) -> ModelSignature:

@@ -61,6 +61,10 @@ def test_quickstart_runs_end_to_end_and_its_model_loads(tmp_path, ray_address):
     # only psat speaks: no MLflow progress bars or registration prints
     for chatter in ("Downloading artifacts", "Successfully registered", "Created version", "\r"):
         assert chatter not in proc.stdout + proc.stderr, chatter
+    # nor Ray's token-authentication note, nor log records: psat's first line comes first
+    logged = [line for line in (proc.stdout + proc.stderr).splitlines()
+              if re.search(r" (INFO|WARNING) ", line)]  # fmt: skip
+    assert not logged and proc.stdout.startswith("training linf, l2, l1"), logged
     assert "registered models:/psat-digits/1" in proc.stdout
     uri = re.search(r"models:/psat-digits@champion", proc.stdout)
     assert uri, proc.stdout
