@@ -21,6 +21,7 @@ import logging
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -204,7 +205,9 @@ def _log_evidence(model_id: str, evidence: ModelEvidence) -> None:
     model = LoggedModelInput(model_id)
     datasets = {}
     for split in evidence.splits:
-        source = resolve_dataset_source(split.source)
+        with warnings.catch_warnings():  # MLflow registers its local-file source twice
+            warnings.filterwarnings("ignore", "The specified dataset source can be interpreted")
+            source = resolve_dataset_source(split.source)
         datasets[split.context] = MetaDataset(source, name=split.name, digest=split.digest)
         tags = {"images": str(split.images)}
         mlflow.log_input(datasets[split.context], context=split.context, tags=tags, model=model)

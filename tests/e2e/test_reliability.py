@@ -383,8 +383,7 @@ def test_an_unreachable_tracking_server_is_one_line(tmp_path, tiny_job, command)
     assert f"cannot reach the MLflow tracking server {uri} (" in line
 
 
-@pytest.mark.parametrize("status", [401, 403])
-@pytest.mark.parametrize("command", ["pull", "train"])
+@pytest.mark.parametrize(("command", "status"), [("pull", 401), ("train", 403)])
 def test_a_server_behind_an_auth_proxy_is_reached_and_its_refusal_is_one_line(
     tmp_path, tiny_job, command, status
 ):
