@@ -6,7 +6,8 @@ hypernetwork at `model.embedding_dim`) in processes of their own with the worker
 (`train_in_process`), evaluates both on the same `--eval-size` images under
 `evaluation.suite` and reads the paper's protocol (per-norm PGD) off the same run. Prints per
 norm the gap (AT's own-norm accuracy minus H's, mean over seeds) with its 95% interval from a
-paired bootstrap over (seed, image) pairs, each seed's gap, and the train/val curves.
+two-stage paired bootstrap (seeds, then images within them), each seed's gap, and the
+train/val curves.
 
     python bench/member_parity.py [--config jobs/configs/reproduce_digits.yaml]
         [--seeds 0 1] [--eval-size 360] [--set model.init=shared ...]
@@ -122,14 +123,16 @@ def report(results: dict, seeds: list[int], norms: list[str], kinds: list[str]) 
                 print(f"seed {seed} {kind}_{norm} {protocol}: {100 * own.mean():.2f}% ± "
                       f"{100 * standard_error(own):.2f}")  # fmt: skip
         return
-    print("\nown-norm accuracy, AT_p - H_p in points (mean over seeds), 95% paired-bootstrap CI")
+    print(
+        "\nown-norm accuracy, AT_p - H_p in points (mean over seeds), 95% CI over seeds and images"
+    )
     print("| norm | protocol | AT_p | H_p | gap | 95% CI | per seed |")
     print("|---|---|---|---|---|---|---|")
     for norm in norms:
         for protocol in PROTOCOLS:
             at, h = ([results[s, norm, kind]["scores"][protocol][norm] for s in seeds]
                      for kind in ("AT", "H"))  # fmt: skip
-            gap, low, high = paired_bootstrap(torch.cat(at), torch.cat(h))
+            gap, low, high = paired_bootstrap(torch.stack(at), torch.stack(h))  # seeds x images
             gaps = [100 * (a.mean() - b.mean()) for a, b in zip(at, h, strict=True)]
             per_seed = ", ".join(f"{g:+.1f}" for g in gaps)
             print(f"| {norm} | {protocol} | {100 * torch.cat(at).mean():.2f}% | "

@@ -342,16 +342,37 @@ def standard_error(scores: Tensor) -> float:
 
 
 def paired_bootstrap(
-    ours: Tensor, theirs: Tensor, resamples: int = 10_000, seed: int = 0, level: float = 0.95
+    ours: Tensor,
+    theirs: Tensor,
+    resamples: int = 10_000,
+    seed: int = 0,
+    level: float = 0.95,
+    batch_elements: int = 1 << 22,
 ) -> tuple[float, float, float]:
-    """``mean(ours) - mean(theirs)`` over the same N images, and its ``level`` percentile
-    interval from ``resamples`` resamplings of the images (both sides resampled together)."""
-    if ours.shape != theirs.shape or ours.dim() != 1:
-        raise ValueError(f"paired scores need one shape (N,), got {ours.shape} and {theirs.shape}")
-    differences = (ours - theirs).double()
+    """``mean(ours) - mean(theirs)`` and its ``level`` percentile interval, the two rows paired.
+
+    Scores are ``(N,)``, one per image, or ``(S, N)``: S training seeds of each row scored on
+    the same N images. Each of ``resamples`` resamplings draws S seeds with replacement and,
+    within each seed drawn, N images with replacement (a two-stage bootstrap): with several
+    seeds the interval covers training noise as well as image noise. The resamplings are drawn
+    in batches of at most ``batch_elements`` indices (32 MB), whatever N and S.
+    """
+    if ours.shape != theirs.shape or ours.dim() not in (1, 2) or not ours.numel():
+        raise ValueError(
+            f"paired scores need one shape, (N,) or (seeds, N), got {ours.shape} and {theirs.shape}"
+        )
+    differences = (ours - theirs).double().reshape(-1, ours.shape[-1])  # (S, N)
+    seeds, images = differences.shape
     generator = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(differences), (resamples, len(differences)), generator=generator)
-    means = differences[picks].mean(dim=1)
+    means = torch.empty(resamples, dtype=torch.float64)
+    per_batch = max(1, batch_elements // (seeds * images))
+    for start in range(0, resamples, per_batch):
+        count = min(per_batch, resamples - start)
+        rows = torch.zeros(count, seeds, 1, dtype=torch.long)
+        if seeds > 1:
+            rows = torch.randint(seeds, (count, seeds, 1), generator=generator)
+        picks = torch.randint(images, (count, seeds, images), generator=generator)
+        means[start : start + count] = differences[rows, picks].mean(dim=(1, 2))
     tail = (1 - level) / 2
     low, high = torch.quantile(means, torch.tensor([tail, 1 - tail], dtype=torch.float64))
     return differences.mean().item(), low.item(), high.item()

@@ -1,0 +1,55 @@
+"""What reaches the terminal: the live status line, and libraries' prints kept for -v."""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+
+from orchestrator.runtime.terminal import StatusLine, prints_to_log
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_the_status_line_stays_below_the_printed_lines():
+    out = Terminal()
+    status = StatusLine(out, every=0)
+    status.show("sweep: 1 running")
+    status.print("trial 1 started")
+    status.show("sweep: 2 running")
+    status.close()
+    clear = StatusLine.CLEAR
+    assert out.getvalue() == (
+        f"{clear}sweep: 1 running{clear}trial 1 started\nsweep: 1 running"
+        f"{clear}sweep: 2 running{clear}"
+    )
+
+
+def test_elsewhere_only_the_printed_lines():
+    out = io.StringIO()  # a pipe: CI, a Ray job's log
+    status = StatusLine(out, every=0)
+    status.show("sweep: 1 running")
+    status.print("trial 1 started")
+    status.close()
+    assert out.getvalue() == "trial 1 started\n"
+
+
+def test_the_status_line_is_rewritten_at_most_once_per_interval():
+    out = Terminal()
+    status = StatusLine(out, every=3600)
+    status.show("first")
+    status.show("second")
+    assert out.getvalue() == f"{StatusLine.CLEAR}first"
+
+
+def test_library_prints_go_to_the_debug_log(caplog):
+    with caplog.at_level(logging.DEBUG, "orchestrator.runtime.terminal"), prints_to_log(True):
+        print("╭ a status table ╮")
+        print("View detailed results here: /tmp/x", file=sys.stderr)
+    assert [r.getMessage() for r in caplog.records] == [
+        "╭ a status table ╮",
+        "View detailed results here: /tmp/x",
+    ]
