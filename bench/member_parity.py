@@ -12,13 +12,15 @@ train/val curves.
     python bench/member_parity.py [--config jobs/configs/reproduce_digits.yaml]
         [--seeds 0 1] [--eval-size 360] [--set model.init=shared ...]
         [--norms linf] [--kinds H]   # a screen: each model's own-norm accuracy ± its SE
-        [--h-set training.epochs=12 ...]   # a shared setting, for the H members only
+        [--h-set training.epochs=12 ...]   # a setting for the H members only (model.*,
+                                           # training.*, attacks.train.*); shared ones refused
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -39,6 +41,23 @@ from psat_core.metrics import (
 )
 
 PROTOCOLS = ("paper", "full")
+# what AT and H must share for a fair comparison (and the bench sets): refused in --h-set
+SHARED = ("name", "data", "storage", "tracking", "registry", "reproduce", "sweep", "resources",
+          "evaluation", "attacks.eval", "training.seed")  # fmt: skip
+
+
+def h_only(settings: list[str]) -> list[str]:
+    """The --h-set overrides, each checked to be one that H may have alone."""
+    for setting in settings:
+        key = setting.partition("=")[0].strip()
+        if any(key == shared or key.startswith(f"{shared}.") for shared in SHARED):
+            print(
+                f"member_parity.py: error: --h-set {key}: AT and H share it (data, seeds, the "
+                "evaluation, where runs go); set it for both with --set",
+                file=sys.stderr,
+            )
+            sys.exit(2)
+    return settings
 
 
 def fit_and_evaluate(job_dict: dict, manifest: dict, plan: ModelPlan) -> dict:
@@ -73,6 +92,7 @@ def main() -> None:
         "--h-set", action="append", default=[], help="an override for the H members only"
     )
     args = parser.parse_args()
+    h_only(args.h_set)
     with tempfile.TemporaryDirectory() as tmp:
         overrides = parse_overrides(args.set) | {"name": "parity"}
         overrides["data"] = overrides.get("data", {}) | {"eval_size": args.eval_size}
@@ -88,23 +108,29 @@ def main() -> None:
             overrides | {"storage": {"path": tmp}}, parse_overrides(args.h_set)))}  # fmt: skip
         if args.h_set:
             print(f"H only: {' '.join(args.h_set)}", flush=True)
-        tasks = {}
+        norms = args.norms or job.training.members
         with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
-            for seed in args.seeds:
-                for norm in args.norms or job.training.members:
-                    for kind, dim in (("AT", None), ("H", job.model.embedding_dim)):
-                        if kind not in args.kinds:
-                            continue
-                        kind_job = jobs[kind]
-                        seeded = kind_job.model_copy(
-                            update={"training": kind_job.training.model_copy(update={"seed": seed})}
-                        ).model_dump()
-                        plan = ModelPlan(f"{kind}_{norm}", "at", (norm,), dim)
-                        tasks[seed, norm, kind] = pool.submit(
-                            fit_and_evaluate, seeded, manifest, plan
-                        )
+            tasks = {
+                key: pool.submit(fit_and_evaluate, job_dict, manifest, plan)
+                for key, job_dict, plan in model_tasks(jobs, args.seeds, norms, args.kinds)
+            }
             results = {key: task.result() for key, task in tasks.items()}
-    report(results, args.seeds, args.norms or job.training.members, args.kinds)
+    report(results, args.seeds, norms, args.kinds)
+
+
+def model_tasks(jobs: dict[str, JobConfig], seeds: list[int], norms: list[str], kinds: list[str]):
+    """``((seed, norm, kind), job dict, plan)`` per model: AT_ℓp a plain ResNet of the AT job,
+    H_ℓp a hypernetwork of the H job (its own --h-set settings, embedding dimension included)."""
+    for seed in seeds:
+        for norm in norms:
+            for kind in kinds:
+                job = jobs[kind]
+                dim = None if kind == "AT" else job.model.embedding_dim
+                seeded = job.model_copy(
+                    update={"training": job.training.model_copy(update={"seed": seed})}
+                )
+                plan = ModelPlan(f"{kind}_{norm}", "at", (norm,), dim)
+                yield (seed, norm, kind), seeded.model_dump(), plan
 
 
 def report(results: dict, seeds: list[int], norms: list[str], kinds: list[str]) -> None:

@@ -3,10 +3,14 @@ e2e/test_jobs.py)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
+from helpers import ROOT
 
-from orchestrator.config import parse_config
+from orchestrator.config import deep_merge, parse_config
 from orchestrator.evaluation.claims import claims_table, judged_protocols, paper_claims
 from orchestrator.reproduce import model_plans, table_rows
 
@@ -124,3 +128,35 @@ def test_bad_reproduce_settings_name_the_field(section, field):
 
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         parse_config({"name": "r", **section})
+
+
+def test_member_parity_honours_or_refuses_every_h_only_setting(tmp_path):
+    """`bench/member_parity.py --h-set`: H's own settings reach H's plans (its embedding
+    dimension included), AT keeps the shared ones; a shared setting is refused in one line."""
+    import runpy
+
+    bench = runpy.run_path(str(ROOT / "bench" / "member_parity.py"))
+    base = {"name": "parity", "model": {"embedding_dim": 32}}
+    h_only = {"model": {"embedding_dim": 64}, "training": {"epochs": 8}}
+    jobs = {"AT": parse_config(base), "H": parse_config(deep_merge(base, h_only))}
+    tasks = list(bench["model_tasks"](jobs, [0, 1], ["linf"], ["AT", "H"]))
+    plans = {key: (plan.embedding_dim, job["training"]["epochs"], job["training"]["seed"])
+             for key, job, plan in tasks}  # fmt: skip
+    epochs = jobs["AT"].training.epochs
+    assert plans == {
+        (0, "linf", "AT"): (None, epochs, 0), (0, "linf", "H"): (64, 8, 0),
+        (1, "linf", "AT"): (None, epochs, 1), (1, "linf", "H"): (64, 8, 1),
+    }  # fmt: skip
+    assert bench["h_only"](["model.embedding_dim=64", "training.epochs=8"])
+    for shared in ("training.seed=3", "attacks.eval.linf.steps=1", "evaluation.suite=paper"):
+        with pytest.raises(SystemExit) as refused:
+            bench["h_only"]([shared])
+        assert refused.value.code == 2
+    proc = subprocess.run(  # as a user meets it
+        [sys.executable, str(ROOT / "bench" / "member_parity.py"), "--h-set", "data.eval_size=9"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2 and proc.stderr == (
+        "member_parity.py: error: --h-set data.eval_size: AT and H share it (data, seeds, the "
+        "evaluation, where runs go); set it for both with --set\n"
+    )
