@@ -5,7 +5,8 @@
        `model.embedding_dim` and at every Figure 2 dimension, and Table 3's H_NAT
     -> `evaluation.tasks.evaluate_rows`: one Ray task per row, the suite
        `evaluation.suite` on every model (the gate and transfer attacks on every ensemble)
-    -> Tables 1, 3 and 4 (Markdown + PNG), Figure 2 (PNG), the paper's claims checked against
+    -> Tables 1, 3, 4 and 6 (Markdown + PNG; Table 6: the AT_ℓp specialists aggregated
+       directly, 3x the parameters), Figure 2 (PNG), the paper's claims checked against
        the numbers, results.json: into ``<reproduce.output>/<name>/`` and the MLflow run
 
 Every model gets the same architecture, epochs and attacks (`training`, `attacks.train`); the
@@ -75,10 +76,16 @@ def table_rows(job: JobConfig) -> dict[str, list[Row]]:
         psat if z == dim else Row(f"psat_z{z}", f"PSAT z={z}", psat_names(job, z), psat.strategy)
         for z in figure_dims(job)
     ]
+    specialists = tuple(f"at_{n}" for n in norms)  # Table 6: the AT_ℓp themselves aggregated
+    direct = [
+        Row("direct_lowest_entropy", "Direct aggregation", specialists, "lowest_entropy"),
+        Row("direct_average", "Direct aggregation (average)", specialists, "average"),
+    ]
     return {
         "table1": [*baselines, psat],
         "table3": table3,
         "table4": [psat, Row(f"psat_z{dim}_average", "PSAT average", members, "average")],
+        "table6": [psat, *direct],
         "figure2": figure,
     }
 

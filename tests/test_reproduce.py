@@ -86,7 +86,7 @@ def test_claims_are_judged_by_a_paired_bootstrap(delta, nat_avg, outcome):
     scores = {row.key: _scores() for rows in tables.values() for row in rows}
     scores["psat_z8"] = _scores(trade_off=0.4 + delta, max=0.2 + delta)
     scores["psat_z8_nat"] = _scores(avg=nat_avg)  # PSAT's avg: 0.3, halved 0.15
-    claims = paper_claims(scores, tables)
+    claims = [c for c in paper_claims(scores, tables) if c.table != "Table 6"]  # below
     assert len(claims) == 1 + 4 + 1 + 1  # best member, max/avg/msd/mng, + H_NAT, Table 4
     assert [claim.outcome for claim in claims] == [outcome] * len(claims)
     for claim in claims:
@@ -97,6 +97,36 @@ def test_claims_are_judged_by_a_paired_bootstrap(delta, nat_avg, outcome):
         assert "95% CI [" in claim.line()
     beats = claims[1]  # PSAT vs AT_max on the trade-off, one image is 0.25 points
     assert beats.difference == pytest.approx(100 * delta)
+
+
+@pytest.mark.parametrize(
+    ("direct", "psat", "outcome"),
+    [(0.46, 0.46, "holds"), (0.36, 0.30, "does not hold"), (0.4025, 0.3825, "inconclusive")],
+)
+def test_table6_direct_aggregation_and_its_claims(direct, psat, outcome):
+    """Table 6: AT_ℓ∞, AT_ℓ2, AT_ℓ1 aggregated directly under both strategies; it beats every
+    multi-norm model (each at 0.40 here), and PSAT is within 2 points of it (PSAT + 2 points
+    against it)."""
+    job = parse_config(
+        {"name": "r", "model": {"embedding_dim": 8}, "reproduce": {"embedding_dims": [8]}}
+    )
+    tables = table_rows(job)
+    specialists = ("at_linf", "at_l2", "at_l1")
+    assert [(r.key, r.models, r.strategy) for r in tables["table6"]] == [
+        ("psat_z8", ("h8_linf", "h8_l2", "h8_l1"), "lowest_entropy"),
+        ("direct_lowest_entropy", specialists, "lowest_entropy"),
+        ("direct_average", specialists, "average"),
+    ]
+    scores = {row.key: _scores() for rows in tables.values() for row in rows}
+    scores["direct_lowest_entropy"] = _scores(trade_off=direct)
+    scores["psat_z8"] = _scores(trade_off=psat)
+    claims = [c for c in paper_claims(scores, tables) if c.table == "Table 6"]
+    assert [c.text for c in claims] == [
+        *(f"direct aggregation's trade-off beats AT_{m}" for m in ("max", "avg", "msd", "mng")),
+        "PSAT's trade-off is within 2 points of direct aggregation's",
+    ]
+    assert [c.outcome for c in claims] == [outcome] * 5
+    assert claims[-1].difference == pytest.approx(100 * (psat - direct) + 2, abs=1e-4)
 
 
 def test_claims_are_judged_once_when_the_suite_is_the_papers():
@@ -111,7 +141,7 @@ def test_claims_are_judged_once_when_the_suite_is_the_papers():
     claims = [c for p in judged_protocols(job) for c in paper_claims(scores, tables, p)]
     header, _, *rows = claims_table(claims)
     assert header == "| Table | Claim | the paper's protocol |"
-    assert len(rows) == len(claims) == 7
+    assert len(rows) == len(claims) == 7 + 5  # and Table 6's
 
 
 @pytest.mark.parametrize(

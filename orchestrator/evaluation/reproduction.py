@@ -1,4 +1,4 @@
-"""The reproduction's report: Tables 1, 3 and 4 (Markdown + PNG), Table 1 under the paper's
+"""The reproduction's report: Tables 1, 3, 4 and 6 (Markdown + PNG), Table 1 under the paper's
 protocol, Figure 2, the claims judged, report.md and results.json, written into one folder."""
 
 from __future__ import annotations
@@ -39,8 +39,16 @@ def table_markdown(
     protocol: str = "full",
 ) -> list[str]:
     """One table as Markdown under `protocol`, accuracies ± their standard errors (points);
-    Table 1 adds parameters and the saving against the plain ResNet."""
+    Table 1 adds parameters and the saving against the plain ResNet, Table 6 parameters and
+    their multiple of the plain ResNet's."""
     header = ["Method", *(HEADERS[c] for c in COLUMNS)]
+    if name == "table6":
+        cells = [
+            _row_cells(row, results[row.key], protocol, [f"{p:,}", f"{p / plain:.2f}x"])
+            for row in rows
+            for p in [results[row.key].parameters]
+        ]
+        return markdown_table([*header, "# of Paras", "x plain"], cells)
     if name != "table1":
         return markdown_table(header, [_row_cells(r, results[r.key], protocol, []) for r in rows])
     cells = []
@@ -63,6 +71,7 @@ TITLES = {
     "table1": "Table 1: baselines and PSAT",
     "table3": "Table 3: single hypernetworks, PSAT, PSAT + H_NAT",
     "table4": "Table 4: lowest-entropy vs average inference",
+    "table6": "Table 6: PSAT vs the direct aggregation of the AT specialists",
 }
 
 
@@ -105,7 +114,7 @@ def figure2_section(
 def write_report(
     job: JobConfig, tables: dict[str, list[Row]], results: dict[str, RowResult], out: Path
 ) -> list[Claim]:
-    """Tables 1, 3, 4 (Markdown + PNG), Figure 2 (PNG), report.md and results.json in ``out``;
+    """Tables 1, 3, 4, 6 (Markdown + PNG), Figure 2 (PNG), report.md and results.json in ``out``;
     returns the paper's claims as checked here."""
     info = job.dataset
     plain = plain_parameters(job.model.arch, info.num_classes, info.in_channels)

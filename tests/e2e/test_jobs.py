@@ -34,7 +34,7 @@ from psat_core.data import load_dataset
 from psat_core.metrics import standard_error
 from psat_core.models import NoiseGenerator, count_parameters
 
-TABLE_FILES = ("table1", "table3", "table4")  # the reproduction's tables, as .md and .png
+TABLE_FILES = ("table1", "table3", "table4", "table6")  # the reproduction's, as .md and .png
 
 
 # ----------------------------------------------------- the quickstart: psat run, then psat evaluate
@@ -271,6 +271,12 @@ def test_tiny_reproduction_end_to_end(shared_ray, tiny_job, tmp_path):
     generator = count_parameters(NoiseGenerator(1))
     assert results["at_mng"]["parameters"] == payload["plain_parameters"] + generator
     assert int(table1["AT_mng"][len(COLUMNS)].replace(",", "")) == results["at_mng"]["parameters"]
+    # Table 6: the two AT specialists aggregated directly, twice the plain ResNet's parameters
+    table6 = _cells((folder / "table6.md").read_text())
+    assert results["direct_average"]["parameters"] == 2 * payload["plain_parameters"]
+    assert table6["Direct aggregation"][len(COLUMNS) :] == [
+        f"{2 * payload['plain_parameters']:,}", "2.00x"
+    ]  # fmt: skip
     # each claim judged under both protocols, from each protocol's own numbers
     by_protocol = {c["protocol"] for c in payload["claims"]}
     assert by_protocol == {"paper", "full"}
