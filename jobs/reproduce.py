@@ -1,4 +1,4 @@
-"""The paper's comparisons (Tables 1, 3, 4, Figure 2): `python -m jobs.reproduce --config F`."""
+"""The paper's comparisons (Tables 1, 3, 4, 6, Figure 2): `python -m jobs.reproduce --config F`."""
 
 from orchestrator.cli import job_main
 

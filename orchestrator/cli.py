@@ -222,7 +222,7 @@ JOBS = {
     ),
     "reproduce": JobCommand(
         _reproduce,
-        "the paper's Tables 1, 3, 4 and Figure 2: baselines and PSAT trained on Ray, evaluated",
+        "the paper's Tables 1, 3, 4, 6 and Figure 2: baselines and PSAT trained on Ray, evaluated",
         "jobs.reproduce",
     ),
     "aggregate": JobCommand(

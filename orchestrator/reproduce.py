@@ -55,7 +55,7 @@ def model_plans(job: JobConfig) -> list[ModelPlan]:
 
 
 def table_rows(job: JobConfig) -> dict[str, list[Row]]:
-    """The rows of Tables 1, 3 and 4 and Figure 2, by table; a row shared by tables (PSAT) is
+    """The rows of Tables 1, 3, 4 and 6 and Figure 2, by table; a row shared by tables (PSAT) is
     the same object, evaluated once."""
     norms = list(job.training.members)
     dim = job.model.embedding_dim
