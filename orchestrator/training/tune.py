@@ -10,7 +10,6 @@ The objective is the member's robust accuracy for its own norm on the validation
 
 from __future__ import annotations
 
-import logging
 import time
 from typing import Any
 
@@ -25,8 +24,6 @@ from orchestrator.runtime.tracking import TRIAL, TRIAL_TAG, Tracker, flatten
 from orchestrator.training.fit import EPOCHS_DONE
 from orchestrator.training.plan import OBJECTIVE, ModelPlan
 from orchestrator.training.trainer import trainer_for
-
-log = logging.getLogger(__name__)
 
 ATTACK_PARAMS = ("steps", "step_size", "random_start")
 
