@@ -18,7 +18,7 @@ makes its own updates. `train_step` takes either (a `Method`).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -126,6 +126,52 @@ def steepest_descent(attacks: Mapping[str, AttackConfig], **_) -> TrainingInputs
         step_sizes={norm: cfg.step_size for norm, cfg in attacks.items()},
     )
     return lambda model, x, y: [msd(model, x, y)]
+
+
+ATTACK_BN = ("running", "batch")  # `crafted_on`
+
+
+class _BatchStatistics(nn.Module):
+    """A model whose mode an attack cannot change: its `eval()` (the attacks' `eval_mode`)
+    leaves the wrapped model as `crafted_on` set it."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def train(self, mode: bool = True) -> _BatchStatistics:
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)
+
+
+@contextlib.contextmanager
+def crafted_on(model: nn.Module, attack_bn: str) -> Iterator[nn.Module]:
+    """The model a training attack crafts on. ``"running"`` (the paper's, Madry et al.'s):
+    ``model`` itself, which the attack puts in eval mode, its BatchNorm normalising with the
+    running statistics. ``"batch"`` (beyond the paper): ``model`` in train mode, BatchNorm
+    normalising with each batch's statistics while its running statistics stay frozen (momentum
+    0), whatever mode the attack asks for; every flag, momentum and count restored after."""
+    if attack_bn not in ATTACK_BN:
+        raise ValueError(f"unknown attack_bn {attack_bn!r}; allowed: {', '.join(ATTACK_BN)}")
+    if attack_bn == "running":
+        yield model
+        return
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    modes = [(m, m.training) for m in model.modules()]
+    kept = [(m, m.momentum, m.num_batches_tracked.clone()) for m in norms]
+    model.train()
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield _BatchStatistics(model)
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for m, momentum, tracked in kept:
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(tracked)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -238,8 +284,10 @@ class MetaNoiseTraining:
         y: Tensor,
         optimizer: torch.optim.Optimizer,
         amp: bool = False,
+        attack_bn: str = "running",
     ) -> dict[str, float]:
-        """One generator and one classifier update on a batch (steps 1-5 above).
+        """One generator and one classifier update on a batch (steps 1-5 above); the attack
+        crafted with the BatchNorm statistics `attack_bn` says (`crafted_on`).
 
         `model` may be wrapped in DistributedDataParallel: the attack and the lookahead run on
         the bare model, the classifier update's clean pass through the wrapper (its other two
@@ -262,8 +310,8 @@ class MetaNoiseTraining:
             choice = choice.to(x.device)
             dist.broadcast(choice, src=0)
         pgd = self.attacks[self.norms[int(choice)]]
-        with autocast(x.device, amp):
-            x_adv = pgd.last_iterate(net, x, y)
+        with autocast(x.device, amp), crafted_on(net, attack_bn) as target:
+            x_adv = pgd.last_iterate(target, x, y)
         model.train()
         lr = optimizer.param_groups[0]["lr"]
         generator_loss = self.update_generator(model, x, x_adv, y, pgd.threat, lr, amp)
@@ -360,26 +408,28 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     inputs: Method,
     amp: bool = False,
+    attack_bn: str = "running",
 ) -> dict[str, float]:
     """One parameter update on a batch; returns the loss and the accuracy on the trained inputs.
 
     `model` may be wrapped in DistributedDataParallel; attacks run on the bare model so that
-    their gradient computations never touch DDP's reducer. AT_mng makes its own updates
-    (`MetaNoiseTraining.step`).
+    their gradient computations never touch DDP's reducer, with the BatchNorm statistics
+    `attack_bn` says (`crafted_on`). AT_mng makes its own updates (`MetaNoiseTraining.step`).
     """
     if isinstance(inputs, MetaNoiseTraining):
-        return inputs.step(model, x, y, optimizer, amp)
+        return inputs.step(model, x, y, optimizer, amp, attack_bn)
     net = unwrap(model)
     with autocast(x.device, amp):
         if isinstance(net, HyperResNet):
             weights = net.generate()
-            with net.pinned([w.detach() for w in weights]):
-                xs = inputs(net, x, y)
+            with net.pinned([w.detach() for w in weights]), crafted_on(net, attack_bn) as target:
+                xs = inputs(target, x, y)
             with net.pinned(weights):
                 model.train()
                 logits = model(torch.cat(xs))
         else:
-            xs = inputs(net, x, y)
+            with crafted_on(net, attack_bn) as target:
+                xs = inputs(target, x, y)
             model.train()
             logits = model(torch.cat(xs))
         targets = y.repeat(len(xs))
@@ -403,6 +453,7 @@ def train_epoch(
     seed: int,
     augment: bool = False,
     amp: bool = False,
+    attack_bn: str = "running",
     device: torch.device | str = "cpu",
 ) -> dict[str, float]:
     """`steps` updates over a `seed`-shuffled pass of `data`; mean loss and accuracy."""
@@ -414,7 +465,7 @@ def train_epoch(
         y = data.labels[idx].to(device)
         if augment:
             x = random_crop_flip(x)
-        stats = train_step(model, x, y, optimizer, inputs, amp)
+        stats = train_step(model, x, y, optimizer, inputs, amp, attack_bn)
         scheduler.step()
         losses.append(stats["loss"])
         accuracies.append(stats["accuracy"])

@@ -36,6 +36,7 @@ def test_overrides_deep_merge_into_the_file():
     ("data", "field", "value"),
     [
         ({"name": "x", "training": {"epochs": 0}}, "training.epochs", "0"),
+        ({"name": "x", "training": {"attack_bn": "train"}}, "training.attack_bn", "'train'"),
         ({"name": "x", "model": {"arch": "vgg"}}, "model.arch", "'vgg'"),
         ({"name": "x", "data": {"dataset": "mnist"}}, "data.dataset", "'mnist'"),
         ({"name": "x", "training": {"members": ["linf", "l3"]}}, "training.members.1", "'l3'"),

@@ -171,6 +171,11 @@ class TrainingConfig(Section):
     schedule: str = "cosine"
     amp: bool = True
     seed: int = 0
+    attack_bn: Literal["running", "batch"] = Field(
+        "running",
+        description="the BatchNorm statistics the training attack crafts with: running (the "
+        "paper's, eval mode) or batch (train mode, running statistics frozen; beyond the paper)",
+    )
     checkpoint: Literal["best", "last"] = Field(
         "best",
         description="the checkpoint a model is used by: its epoch of highest validation "

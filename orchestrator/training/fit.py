@@ -101,6 +101,7 @@ class Fit:
             seed=cfg.seed + epoch,
             augment=self.job.dataset.augment,
             amp=cfg.amp,
+            attack_bn=cfg.attack_bn,
             device=self.device,
         )
         return metrics | {
