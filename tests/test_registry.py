@@ -186,6 +186,7 @@ PLAIN = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("store", ["sqlite"], indirect=True)  # the server: the served test
 def test_a_plain_mlflow_client_loads_it_bit_for_bit(
     store, tmp_path, members, images, plain_bin, request
 ):
@@ -210,16 +211,16 @@ def test_a_plain_mlflow_client_loads_it_bit_for_bit(
     assert sorted(p.name for p in (stored / "artifacts" / "member_l2").iterdir()) == [
         "member.json", "weights.safetensors"
     ]  # fmt: skip
-    if store.startswith("sqlite"):  # a container image of it installs public packages only
-        subprocess.run(
-            [str(plain_bin / "mlflow"), "models", "generate-dockerfile", "-m", uri,
-             "-d", str(tmp_path / "docker")], check=True, capture_output=True, timeout=120,
-            cwd=tmp_path, env=os.environ | {"MLFLOW_TRACKING_URI": store},
-        )  # fmt: skip
-        dockerfile = (tmp_path / "docker" / "Dockerfile").read_text()
-        assert "RUN pip install mlflow==" in dockerfile and "_install_pyfunc_deps" in dockerfile
-        shipped = tmp_path / "docker" / "model_dir" / "requirements.txt"
-        assert shipped.read_text().split() == requirements
+    # a container image of it installs public packages only
+    subprocess.run(
+        [str(plain_bin / "mlflow"), "models", "generate-dockerfile", "-m", uri,
+         "-d", str(tmp_path / "docker")], check=True, capture_output=True, timeout=120,
+        cwd=tmp_path, env=os.environ | {"MLFLOW_TRACKING_URI": store},
+    )  # fmt: skip
+    dockerfile = (tmp_path / "docker" / "Dockerfile").read_text()
+    assert "RUN pip install mlflow==" in dockerfile and "_install_pyfunc_deps" in dockerfile
+    shipped = tmp_path / "docker" / "model_dir" / "requirements.txt"
+    assert shipped.read_text().split() == requirements
 
 
 @pytest.mark.slow
