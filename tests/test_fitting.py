@@ -1,5 +1,7 @@
 """One model's training without Ray (`orchestrator.training.fit`), as each worker runs it."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -145,3 +147,16 @@ def test_a_model_trained_in_process_keeps_its_best_epochs_weights(tiny_job, digi
     last = train_in_process(stopped, PLANS[0], train, val)
     for a, b in zip(best.net.state_dict().values(), last.net.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_training_run_started_by_psat_0_1_keeps_its_name_and_so_resumes(tiny_job, tmp_path):
+    """Ray Train's runs are `<job>-<model>` now; one psat 0.1 started under `<model>` alone (its
+    checkpoints on the user's storage) keeps that name, so a relaunch resumes it."""
+    from orchestrator.training.trainer import train_run_name
+
+    job = parse_config(tiny_job("legacy"))
+    plan = ModelPlan("linf", "at", ("linf",), 4)
+    assert train_run_name(job, plan) == "legacy-linf"
+    (Path(job.storage.resolved()) / "legacy" / "linf" / "checkpoint_000001").mkdir(parents=True)
+    assert train_run_name(job, plan) == "linf"
+    assert train_run_name(job, ModelPlan("l2", "at", ("l2",), 4)) == "legacy-l2"

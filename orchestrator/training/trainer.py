@@ -15,6 +15,7 @@ from dataclasses import asdict
 from functools import partial
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 import ray.train.torch
@@ -139,6 +140,16 @@ class ShardTrainer(TorchTrainer):
         return [c for c in super()._create_default_callbacks() if not isinstance(c, unneeded)]
 
 
+def train_run_name(job: JobConfig, plan: ModelPlan) -> str:
+    """Ray Train's run of a model, `<job>-<model>` (the dashboard tells jobs apart). A run that
+    psat 0.1 started under `<model>` alone keeps that name, so that it resumes from its
+    checkpoints rather than starting again (since 2026-12-05)."""
+    fs, path = pafs.FileSystem.from_uri(join(job.storage.resolved(), job.name, plan.name))
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        return plan.name
+    return f"{job.name}-{plan.name}"
+
+
 def trainer_for(
     job: JobConfig,
     plan: ModelPlan,
@@ -148,8 +159,8 @@ def trainer_for(
     callbacks=(),
     last_epoch: int | None = None,
 ) -> TorchTrainer:
-    """The TorchTrainer of one model, its Ray Train run named `<job>-<model>` (the dashboard
-    tells jobs apart) unless `run_name`; relaunching with the same run name resumes it. It
+    """The TorchTrainer of one model, its Ray Train run `train_run_name` unless `run_name` is
+    given; relaunching with the same run name resumes it. It
     trains until `last_epoch` (a sweep trial's budget), by default `training.epochs`."""
     res = job.resources
     return ShardTrainer(
@@ -169,7 +180,7 @@ def trainer_for(
             | ({"GPU": res.gpus} if res.gpus else {}),
         ),
         run_config=RunConfig(
-            name=run_name or f"{job.name}-{plan.name}",
+            name=run_name or train_run_name(job, plan),
             storage_path=join(job.storage.resolved(), job.name),
             failure_config=FailureConfig(max_failures=res.max_failures),
             checkpoint_config=checkpoints_kept(job),
