@@ -14,11 +14,15 @@ train/val curves.
         [--norms linf] [--kinds H]   # a screen: each model's own-norm accuracy ± its SE
         [--h-set training.epochs=12 ...]   # a setting for the H members only (model.*,
                                            # training.*, attacks.train.*); shared ones refused
+        [--cache DIR]   # each model's result kept there and reused by a later run whose
+                        # settings for that model are the same (AT across H screens)
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import os
 import sys
 import tempfile
@@ -60,6 +64,24 @@ def h_only(settings: list[str]) -> list[str]:
     return settings
 
 
+def cached(cache: str | None, job_dict: dict, manifest: dict, plan: ModelPlan) -> dict:
+    """`fit_and_evaluate`'s result, from `cache` when a run with the same settings for this model
+    (everything but where the run's files go) left it there."""
+    if cache is None:
+        return fit_and_evaluate(job_dict, manifest, plan)
+    settings = {k: v for k, v in job_dict.items() if k not in ("storage", "name")}
+    key = json.dumps([settings, plan.name, plan.method, plan.norms, plan.embedding_dim],
+                     sort_keys=True, default=str)  # fmt: skip
+    path = os.path.join(cache, f"{plan.name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
+    if os.path.exists(path):
+        return torch.load(path, weights_only=True)
+    result = fit_and_evaluate(job_dict, manifest, plan)
+    os.makedirs(cache, exist_ok=True)
+    torch.save(result, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+    return result
+
+
 def fit_and_evaluate(job_dict: dict, manifest: dict, plan: ModelPlan) -> dict:
     """Train one model on one core and evaluate it: per-image scores under both protocols."""
     torch.set_num_threads(1)
@@ -91,6 +113,7 @@ def main() -> None:
     parser.add_argument(
         "--h-set", action="append", default=[], help="an override for the H members only"
     )
+    parser.add_argument("--cache", help="a folder keeping each model's result for later runs")
     args = parser.parse_args()
     h_only(args.h_set)
     with tempfile.TemporaryDirectory() as tmp:
@@ -111,7 +134,7 @@ def main() -> None:
         norms = args.norms or job.training.members
         with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
             tasks = {
-                key: pool.submit(fit_and_evaluate, job_dict, manifest, plan)
+                key: pool.submit(cached, args.cache, job_dict, manifest, plan)
                 for key, job_dict, plan in model_tasks(jobs, args.seeds, norms, args.kinds)
             }
             results = {key: task.result() for key, task in tasks.items()}

@@ -49,6 +49,7 @@ class MemberSpec:
     embedding_dim: int | None = None  # None: a plain ResNet
     reduction: str = "sum"
     init: str = "shared"  # how generated layers start (HyperResNet); see shims.OLD_SPEC_DEFAULTS
+    kernel_norm: str = "none"  # generated filters as generated, or at unit norm (HyperResNet)
 
     @property
     def model_name(self) -> str:
@@ -73,7 +74,7 @@ class MemberSpec:
         kwargs |= {"mean": self.mean, "std": self.std}
         if self.embedding_dim is not None:
             kwargs |= {"embedding_dim": self.embedding_dim, "reduction": self.reduction}
-            kwargs |= {"init": self.init}
+            kwargs |= {"init": self.init, "kernel_norm": self.kernel_norm}
         return create_model(self.model_name, **kwargs)
 
     @classmethod

@@ -27,6 +27,8 @@ from psat_core.hypernet import UNIT, HyperNetwork, tile_units
 from psat_core.settings import ARCHS
 
 INITS = ("fan_in", "shared")  # how generated layers start (HyperResNet)
+KERNEL_NORMS = ("none", "filter")  # generated kernels as generated, or per-filter unit norm
+FILTER_NORM = 1 / math.sqrt(3)  # a filter's norm under PyTorch's conv init (`unit_filters`)
 
 
 class Normalize(nn.Module):
@@ -182,14 +184,26 @@ class HyperResNet(ResNet):
     multiplies the layer's tiled units. "shared" has no gains: every unit at the generator's one
     scale (a 64-input 3x3 conv's Kaiming std), as psat did before. Every generated conv is
     followed by BatchNorm, so a fixed gain changes no gradient of the generator or embeddings.
+
+    `kernel_norm`: "none" (the paper's) or "filter" (beyond the paper, `unit_filters`): every
+    generated filter at one norm, so the generator's scale drift leaves the conv's scale alone.
     """
 
     def __init__(
-        self, *args, embedding_dim: int, reduction: str = "sum", init: str = "fan_in", **kwargs
+        self,
+        *args,
+        embedding_dim: int,
+        reduction: str = "sum",
+        init: str = "fan_in",
+        kernel_norm: str = "none",
+        **kwargs,
     ):
         super().__init__(*args, conv=GeneratedConv2d, **kwargs)
         if init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        if kernel_norm not in KERNEL_NORMS:
+            raise ValueError(f"kernel_norm must be one of {KERNEL_NORMS}, got {kernel_norm!r}")
+        self.kernel_norm = kernel_norm
         self.generator = HyperNetwork(embedding_dim, reduction)
         self.generated = [m for m in self.modules() if isinstance(m, GeneratedConv2d)]
         for conv in self.generated:
@@ -229,6 +243,8 @@ class HyperResNet(ResNet):
             tile_units(next(per_layer[c.kernel_size]), c.out_channels, c.in_channels)
             for c in self.generated
         ]
+        if self.kernel_norm == "filter":
+            return [unit_filters(weight) for weight in weights]
         if self.gains is None:
             return weights
         return [weight * gain for weight, gain in zip(weights, self.gains, strict=True)]
@@ -264,6 +280,15 @@ class HyperResNet(ResNet):
         finally:
             for conv in self.generated:
                 conv.weight = None
+
+
+def unit_filters(weight: Tensor) -> Tensor:
+    """Each output filter scaled to the norm of PyTorch's conv init, 1/sqrt(3) (std
+    1/sqrt(3 fan_in) over fan_in taps). Beyond the paper: weight normalisation (Salimans &
+    Kingma 2016) of the generated kernels; the BatchNorm after every generated conv is the
+    learned gain, so no parameter is added."""
+    norms = weight.flatten(1).norm(dim=1).clamp_min(1e-12)
+    return weight * (FILTER_NORM / norms).view(-1, *([1] * (weight.dim() - 1)))
 
 
 def _units(conv: GeneratedConv2d) -> int:

@@ -35,7 +35,8 @@ from psat_core.models import HyperResNet, NoiseGenerator, count_parameters
 from psat_core.settings import SCHEDULES, AttackConfig
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
-PARAM_GROUPS = ("generator", "embeddings", "rest")  # `param_groups`
+PARAM_GROUPS = ("generator", "generator_out", "embeddings", "rest")  # `param_groups`
+GENERATOR_OUT = ("generator.w_out", "generator.b_out")  # eq. 11's second layer
 
 # (model, x, y) -> the inputs the loss is averaged over
 TrainingInputs = Callable[[nn.Module, Tensor, Tensor], list[Tensor]]
@@ -472,14 +473,17 @@ def train_epoch(
     return {"loss": sum(losses) / steps, "train_accuracy": sum(accuracies) / steps}
 
 
-def param_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
-    """A model's parameters by role: a hypernetwork's shared generator (H_p, eq. 11), its layer
-    embeddings (z, eq. 9), and the rest (stem, BatchNorm, head; all of a plain ResNet)."""
+def param_groups(model: nn.Module, generator_out: bool = False) -> dict[str, list[nn.Parameter]]:
+    """A model's parameters by role: a hypernetwork's shared generator (H_p, eq. 11; with
+    `generator_out`, its output matrix W_out, B_out apart), its layer embeddings (z, eq. 9), and
+    the rest (stem, BatchNorm, head; all of a plain ResNet). Empty groups are left out."""
     groups: dict[str, list[nn.Parameter]] = {group: [] for group in PARAM_GROUPS}
     for name, param in model.named_parameters():
         top = name.split(".", 1)[0]
+        if generator_out and name in GENERATOR_OUT:
+            top = "generator_out"
         groups[top if top in groups else "rest"].append(param)
-    return groups
+    return {group: params for group, params in groups.items() if params}
 
 
 def make_optimizer(

@@ -79,22 +79,32 @@ def test_validation_reports_the_sweeps_objective(job, digits):
     assert metrics["objective"] == metrics["trade_off"]
 
 
-def test_optimizer_groups_follow_the_config_and_resume(job, digits, tmp_path):
+@pytest.mark.parametrize("generator_out", [None, 0.05])
+def test_optimizer_groups_follow_the_config_and_resume(job, digits, tmp_path, generator_out):
     """`training.optimizer`: AdamW with the generator's lr and the embeddings' weight decay
-    scaled; a plain ResNet takes `training.baselines`' SGD, all "rest". A checkpoint restores
-    every group and its state."""
+    scaled, and the generator's output matrix a group of its own only when configured (so
+    checkpoints from before it resume); a plain ResNet takes `training.baselines`' SGD, all
+    "rest". A checkpoint restores every group and its state."""
     train, _ = digits
     changed = {"name": "adamw", "generator": {"lr": 0.2}, "embeddings": {"weight_decay": 0.0}}
+    if generator_out:
+        changed["generator_out"] = {"lr": generator_out}
     job = parse_config(deep_merge(job.model_dump(), {"training": {"optimizer": changed}}))
     fit = Fit.build(job, PLANS[0], steps_per_epoch=1, device=torch.device("cpu"))
     assert isinstance(fit.optimizer, torch.optim.AdamW)
     groups = {g["name"]: g for g in fit.optimizer.param_groups}
     lr, decay = job.training.lr, job.training.weight_decay
-    assert {n: (g["lr"], g["weight_decay"]) for n, g in groups.items()} == {
+    expected = {
         "generator": (pytest.approx(0.2 * lr), decay),
         "embeddings": (pytest.approx(lr), 0.0),
         "rest": (pytest.approx(lr), decay),
     }
+    generator = fit.net.generator
+    if generator_out:
+        expected["generator_out"] = (pytest.approx(generator_out * lr), decay)
+        assert groups["generator_out"]["params"] == [generator.w_out, generator.b_out]
+    assert groups["generator"]["params"][0] is generator.w_in
+    assert {n: (g["lr"], g["weight_decay"]) for n, g in groups.items()} == expected
     assert sum(len(g["params"]) for g in groups.values()) == len(list(fit.net.parameters()))
     plain = Fit.build(job, PLANS[1], steps_per_epoch=1, device=torch.device("cpu"))
     assert isinstance(plain.optimizer, torch.optim.SGD)  # `training.baselines`

@@ -91,6 +91,27 @@ def test_generated_layers_start_at_their_plain_convs_std(arch, reduction):
     assert count_parameters(hyper) == count_parameters(shared)
 
 
+@pytest.mark.parametrize("arch", ["resnet10", "resnet50"])
+def test_filter_norm_keeps_every_generated_filter_at_the_init_norm(arch):
+    """`kernel_norm="filter"` (beyond the paper): every generated filter, 1x1 included, at
+    PyTorch's init norm 1/sqrt(3) however far the generator drifts; the same parameters, and
+    one forward equals the unnormalised model's up to BatchNorm's per-channel rescaling."""
+    torch.manual_seed(0)
+    normed = create_model(f"hyper_{arch}", embedding_dim=8, kernel_norm="filter")
+    plain = create_model(f"hyper_{arch}", embedding_dim=8)
+    assert count_parameters(normed) == count_parameters(plain)
+    with torch.no_grad():
+        normed.generator.w_out.mul_(5.0)  # an output matrix grown 5x, as Adam grows it
+    for weight in normed.generate():
+        norms = weight.flatten(1).norm(dim=1)
+        torch.testing.assert_close(norms, torch.full_like(norms, 3**-0.5))
+    plain.load_state_dict(normed.state_dict())
+    x = torch.rand(4, 3, 32, 32)
+    torch.testing.assert_close(normed.train()(x), plain.train()(x), atol=2e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="kernel_norm must be one of"):
+        create_model(f"hyper_{arch}", embedding_dim=8, kernel_norm="layer")
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_only_generator_embeddings_stem_bn_and_fc_are_trainable(arch):
     model = create_model(f"hyper_{arch}", num_classes=10, embedding_dim=8)
@@ -210,17 +231,18 @@ def test_count_parameters_ignores_buffers():
     assert buffers > 0
 
 
-@pytest.mark.parametrize("init", ["fan_in", "shared"])
-def test_a_checkpoint_rebuilds_its_generated_weights(tmp_path, init):
-    """A member's gains travel in its state: a fresh build (another random draw) loaded from the
-    checkpoint generates the same weights. A checkpoint from before `init` (no field, no gains)
-    loads as "shared"."""
+@pytest.mark.parametrize(("init", "kernel_norm"), [("fan_in", "none"), ("shared", "none"),
+                                                    ("fan_in", "filter")])  # fmt: skip
+def test_a_checkpoint_rebuilds_its_generated_weights(tmp_path, init, kernel_norm):
+    """A member's gains and kernel norm travel with it: a fresh build (another random draw)
+    loaded from the checkpoint generates the same weights. A checkpoint from before `init` (no
+    field, no gains) loads as "shared"."""
     import json
 
     from psat_core.checkpoint import MemberSpec, load_state, read_spec, save_member
 
     spec = MemberSpec("resnet10", 10, 1, (0.5,), (0.25,), "digits", ("linf",), embedding_dim=4,
-                      init=init)  # fmt: skip
+                      init=init, kernel_norm=kernel_norm)  # fmt: skip
     torch.manual_seed(0)
     model = spec.build()
     save_member(tmp_path, spec, {"model": model.state_dict()})

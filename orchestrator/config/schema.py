@@ -80,6 +80,11 @@ class ModelConfig(Section):
     init: Literal["fan_in", "shared"] = Field(
         "fan_in", description="generated layers start at their plain conv's std, or all at one"
     )
+    kernel_norm: Literal["none", "filter"] = Field(
+        "none",
+        description="generated kernels as generated (the paper's), or each filter at unit norm "
+        "times BatchNorm's learned gain (beyond the paper; no parameter added)",
+    )
 
     @field_validator("arch")
     @classmethod
@@ -138,6 +143,11 @@ class OptimizerConfig(Section):
 
     name: OptimizerName = "adam"
     generator: GroupScale = GroupScale()
+    generator_out: GroupScale | None = Field(
+        None,
+        description="the generator's output matrix W_out, B_out (eq. 11) as a group of its own; "
+        "unset: it follows `generator`",
+    )
     embeddings: GroupScale = GroupScale()
     rest: GroupScale = GroupScale()
 

@@ -69,7 +69,8 @@ class Fit:
         model = prepare(model)
         cfg = job.training
         settings = cfg.optimizer_settings(hypernetwork=plan.embedding_dim is not None)
-        optimizer = make_optimizer(param_groups(unwrap(model)), *settings)
+        groups = param_groups(unwrap(model), cfg.optimizer.generator_out is not None)
+        optimizer = make_optimizer(groups, *settings)
         scheduler = make_scheduler(optimizer, cfg.schedule, cfg.epochs * steps_per_epoch)
         attacks = job.attack_configs("train")
         method = training_inputs(

@@ -44,6 +44,7 @@ class ModelPlan:
             embedding_dim=self.embedding_dim,
             reduction=job.model.reduction,
             init=job.model.init,
+            kernel_norm=job.model.kernel_norm,
         )
 
 
