@@ -181,6 +181,7 @@ def evaluate_per_sample(
     seed: int = 0,
     progress: Progress | None = None,
     keep: Collection[str] = (),
+    first: int = 0,
 ) -> PerSampleResult:
     """Per-example correctness under each attack (see the module docstring for the protocol).
 
@@ -196,7 +197,9 @@ def evaluate_per_sample(
         batch_size: examples per batch, >= 1 (default 256).
         probe: optional ``f(x) -> (B, ...)`` run on every evaluated batch (e.g. which ensemble
             member answers), collected in :attr:`PerSampleResult.probes`.
-        seed: seeds each attack per batch (:func:`attack_seed`).
+        seed: seeds each attack per batch (:func:`attack_seed`) with the batch's position,
+            ``first + start``: ``first`` is that of ``images[0]`` in a larger set evaluated in
+            chunks, so a chunk draws what the whole set would in its batches.
         progress: called after each attack with its name, the points still robust for its
             norm, the number of examples and an estimate of the seconds left.
         keep: attacks whose adversarial inputs are kept (:attr:`PerSampleResult.examples`).
@@ -230,7 +233,7 @@ def evaluate_per_sample(
             for start, x, y in batches:
                 x, y = x.to(device), y.to(device)
                 attacked = robust[norm][start : start + len(x)].to(device).nonzero().squeeze(1)
-                x_eval = _attacked_batch(model, name, attack, x, y, attacked, start, seed)
+                x_eval = _attacked_batch(model, name, attack, x, y, attacked, start, seed, first)
                 with torch.no_grad():
                     ok = model(x_eval).argmax(1) == y
                     if probe is not None:
@@ -286,12 +289,13 @@ def _attacked_batch(
     attacked: Tensor,
     start: int,
     seed: int,
+    first: int,
 ) -> Tensor:
     """The batch with attack `name`'s examples at the positions `attacked` (the points still
-    robust), each batch's attack seeded from (`seed`, `name`, `start`); checked."""
+    robust), each batch's attack seeded from (`seed`, `name`, `first + start`); checked."""
     x_eval = x.clone()
     if len(attacked):
-        torch.manual_seed(attack_seed(seed, name, start))
+        torch.manual_seed(attack_seed(seed, name, first + start))
         at = {"index": start + attacked} if getattr(attack, "indexed", False) else {}
         x_adv = attack(model, x[attacked], y[attacked], **at)
         _check_adversarial(name, attack, x[attacked], x_adv)

@@ -33,6 +33,28 @@ def members(tmp_path_factory):
     return {n: write_member(root / n / "checkpoint_000002", n, i) for i, n in enumerate(NORMS)}
 
 
+@pytest.fixture(scope="session")
+def agg_rows(tmp_path_factory, members):
+    """The aggregation's rows of `members` on `AGG_EVAL` digits test images, in chunks of
+    `AGG_CHUNK`, evaluated once per session in this process without Ray
+    (`helpers.rows_in_process`): ``(RowResults by key, eval split URI, job)``."""
+    import torch
+    from helpers import AGG_CHUNK, AGG_EVAL, agg_job, locations, rows_in_process
+
+    from orchestrator.runtime.shards import write_arrays
+    from psat_core.data import load_dataset
+
+    root = tmp_path_factory.mktemp("eval")
+    eval_uri = str(root / "eval.parquet")
+    write_arrays(load_dataset("digits", "test", "unused").subset(AGG_EVAL, seed=0), eval_uri)
+    job = agg_job(root, evaluation={"chunk_images": AGG_CHUNK})
+    threads = torch.get_num_threads()
+    try:
+        return rows_in_process(job.model_dump(), locations(members), eval_uri), eval_uri, job
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def torch_threads():
     """What sets the torch threads of this process (e.g. evaluate_checkpoints): restored after."""

@@ -71,7 +71,7 @@ TINY = {
         "validation": {n: {"steps": 2} for n in NORMS},
         "eval": {n: {"steps": 2, "restarts": 1} for n in NORMS},
     },
-    "evaluation": {"apgd_steps": 2, "concurrent_rows": 2},  # rows reuse 2 processes
+    "evaluation": {"apgd_steps": 2, "concurrent_chunks": 2},  # rows reuse 2 processes
     "resources": {"workers_per_member": 1, "cpus_per_worker": 1, "torch_threads": 1},
 }
 
@@ -91,6 +91,7 @@ def tiny_config(tmp_path: Path, name: str, **sections) -> dict:
 
 
 AGG_EVAL = 8  # test images an aggregation job evaluates
+AGG_CHUNK = 4  # conftest's `agg_rows`: 2 chunks per row
 
 
 def agg_job(tmp_path: Path, name: str = "agg", **sections) -> JobConfig:
@@ -123,9 +124,17 @@ def training_run(tracker, job, checkpoints: dict[str, str]) -> str:
 
 
 def evaluate_in_process(job_dict: dict, members: dict[str, str], eval_uri: str):
-    """The aggregation's rows evaluated in this process, without Ray (each row as its Ray task
-    would): every member alone, lending its examples, then the ensemble per strategy."""
-    from orchestrator.evaluation.rows import Evaluation, aggregation_rows
+    """The aggregation's rows (`Evaluation`) evaluated in this process, without Ray."""
+    from orchestrator.evaluation.rows import Evaluation
+
+    return Evaluation.of(rows_in_process(job_dict, members, eval_uri))
+
+
+def rows_in_process(job_dict: dict, members: dict[str, str], eval_uri: str) -> dict:
+    """The aggregation's `RowResult`s evaluated in this process, without Ray (each chunk as
+    its Ray task would): every member alone, lending its examples, then the ensemble per
+    strategy."""
+    from orchestrator.evaluation.rows import aggregation_rows
     from orchestrator.evaluation.tasks import evaluate_row, lenders
     from psat_core.ensemble import STRATEGIES
 
@@ -136,9 +145,9 @@ def evaluate_in_process(job_dict: dict, members: dict[str, str], eval_uri: str):
         borrowed = [lent[member] for member in borrowers.get(row.key, ())]
         models = {name: members[name] for name in row.models}
         results[row.key], lent[row.key] = evaluate_row(
-            job_dict, models, row.strategy, eval_uri, None, "", row.key in lending, *borrowed
+            job_dict, models, row.strategy, eval_uri, row.key in lending, *borrowed
         )
-    return Evaluation.of(results)
+    return results
 
 
 # -------------------------------------------------------------------------------------- Ray's state
@@ -158,10 +167,11 @@ def ray_actors(ray) -> dict:
     return {a.actor_id: a for a in _ray_state(ray, "list_actors")}
 
 
-def ray_tasks(ray, name: str) -> dict:
-    """Every run of the Ray task `name` the Ray of `ray` has recorded, by task id, with its
-    times (`creation_time_ms`, `start_time_ms`, `end_time_ms`)."""
-    tasks = _ray_state(ray, "list_tasks", filters=[("name", "=", name)], detail=True)
+def ray_tasks(ray, function: str) -> dict:
+    """Every run of the Ray task function `function` the Ray of `ray` has recorded, by task id,
+    with its name and times (`creation_time_ms`, `start_time_ms`, `end_time_ms`)."""
+    tasks = _ray_state(ray, "list_tasks", filters=[("func_or_class_name", "=", function)],
+                       detail=True)  # fmt: skip
     return {t.task_id: t for t in tasks}
 
 

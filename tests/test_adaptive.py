@@ -16,10 +16,10 @@ from psat_core.attacks.adaptive import (
     adaptive_attacks,
     member_examples,
 )
-from psat_core.attacks.crosscheck import crosscheck_attacks
+from psat_core.attacks.crosscheck import crosscheck_attacks, square_attacks
 from psat_core.attacks.suites import attack_suite
 from psat_core.ensemble import PSATEnsemble, entropy
-from psat_core.metrics import evaluate_per_sample, summarize
+from psat_core.metrics import attack_seed, evaluate_per_sample, summarize
 from psat_core.settings import AttackConfig, attack_defaults
 
 EPS = 0.1
@@ -62,6 +62,34 @@ def test_attacks_that_know_the_gate_beat_pgd_through_the_argmin():
     assert _accuracy(ensemble, pgd, x, y) == 1.0  # the argmin's gradient never finds the trap
     assert _accuracy(ensemble, GatePGD(pgd), x, y) == 0.0
     assert _accuracy(ensemble, ConfidentWrongMember(LinfBall(EPS), 10, EPS / 4), x, y) == 0.0
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_square_in_the_protocol_breaks_no_fewer_images_than_the_librarys_own_run(norm):
+    """The evaluator's Square (seeded per batch) against torchattacks' Square called directly
+    with that seed on the same clean-correct images: every image the library breaks, ours
+    breaks too."""
+    import torchattacks
+
+    torch.manual_seed(0)
+    x, _ = synthetic(48, seed=4)
+    members = [nn.Sequential(nn.Flatten(), nn.Linear(64, 4)) for _ in range(3)]
+    ensemble = PSATEnsemble(members).eval()
+    y = ensemble(x).argmax(1)  # every image clean-correct
+    configs = {norm: attack_defaults("digits", "eval")[norm]}
+    attacks = square_attacks(configs, queries=60)
+    ours = evaluate_per_sample(ensemble, x, y, attacks, seed=5)
+    name = f"{norm}/torchattacks.Square"
+    clean = ours.correct["clean"]
+    library = torchattacks.Square(ensemble, norm={"linf": "Linf", "l2": "L2"}[norm],
+                                  eps=configs[norm].eps, n_queries=60, n_restarts=1,
+                                  loss="margin", seed=attack_seed(5, name, 0))  # fmt: skip
+    with torch.no_grad():
+        broken_by_library = ensemble(library(x[clean], y[clean])).argmax(1) != y[clean]
+    broken_by_ours = ~ours.correct[name][clean]
+    assert broken_by_library.any()  # it does something on these undefended models
+    assert not (broken_by_library & ~broken_by_ours).any()
+    assert int(broken_by_ours.sum()) >= int(broken_by_library.sum())
 
 
 def test_soft_gate_keeps_the_ensembles_output_and_passes_a_gradient():

@@ -13,11 +13,9 @@ import re
 import pandas as pd
 import pytest
 import ray
-import torch
 from helpers import (
     AGG_EVAL,
     agg_job,
-    evaluate_in_process,
     locations,
     psat,
     training_run,
@@ -33,13 +31,12 @@ from orchestrator.aggregate import (
 )
 from orchestrator.evaluation.figures import accuracy_figure, choice_figure
 from orchestrator.evaluation.report import COLUMNS, markdown_report
-from orchestrator.evaluation.rows import aggregation_rows
+from orchestrator.evaluation.rows import Evaluation, aggregation_rows
 from orchestrator.evaluation.tasks import lenders
-from orchestrator.runtime.shards import read_arrays, write_arrays
+from orchestrator.runtime.shards import read_arrays
 from orchestrator.runtime.tracking import Tracker
 from psat_core.accounting import parameter_report
 from psat_core.checkpoint import ensemble_from_checkpoints, read_spec
-from psat_core.data import load_dataset
 from psat_core.ensemble import STRATEGIES
 
 NORMS = ("linf", "l2", "l1")
@@ -47,19 +44,10 @@ EVAL = AGG_EVAL  # the test images agg_job evaluates
 
 
 @pytest.fixture(scope="module")
-def evaluation(tmp_path_factory, members) -> tuple[dict, str]:
-    root = tmp_path_factory.mktemp("eval")
-    data = load_dataset("digits", "test", "unused").subset(EVAL, seed=0)
-    write_arrays(data, str(root / "eval.parquet"))
-    job = agg_job(root)
-    threads = torch.get_num_threads()
-    try:
-        result = evaluate_in_process(
-            job.model_dump(), locations(members), str(root / "eval.parquet")
-        )
-    finally:
-        torch.set_num_threads(threads)
-    return result, str(root / "eval.parquet")
+def evaluation(agg_rows) -> tuple[Evaluation, str]:
+    """conftest's `agg_rows` (the rows in chunks of 4 images) as the aggregation's tables."""
+    rows, eval_uri, _ = agg_rows
+    return Evaluation.of(rows), eval_uri
 
 
 def test_evaluation_has_tables_3_and_4(evaluation):
@@ -117,13 +105,6 @@ def test_ensemble_rows_borrow_their_member_rows_examples_under_the_strong_suite(
     assert lenders(agg_job(tmp_path), rows) == ({}, set())
     paper = agg_job(tmp_path, evaluation={"suite": "paper"})  # no transfer attack to feed
     assert lenders(paper, aggregation_rows(members, STRATEGIES)) == ({}, set())
-
-
-def test_evaluation_is_reproducible(evaluation, members, torch_threads, tmp_path):
-    members = locations(members)  # strings, as a training run's tags hold them
-    result, eval_uri = evaluation
-    again = evaluate_in_process(agg_job(tmp_path).model_dump(), members, eval_uri)
-    assert again == result
 
 
 def test_parameter_counts_match_the_accounting(members):

@@ -441,7 +441,7 @@ AGGREGATE = textwrap.dedent(
         "model": {"arch": "resnet10", "embedding_dim": 4},
         "attacks": {"eval": {n: {"steps": 1} for n in ("linf", "l2", "l1")}},
         # registration is under test, not the attacks: one process evaluates every row
-        "evaluation": {"suite": "paper", "concurrent_rows": 1},
+        "evaluation": {"suite": "paper", "concurrent_chunks": 1},
         "resources": {"cpus_per_worker": 1, "address": address},
         "storage": {"path": storage},
         "tracking": {"uri": uri, "experiment": "concurrent"},

@@ -33,6 +33,9 @@ STRONG = [
     "the worst of both; `confident` = each member made confidently wrong, keeping what fools "
     "the gate; `transfer` = every member's own PGD, APGD-CE and APGD-T examples, scored by the "
     "ensemble",
+    "- on ensembles, gradient-free, last: torchattacks Square (ℓ∞, ℓ2), margin loss, 5000 "
+    "queries, 1 restart; the points it breaks are the ones every gradient attack left standing "
+    "(its column in the report)",
 ]
 
 
@@ -65,6 +68,9 @@ def _attacks_described_by_hand(suite, configs, apgd_steps, gate_temperature):
             f"(τ={gate_temperature:g}), the worst of both; `confident` = each "
             "member made confidently wrong, keeping what fools the gate; `transfer` = every "
             "member's own PGD, APGD-CE and APGD-T examples, scored by the ensemble",
+            "- on ensembles, gradient-free, last: torchattacks Square (ℓ∞, ℓ2), margin loss, "
+            "5000 queries, 1 restart; the points it breaks are the ones every gradient attack "
+            "left standing (its column in the report)",
         ]
     lines.append(
         "- a point counts as robust for a norm only if it withstands every attack of that norm; "
@@ -99,6 +105,8 @@ def test_attack_suite_order_is_the_families_order():
         "l1/foolbox.SparseL1Descent",
         *(f"{n}/{a}" for n in NORMS for a in ("gate", "confident")),
         *(f"{n}/transfer" for n in NORMS),
+        "linf/torchattacks.Square",
+        "l2/torchattacks.Square",
     ]
     assert list(attack_suite("paper", configs, ensemble=True)) == [f"{n}/pgd" for n in NORMS]
 

@@ -28,6 +28,20 @@ def test_on_a_terminal_the_status_line_stays_below_the_printed_lines():
     )
 
 
+def test_several_live_lines_are_cleared_together():
+    """One live line per evaluated row: printing above them, or new ones, clears them all."""
+    out = Terminal()
+    status = StatusLine(out, every=0)
+    status.show("[linf] 256/1000 images\n[l2] 512/1000 images")
+    status.print("[l1] 1000 images evaluated")
+    status.close()
+    clear, up = StatusLine.CLEAR, StatusLine.UP
+    live = "[linf] 256/1000 images\n[l2] 512/1000 images"
+    assert out.getvalue() == (
+        f"{clear}{live}{clear}{up}[l1] 1000 images evaluated\n{live}{clear}{up}"
+    )
+
+
 def test_elsewhere_only_the_printed_lines():
     out = io.StringIO()  # a pipe: CI, a Ray job's log
     status = StatusLine(out, every=0)

@@ -115,15 +115,31 @@ class EvaluationConfig(Section):
     `suite`: `strong` (PGD, APGD-CE/APGD-T, the third-party cross-check and, on ensembles, the
     gate and transfer attacks) or `paper` (per-norm PGD only, as the paper evaluates);
     `apgd_steps`: APGD's iterations (AutoAttack: 100);
-    `concurrent_rows`: rows evaluated at once, one Ray task each (default: as many as the
-    cluster's CPUs or GPUs hold). Each holds torch in memory (about 1 GB); a finished row's
-    process takes the next row without a second start-up.
+    `chunk_images`: each row (a model, an ensemble) is evaluated in chunks of this many images,
+    one Ray task each, seeded by their images' positions: numbers independent of how many run
+    at once; `concurrent_chunks`: chunks evaluated at once (default: as many as the cluster's
+    CPUs or GPUs hold). Each task holds torch in memory (about 1 GB); a finished chunk's
+    process takes the next without a second start-up.
     """
 
     suite: Literal["paper", "strong"] = "strong"
     apgd_steps: int = Field(100, gt=0)
     gate_temperature: float = Field(0.1, gt=0, description="SoftGate's τ (entropy in nats)")
-    concurrent_rows: int | None = Field(None, gt=0)
+    square_queries: int = Field(
+        5000, gt=0, description="the Square attack's queries on ensembles (AutoAttack: 5,000)"
+    )
+    chunk_images: int = Field(256, gt=0)
+    concurrent_chunks: int | None = Field(None, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "concurrent_rows" in data:
+            raise ValueError(
+                "concurrent_rows is now concurrent_chunks (since psat 0.2 rows are evaluated in "
+                "chunks of chunk_images, one Ray task each); rename it"
+            )
+        return data
 
 
 class GroupScale(Section):

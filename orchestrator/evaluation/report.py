@@ -74,6 +74,7 @@ def attacks_described(job: JobConfig) -> list[str]:
         job.attack_configs("eval"),
         evaluation.apgd_steps,
         evaluation.gate_temperature,
+        evaluation.square_queries,
     )
 
 

@@ -113,6 +113,7 @@ class PulledModel:
     aliases: tuple[str, ...]
     run_id: str | None
     path: Path
+    member_dirs: dict[str, Path]
     specs: dict[str, MemberSpec]
     strategy: str
     trade_off: float | None
@@ -198,6 +199,7 @@ def pull(
         aliases=aliases,
         run_id=version.run_id,
         path=path,
+        member_dirs=dirs,
         specs=specs,
         strategy=strategy,
         trade_off=None if recorded is None else float(recorded),

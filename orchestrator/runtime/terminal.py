@@ -15,32 +15,37 @@ log = logging.getLogger(__name__)
 
 
 class StatusLine:
-    """One line rewritten in place on a terminal (at most once per `every` seconds), kept
+    """Live lines rewritten in place on a terminal (at most once per `every` seconds), kept
     below the lines printed through it; nothing live where the output is not a terminal (CI,
-    Ray job logs), only the printed lines."""
+    Ray job logs), only the printed lines. `show` takes one line, or several joined by
+    newlines (one per row of an evaluation)."""
 
-    CLEAR = "\r\x1b[K"
+    CLEAR = "\r\x1b[K"  # to the line's start, and clear it
+    UP = "\x1b[1A\x1b[K"  # one line up, and clear it
 
     def __init__(self, stream: TextIO | None = None, every: float = 1.0) -> None:
         self.stream = stream or sys.stdout  # the terminal, even inside `prints_to_log`
         self.every, self.shown, self.last = every, "", 0.0
         self.live = self.stream.isatty()
 
+    def _clear(self) -> str:
+        return self.CLEAR + self.UP * self.shown.count("\n")
+
     def show(self, text: str) -> None:
         if self.live and time.monotonic() - self.last >= self.every:
-            self.stream.write(self.CLEAR + text)
+            self.stream.write(self._clear() + text)
             self.stream.flush()
             self.shown, self.last = text, time.monotonic()
 
     def print(self, line: str) -> None:
-        prefix = self.CLEAR if self.live and self.shown else ""
+        prefix = self._clear() if self.live and self.shown else ""
         suffix = self.shown if self.live else ""
         self.stream.write(f"{prefix}{line}\n{suffix}")
         self.stream.flush()
 
     def close(self) -> None:
         if self.live and self.shown:
-            self.stream.write(self.CLEAR)
+            self.stream.write(self._clear())
             self.stream.flush()
         self.shown = ""
 

@@ -1,7 +1,8 @@
 """Attacks from libraries nobody here wrote, behind the evaluator's ``attack(model, x, y)``.
 
 torchattacks ``PGD``, ``PGDL2`` and ``APGD`` (ℓ∞, ℓ2) and foolbox ``SparseL1DescentAttack``
-(ℓ1), each at the radius of our own eval attack for its norm. Named ``"<norm>/<library>.<name>"``
+(ℓ1), each at the radius of our own eval attack for its norm; on ensembles, torchattacks
+``Square`` (ℓ∞, ℓ2), gradient-free. Named ``"<norm>/<library>.<name>"``
 they count under their norm (see :mod:`psat_core.metrics`): a point is robust for the norm only
 if it withstands ours and theirs, so a weak attack of ours cannot flatter a result. Each wrapper
 carries our :class:`~psat_core.attacks.threat.ThreatModel`, so the evaluator checks their ``x_adv``
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import foolbox
+import torch
 import torchattacks
 from torch import Tensor, nn
 
@@ -22,7 +24,8 @@ from psat_core.settings import AttackConfig
 
 
 class Torchattacks:
-    """A torchattacks attack class, built per call on the model at hand."""
+    """A torchattacks attack class, built per call on the model at hand. Square, which seeds
+    itself, takes the seed the evaluator set for this batch (`torch.initial_seed`)."""
 
     def __init__(self, name: str, threat: ThreatModel, **kwargs) -> None:
         self.name = name
@@ -31,12 +34,17 @@ class Torchattacks:
 
     @property
     def cost(self) -> int:
+        """Gradient passes per point; Square's queries are forward passes (a third of one)."""
+        if "n_queries" in self.kwargs:
+            return max(1, self.kwargs["n_queries"] // 3)
         return self.kwargs.get("steps", 1)
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         attack_cls = getattr(torchattacks, self.name)
+        seeded = {"seed": torch.initial_seed()} if self.name == "Square" else {}
         with eval_mode(model):
-            return attack_cls(model, eps=self.threat.eps, **self.kwargs)(x, y).detach()
+            attack = attack_cls(model, eps=self.threat.eps, **self.kwargs, **seeded)
+            return attack(x, y).detach()
 
     def __repr__(self) -> str:
         return f"torchattacks.{self.name}({self.threat!r}, {self.kwargs})"
@@ -68,6 +76,24 @@ class FoolboxSparseL1:
 
     def __repr__(self) -> str:
         return f"foolbox.SparseL1DescentAttack({self.threat!r}, steps={self.steps})"
+
+
+def square_attacks(configs: Mapping[str, AttackConfig], queries: int) -> dict[str, Torchattacks]:
+    """``<norm>/torchattacks.Square`` (Andriushchenko et al. 2020; AutoAttack's gradient-free
+    attack) for ℓ∞ and ℓ2: margin loss, ``queries`` queries, one restart, at our radii. It
+    needs no gradient, so an argmin gate cannot mislead it."""
+    return {
+        f"{norm}/torchattacks.Square": Torchattacks(
+            "Square",
+            threat_model(norm, cfg.eps),
+            norm={"linf": "Linf", "l2": "L2"}[norm],
+            n_queries=queries,
+            n_restarts=1,
+            loss="margin",
+        )
+        for norm, cfg in configs.items()
+        if norm in ("linf", "l2")
+    }
 
 
 def crosscheck_attacks(configs: Mapping[str, AttackConfig]) -> dict[str, object]:

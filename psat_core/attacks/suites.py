@@ -3,9 +3,10 @@
 
 * ``paper``: per-norm PGD through the model, as the paper evaluates (Tables 1-4).
 * ``strong`` (the default): ``paper`` plus, per norm, AutoAttack's APGD-CE and APGD-T at its
-  standard budget (:mod:`psat_core.attacks.apgd`; FAB-T and Square are not run), the third-party
+  standard budget (:mod:`psat_core.attacks.apgd`; FAB-T is not run), the third-party
   cross-check (:mod:`psat_core.attacks.crosscheck`) and, on an ensemble, the attacks that know
-  its gate and the members' transferred examples (:mod:`psat_core.attacks.adaptive`).
+  its gate, the members' transferred examples (:mod:`psat_core.attacks.adaptive`) and, last,
+  the gradient-free Square (ℓ∞, ℓ2) on what all of them left standing.
 
 A suite is a sequence of :class:`AttackFamily` in :data:`SUITE_FAMILIES`; each family builds its
 attacks (:func:`attack_suite`) and describes them for the report (:func:`describe_suite`), so an
@@ -25,7 +26,7 @@ from torch import Tensor
 
 from psat_core.attacks.adaptive import MemberTransfer, adaptive_attacks
 from psat_core.attacks.apgd import APGD
-from psat_core.attacks.crosscheck import crosscheck_attacks
+from psat_core.attacks.crosscheck import crosscheck_attacks, square_attacks
 from psat_core.attacks.pgd import PGD
 from psat_core.attacks.threat import threat_model
 from psat_core.metrics import PerSampleResult, norm_of
@@ -63,6 +64,7 @@ class SuiteOptions:
     gate_temperature: float = 0.1
     seed: int = 0
     member_examples: Mapping[str, Tensor] | None = None
+    square_queries: int = 5000  # AutoAttack's
 
 
 class AttackFamily(ABC):
@@ -163,10 +165,27 @@ class OnEnsembles(AttackFamily):
         ]
 
 
+class SquareOnEnsembles(AttackFamily):
+    """``<norm>/torchattacks.Square`` (ℓ∞, ℓ2; :func:`square_attacks`), last: each point it
+    breaks is one every gradient attack left standing (`PerSampleResult.found`)."""
+
+    ensemble_only = True
+
+    def attacks(self, configs, options, earlier):
+        return square_attacks(configs, options.square_queries)
+
+    def describe(self, configs, options):
+        return [
+            f"- on ensembles, gradient-free, last: torchattacks Square (ℓ∞, ℓ2), margin loss, "
+            f"{options.square_queries} queries, 1 restart; the points it breaks are the ones "
+            "every gradient attack left standing (its column in the report)"
+        ]
+
+
 # Each suite, once: its families in the order they run (a norm's attacks run in this order).
 SUITE_FAMILIES: dict[str, tuple[AttackFamily, ...]] = {
     "paper": (PerNormPGD(),),
-    "strong": (PerNormPGD(), AutoAttackAPGD(), CrossCheck(), OnEnsembles()),
+    "strong": (PerNormPGD(), AutoAttackAPGD(), CrossCheck(), OnEnsembles(), SquareOnEnsembles()),
 }
 SUITES = tuple(SUITE_FAMILIES)
 
@@ -186,6 +205,7 @@ def attack_suite(
     gate_temperature: float = 0.1,
     seed: int = 0,
     member_examples: Mapping[str, Tensor] | None = None,
+    square_queries: int = 5000,
 ) -> dict[str, object]:
     """The attacks of ``suite`` at the radii and PGD budgets of ``configs`` (keyed by norm).
 
@@ -194,10 +214,10 @@ def attack_suite(
     ``member_examples``: norm -> ``(members x TRANSFER_CRAFTERS, N, *)``, the examples this
     suite's crafters found against each member on every image (the member rows',
     :func:`~psat_core.attacks.adaptive.member_examples`): the transfer attack scores them instead
-    of crafting its own.
+    of crafting its own. ``square_queries``: Square's budget (AutoAttack: 5,000).
     """
     families = _families(suite)
-    options = SuiteOptions(apgd_steps, gate_temperature, seed, member_examples)
+    options = SuiteOptions(apgd_steps, gate_temperature, seed, member_examples, square_queries)
     attacks: dict[str, object] = {}
     for family in families:
         if ensemble or not family.ensemble_only:
@@ -210,13 +230,14 @@ def describe_suite(
     eval_configs: Mapping[str, AttackConfig],
     apgd_steps: int,
     gate_temperature: float,
+    square_queries: int = 5000,
 ) -> list[str]:
     """One Markdown bullet per attack family of ``suite`` (one per norm for PGD), as
     :func:`attack_suite` builds it from the same arguments, then how a point is counted robust.
 
     Torch-light: builds no attack. Ensemble-only families are described too.
     """
-    options = SuiteOptions(apgd_steps, gate_temperature)
+    options = SuiteOptions(apgd_steps, gate_temperature, square_queries=square_queries)
     lines = [line for family in _families(suite) for line in family.describe(eval_configs, options)]
     return [*lines, COUNTING]
 

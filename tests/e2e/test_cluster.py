@@ -34,7 +34,7 @@ TINY = {
     **{f"attacks.{phase}.{n}.steps": 1 for phase in ("train", "eval") for n in NORMS},
     **{f"attacks.eval.{n}.restarts": 1 for n in NORMS},
     "evaluation.suite": "paper",
-    "evaluation.concurrent_rows": 2,  # rows reuse two processes
+    "evaluation.concurrent_chunks": 2,  # rows reuse two processes
 }
 
 

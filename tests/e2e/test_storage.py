@@ -28,7 +28,7 @@ JOB = {
         "validation": {n: {"steps": 1} for n in ("linf", "l2", "l1")},
         "eval": {n: {"steps": 1, "restarts": 1} for n in ("linf", "l2", "l1")},
     },
-    "evaluation": {"suite": "paper", "concurrent_rows": 2},
+    "evaluation": {"suite": "paper", "concurrent_chunks": 2},
     "storage": {"path": "s3://psat-bucket/runs"},
     "resources": {"max_failures": 0},  # a failure ends the job at once
 }
