@@ -71,7 +71,7 @@ TINY = {
         "validation": {n: {"steps": 2} for n in NORMS},
         "eval": {n: {"steps": 2, "restarts": 1} for n in NORMS},
     },
-    "evaluation": {"apgd_steps": 2, "concurrent_chunks": 2},  # rows reuse 2 processes
+    "evaluation": {"apgd_steps": 2, "square_queries": 5, "concurrent_chunks": 2},
     "resources": {"workers_per_member": 1, "cpus_per_worker": 1, "torch_threads": 1},
 }
 

@@ -7,6 +7,7 @@ both train through `train_models`; a relaunch skips the models an earlier launch
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, wait
@@ -31,6 +32,7 @@ from orchestrator.training.plan import ModelPlan
 from orchestrator.training.trainer import train_on_ray
 
 PROGRESS_KEYS = ("loss", "clean", "linf", "l2", "l1", "trade_off")
+log = logging.getLogger(__name__)
 
 
 def train_models(
@@ -192,6 +194,11 @@ def _on_event(tracker: Tracker, runs: dict, started: dict, event: dict, epochs: 
         echo(f"[{name}] {state} on {where} (pid {event['pid']})")
         return
     epoch = event["epoch"]
+    if event["kind"] == "rank":  # a DDP rank's shard and weights, for `psat -v`
+        log.debug("[%s] epoch %d rank %d (pid %d, node %s): %d images from %s, weights %s", name,
+                  epoch + 1, event["rank"], event["pid"], event["node"][:8], event["images"],
+                  ",".join(event["shards"]), event["weights"][:16])  # fmt: skip
+        return
     metrics = {k: v for k, v in event.items() if k not in ("model", "kind", "epoch", "time")}
     tracker.log_metrics(runs[name], metrics, step=epoch)
     shown = "  ".join(f"{k} {event[k]:.3f}" for k in PROGRESS_KEYS if k in event)

@@ -9,6 +9,7 @@ builds one model's trainer and fits it (the jobs run one per plan in a driver th
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import asdict
@@ -67,12 +68,26 @@ def train_loop(config: dict[str, Any]) -> None:
     val = read_arrays(manifest["val"]) if rank == 0 else None
     started = {"model": plan.name, "kind": "start", "epoch": start, "pid": os.getpid()}
     _post(board, rank, started | placement)
+    shards = [os.path.basename(uri) for uri in manifest["train"][rank::world]]
     for epoch in range(start, last):
         metrics = fit.train_epoch(train, epoch)
         metrics |= _report(fit, epoch, metrics, val)
         _post(board, rank, {"model": plan.name, "kind": "epoch", **metrics})
+        if world > 1 and board is not None:  # DDP: what each rank trained on, and ended with
+            board.post.remote({"model": plan.name, "kind": "rank", "epoch": epoch, "rank": rank,
+                               "images": len(train), "shards": shards, "pid": os.getpid(),
+                               "weights": weights_digest(fit.net)} | placement)  # fmt: skip
     if start >= last > 0:  # restarted with its budget spent: its last epoch, reported again
         _report(fit, last - 1, {"epoch": last - 1, EPOCHS_DONE: last}, val)
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """sha256 of a model's parameters: equal on every DDP rank after each step (BatchNorm's
+    running statistics, buffers, follow each rank's own batches)."""
+    digest = hashlib.sha256()
+    for tensor in model.parameters():
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def worker_device() -> tuple[torch.device, dict]:

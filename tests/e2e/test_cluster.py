@@ -8,6 +8,7 @@ psat's code travelled with it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import re
@@ -333,6 +334,73 @@ def test_uri_storage_is_guarded_by_a_named_actor_on_the_cluster(site):
                 raise
             time.sleep(2)
     assert second.wait(timeout=60) == 0
+
+
+RANK = re.compile(r"\[linf\] epoch (\d+) rank (\d) \(pid (\d+), node (\w+)\): (\d+) images "
+                  r"from (\S+), weights (\w+)")  # fmt: skip
+
+
+def train_worker_on(node: subprocess.Popen) -> int | None:
+    """The pid of a Ray Train worker process of the node started as `node` (its session), if
+    any (read from /proc)."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            pid = int(entry.name)
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+            if b"RayTrainWorker" in title and os.getsid(pid) == node.pid:
+                return pid
+    return None
+
+
+@pytest.mark.slow
+def test_one_member_on_two_workers_trains_with_ddp_and_resumes_a_killed_worker(site):
+    """`workers_per_member: 2` (gloo), one worker per node: the ranks train on different
+    shards, hold equal weights after every epoch (gradients averaged), rank 0 alone writes the
+    checkpoints, and a worker killed after the first checkpoint costs the member only the
+    epoch it was in: it resumes from its checkpoint (`psat -v` shows each rank's epochs)."""
+    epochs = 5
+    config = {"name": "ddp", "storage.path": site.storage, **TINY, "training.members": "[linf]",
+              "training.epochs": epochs, "data.train_size": 128, "training.batch_size": 32,
+              "resources.workers_per_member": 2, "resources.cpus_per_worker": 2,
+              "resources.ddp_backend": "gloo"}  # fmt: skip
+    proc = subprocess.Popen(
+        [str(site.user_bin / "psat"), "-v", "submit", "train", "--config", "mine.yaml",
+         "--address", site.cluster.address, *sets(config)], cwd=site.home, env=site.env(),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    folder = site.storage / "ddp" / "ddp-linf"
+    deadline = time.monotonic() + 300
+    snapshot = folder / "checkpoint_manager_snapshot.json"  # a checkpoint Ray Train registered
+    while not snapshot.is_file() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    killed = train_worker_on(site.cluster.procs[1])  # the worker node's rank
+    assert killed is not None
+    os.kill(killed, signal.SIGKILL)
+    output = proc.communicate(timeout=300)[0]
+    print(output)
+    assert proc.returncode == 0, output[-3000:]
+    ranks = {}  # (epoch, rank) -> its last report (the epoch the kill interrupted is redone)
+    for found in RANK.finditer(output):
+        epoch, rank, pid, node, images, shards, weights = found.groups()
+        ranks[int(epoch), int(rank)] = (int(pid), node, int(images), shards, weights)
+    assert sorted(ranks) == [(e, r) for e in range(1, epochs + 1) for r in (0, 1)], sorted(ranks)
+    for epoch in range(1, epochs + 1):
+        zero, one = ranks[epoch, 0], ranks[epoch, 1]
+        assert zero[1] != one[1]  # one worker per node
+        assert zero[2] + one[2] == 128 and zero[3] != one[3]  # the data split between ranks
+        assert zero[4] == one[4]  # DDP: equal weights after every epoch's steps
+    last = {ranks[epochs, r][0] for r in (0, 1)}
+    assert killed not in last and last.isdisjoint(ranks[1, r][0] for r in (0, 1))  # restarted
+    resumed = re.findall(rf"\[linf\] started resuming at epoch (\d)/{epochs} from its checkpoint",
+                         output)  # fmt: skip
+    assert len(resumed) == 1 and int(resumed[0]) > 1, output[-3000:]
+    (run,) = [r for r in site.runs("ddp") if r.data.tags["psat.role"] == "model"]
+    starts = MlflowClient(site.mlflow_uri).get_metric_history(run.info.run_id, "start_epoch")
+    assert sorted(m.value for m in starts) == [0, int(resumed[0]) - 1]
+    checkpoints = [path for path in folder.glob("checkpoint_2*") if path.is_dir()]
+    assert checkpoints
+    for checkpoint in checkpoints:  # one writer: rank 0's files, nothing else
+        assert sorted(p.name for p in checkpoint.iterdir()) == ["member.json", "state.pt"]
 
 
 @pytest.mark.slow
