@@ -72,17 +72,17 @@ def test_square_in_the_protocol_breaks_no_fewer_images_than_the_librarys_own_run
     import torchattacks
 
     torch.manual_seed(0)
-    x, _ = synthetic(48, seed=4)
+    x, _ = synthetic(24, seed=4)
     members = [nn.Sequential(nn.Flatten(), nn.Linear(64, 4)) for _ in range(3)]
     ensemble = PSATEnsemble(members).eval()
     y = ensemble(x).argmax(1)  # every image clean-correct
     configs = {norm: attack_defaults("digits", "eval")[norm]}
-    attacks = square_attacks(configs, queries=60)
+    attacks = square_attacks(configs, queries=30)
     ours = evaluate_per_sample(ensemble, x, y, attacks, seed=5)
     name = f"{norm}/torchattacks.Square"
     clean = ours.correct["clean"]
     library = torchattacks.Square(ensemble, norm={"linf": "Linf", "l2": "L2"}[norm],
-                                  eps=configs[norm].eps, n_queries=60, n_restarts=1,
+                                  eps=configs[norm].eps, n_queries=30, n_restarts=1,
                                   loss="margin", seed=attack_seed(5, name, 0))  # fmt: skip
     with torch.no_grad():
         broken_by_library = ensemble(library(x[clean], y[clean])).argmax(1) != y[clean]

@@ -358,7 +358,7 @@ def test_one_member_on_two_workers_trains_with_ddp_and_resumes_a_killed_worker(s
     shards, hold equal weights after every epoch (gradients averaged), rank 0 alone writes the
     checkpoints, and a worker killed after the first checkpoint costs the member only the
     epoch it was in: it resumes from its checkpoint (`psat -v` shows each rank's epochs)."""
-    epochs = 5
+    epochs = 4
     config = {"name": "ddp", "storage.path": site.storage, **TINY, "training.members": "[linf]",
               "training.epochs": epochs, "data.train_size": 128, "training.batch_size": 32,
               "resources.workers_per_member": 2, "resources.cpus_per_worker": 2,
@@ -395,8 +395,11 @@ def test_one_member_on_two_workers_trains_with_ddp_and_resumes_a_killed_worker(s
                          output)  # fmt: skip
     assert len(resumed) == 1 and int(resumed[0]) > 1, output[-3000:]
     (run,) = [r for r in site.runs("ddp") if r.data.tags["psat.role"] == "model"]
-    starts = MlflowClient(site.mlflow_uri).get_metric_history(run.info.run_id, "start_epoch")
+    client = MlflowClient(site.mlflow_uri)
+    starts = client.get_metric_history(run.info.run_id, "start_epoch")
     assert sorted(m.value for m in starts) == [0, int(resumed[0]) - 1]
+    losses = client.get_metric_history(run.info.run_id, "loss")
+    assert {m.step for m in losses} == set(range(epochs))  # every epoch trained, none skipped
     checkpoints = [path for path in folder.glob("checkpoint_2*") if path.is_dir()]
     assert checkpoints
     for checkpoint in checkpoints:  # one writer: rank 0's files, nothing else

@@ -47,13 +47,13 @@ def kill_one_running_chunk(ray, since: set[str], killed: list, stop: threading.E
 def test_chunks_of_every_row_run_at_once_survive_a_killed_worker_and_change_no_number(
     agg_rows, members, shared_ray, torch_threads
 ):
-    """10 chunks (5 rows x 2), 6 at a time on 12 CPUs, one chunk's worker killed mid-attack:
+    """10 chunks (5 rows x 2), 4 at a time on 12 CPUs, one chunk's worker killed mid-attack:
     every row's per-image results are bit-identical to the same evaluation run chunk after
     chunk in this process (conftest's `agg_rows`); the killed chunk alone ran twice; chunks
     of several rows overlapped."""
     reference, eval_uri, job = agg_rows
     job = job.model_copy(update={"evaluation": job.evaluation.model_copy(
-        update={"concurrent_chunks": 6})})  # fmt: skip
+        update={"concurrent_chunks": 4})})  # fmt: skip
     checkpoints = locations(members)
     before = {t.task_id for t in chunk_attempts(shared_ray, set())}
     killed, stop = [], threading.Event()

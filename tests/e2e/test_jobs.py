@@ -51,6 +51,7 @@ def test_quickstart_runs_end_to_end_and_its_model_loads(tmp_path, shared_ray, ra
         **{f"attacks.train.{n}.steps": 1 for n in ("linf", "l2", "l1")},
         **{f"attacks.eval.{n}.steps": 2 for n in ("linf", "l2", "l1")},
         "evaluation.apgd_steps": 2,
+        "evaluation.square_queries": 5,
     }
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     config = ROOT / "jobs" / "configs" / "quickstart.yaml"

@@ -146,29 +146,6 @@ def test_members_train_concurrently_and_an_interrupted_job_resumes(shared_ray, t
     assert len(history) == 3
 
 
-def test_killed_worker_restarts_from_its_checkpoint(shared_ray, tiny_job):
-    job = parse_config(
-        tiny_job(
-            "killed",
-            **deep_merge(PACED, {"training": {"epochs": 3, "members": ["linf"]}}),
-            resources={"max_failures": 2},
-        )
-    )
-    lines, seen = [], {}
-    killer = threading.Thread(target=_kill_after_epoch, args=(shared_ray, job, "linf", 1, seen))
-    killer.start()
-    results = train_members(job, echo=lines.append)
-    killer.join()
-    assert "pid" in seen
-    starts = [line for line in lines if line.startswith("[linf] started")]
-    assert len(starts) == 2, lines
-    assert "resuming at epoch" in starts[1]  # from a checkpoint, not from scratch
-    assert results["linf"]["metrics"]["epoch"] == 2  # and it finished every epoch
-    client, runs = _member_runs(job)
-    steps = {m.step for m in client.get_metric_history(runs["linf"].info.run_id, "loss")}
-    assert steps == {0, 1, 2}
-
-
 def test_bad_config_fails_fast_and_leaves_nothing(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("name: bad\ntraining:\n  epochs: -1\n")
