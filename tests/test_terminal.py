@@ -67,3 +67,28 @@ def test_library_prints_go_to_the_debug_log(caplog):
         "╭ a status table ╮",
         "View detailed results here: /tmp/x",
     ]
+
+
+def test_an_evaluation_shows_a_live_line_per_row_and_one_line_per_finished_row(monkeypatch):
+    import torch
+
+    from orchestrator.evaluation.rows import Row
+    from orchestrator.evaluation.tasks import ChunkResult, RowProgress
+    from psat_core.metrics import PerSampleResult
+
+    out = Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+
+    def chunk(robust: list[int]) -> ChunkResult:
+        correct = {"clean": torch.ones(4, dtype=torch.bool), "linf/pgd": torch.tensor(robust) > 0}
+        return ChunkResult(PerSampleResult(("linf/pgd",), correct, {}), 1, "cpu", 2.0)
+
+    rows = [Row("member.linf", "H_linf", ("linf",)), Row("member.l2", "H_l2", ("l2",))]
+    progress = RowProgress(rows, images=8, chunks=2, echo=print)
+    progress.status.every = 0
+    progress.ended("member.linf", chunk([1, 1, 0, 0]), running=1)
+    assert out.getvalue().endswith("[member.linf] 4/8 images, 2 still robust, ~2s left")
+    progress.ended("member.linf", chunk([1, 0, 0, 0]), running=0)
+    progress.close()
+    done = "[member.linf] 8 images evaluated, 3 robust to every attack; 4s of task time\n"
+    assert done in out.getvalue() and out.getvalue().endswith(StatusLine.CLEAR)
