@@ -358,7 +358,7 @@ def test_one_member_on_two_workers_trains_with_ddp_and_resumes_a_killed_worker(s
     shards, hold equal weights after every epoch (gradients averaged), rank 0 alone writes the
     checkpoints, and a worker killed after the first checkpoint costs the member only the
     epoch it was in: it resumes from its checkpoint (`psat -v` shows each rank's epochs)."""
-    epochs = 4
+    epochs = 3
     config = {"name": "ddp", "storage.path": site.storage, **TINY, "training.members": "[linf]",
               "training.epochs": epochs, "data.train_size": 128, "training.batch_size": 32,
               "resources.workers_per_member": 2, "resources.cpus_per_worker": 2,
@@ -413,7 +413,7 @@ def test_a_node_lost_mid_training_costs_no_member_its_progress(site):
     its own MLflow run, and says so in one line per member. The last test of the module: the
     cluster keeps one node after it."""
     cluster = site.cluster
-    config = {"name": "node-loss", "storage.path": site.storage, **TINY, "training.epochs": 6,
+    config = {"name": "node-loss", "storage.path": site.storage, **TINY, "training.epochs": 5,
               "data.train_size": 256, "training.batch_size": 32, "resources.max_failures": 3,
               **{f"attacks.train.{n}.steps": 3 for n in NORMS}}  # fmt: skip
     proc = subprocess.Popen(
