@@ -146,11 +146,12 @@ def _pull(args: argparse.Namespace) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from orchestrator.registry.pull import pull
-    from orchestrator.registry.serve import serve
+    from orchestrator.registry.serve import listening, serve
 
+    sock = listening(args.host, args.port)  # a port in use is refused before the download
     pulled = pull(args.uri, args.dst, tracking_uri=_tracking_uri(args))
     max_body = int(args.max_body_mb * (1 << 20))
-    serve(pulled, args.host, args.port, args.verbose, max_body, args.max_rows)
+    serve(pulled, sock, args.verbose, max_body, args.max_rows)
     return 0
 
 

@@ -411,14 +411,14 @@ def test_served_model_answers_like_predict(
         stop(proc)
 
 
-def test_serve_refuses_a_port_in_use(server, tmp_path, members):
-    register(server, tmp_path, members, "psat-busy", 0.5)
+def test_serve_refuses_a_port_in_use_before_it_pulls(server, tmp_path):
+    """A port in use is refused first: a model that is not even registered is never looked up."""
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         proc = subprocess.run(
-            [str(BIN / "psat"), "serve", "models:/psat-busy/1", "--port", str(port)],
+            [str(BIN / "psat"), "serve", "models:/psat-never-registered/1", "--port", str(port)],
             capture_output=True, text=True, timeout=120, cwd=tmp_path,
             env=os.environ | {"MLFLOW_TRACKING_URI": server, "HOME": str(tmp_path)},
         )  # fmt: skip
@@ -429,51 +429,36 @@ def test_serve_refuses_a_port_in_use(server, tmp_path, members):
     )
 
 
-AGGREGATE = textwrap.dedent(
+REGISTER = textwrap.dedent(
     """
     import sys
-    from orchestrator.aggregate import aggregate
-    from orchestrator.config import parse_config
-    name, storage, uri, model, address, *dirs = sys.argv[1:]
-    job = parse_config({
-        "name": name,
-        "data": {"dataset": "digits", "eval_size": 8, "val_size": 16},
-        "model": {"arch": "resnet10", "embedding_dim": 4},
-        "attacks": {"eval": {n: {"steps": 1} for n in ("linf", "l2", "l1")}},
-        # registration is under test, not the attacks: one process evaluates every row
-        "evaluation": {"suite": "paper", "concurrent_chunks": 1},
-        "resources": {"cpus_per_worker": 1, "address": address},
-        "storage": {"path": storage},
-        "tracking": {"uri": uri, "experiment": "concurrent"},
-        "registry": {"model_name": model},
-    })
-    result = aggregate(job, dict(zip(("linf", "l2", "l1"), dirs)))
-    print("VERSION", result.registration.version, result.run_id)
+    from mlflow import MlflowClient
+    from orchestrator.registry.register import register_ensemble
+    name, uri, model, *dirs = sys.argv[1:]
+    client = MlflowClient(uri)
+    experiment = client.get_experiment_by_name("concurrent")
+    run_id = client.create_run(experiment.experiment_id, run_name=name).info.run_id
+    result = register_ensemble(dict(zip(("linf", "l2", "l1"), dirs)), model_name=model,
+                               run_id=run_id, trade_off=0.4, tracking_uri=uri)
+    print("VERSION", result.version, run_id)
     """
 )
 
 
 @pytest.mark.slow
-def test_concurrent_aggregations_register_distinct_versions(server, tmp_path, members, ray_address):
+def test_concurrent_registrations_get_distinct_versions(server, tmp_path, members):
+    """Two jobs' aggregations register the same model name at the same moment (two processes
+    on one tracking server): two versions, one per run, and both aliases set."""
+    MlflowClient(server).create_experiment("concurrent")
     dirs = [str(members[n]) for n in NORMS]
     procs = [
         subprocess.Popen(
-            [
-                sys.executable,
-                "-c",
-                AGGREGATE,
-                f"job-{i}",
-                str(tmp_path),
-                server,
-                "psat-conc",
-                ray_address,
-                *dirs,
-            ],  # fmt: skip
+            [sys.executable, "-c", REGISTER, f"job-{i}", server, "psat-conc", *dirs],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             cwd=tmp_path,
-        )
+        )  # fmt: skip
         for i in range(2)
     ]
     outputs = [proc.communicate(timeout=400)[0] for proc in procs]

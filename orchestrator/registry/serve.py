@@ -90,16 +90,8 @@ def _rows(request_json: dict) -> int:
     return len(data) if isinstance(data, list) else 0
 
 
-def serve(
-    pulled: PulledModel,
-    host: str,
-    port: int,
-    verbose: bool,
-    max_body: int,
-    max_rows: int,
-) -> None:
-    """Serve `pulled` on host:port until interrupted (`strict_app`'s bounds); a port in use is
-    a ValueError."""
+def listening(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port for `serve`; a port in use is a ValueError."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -107,7 +99,15 @@ def serve(
     except OSError as err:
         sock.close()
         raise ValueError(f"cannot listen on {host}:{port}: {err.strerror}; choose --port") from None
+    return sock
+
+
+def serve(
+    pulled: PulledModel, sock: socket.socket, verbose: bool, max_body: int, max_rows: int
+) -> None:
+    """Serve `pulled` on `sock` (`listening`) until interrupted (`strict_app`'s bounds)."""
     app = strict_app(scoring_model(pulled), max_body, max_rows)
     config = uvicorn.Config(app, log_level="info" if verbose else "warning")
+    host, port = sock.getsockname()[:2]
     print(f"serving {pulled.uri} at http://{host}:{port}/invocations", flush=True)
     uvicorn.Server(config).run(sockets=[sock])
