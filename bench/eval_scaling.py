@@ -13,6 +13,10 @@
     python bench/eval_scaling.py [--config jobs/configs/quickstart.yaml]
         [--members linf=DIR l2=DIR l1=DIR]   # default: train the config's members here
         [--chunk-images 10] [--set evaluation.suite=paper ...]
+    python bench/eval_scaling.py --reproduction --config jobs/configs/reproduce_digits.yaml
+        --set evaluation.suite=paper --set data.eval_size=60 --set training.epochs=1 ...
+        # (a) for the reproduction's rows: every model of its first seed trained here (the
+        # evaluation's cost hardly depends on how well), then its unique table rows
 """
 
 from __future__ import annotations
@@ -31,9 +35,10 @@ import ray
 import torch
 
 from orchestrator.config import load_config, parse_overrides
+from orchestrator.evaluation.reproduction import _unique
 from orchestrator.evaluation.rows import aggregation_rows
 from orchestrator.evaluation.tasks import evaluate_rows
-from orchestrator.reproduce import table_rows
+from orchestrator.reproduce import model_plans, table_rows
 from orchestrator.runtime.shards import materialize, read_arrays
 from orchestrator.training.fit import train_in_process
 from orchestrator.training.plan import psat_members
@@ -81,10 +86,11 @@ class CpuSampler:
         return sum(min(s) >= threshold for s in self.samples) / max(len(self.samples), 1)
 
 
-def train_members(job, root: Path) -> dict[str, str]:
-    """The config's PSAT members, trained here (one process each), as checkpoint folders."""
+def train_members(job, root: Path, plans=None) -> dict[str, str]:
+    """The config's PSAT members (or `plans`), trained here (one process each), as checkpoint
+    folders."""
     manifest = materialize(job, str(root / "data"), 1)
-    plans = psat_members(job)
+    plans = plans or psat_members(job)
     with ProcessPoolExecutor(os.cpu_count() or 1) as pool:
         states = {p.name: pool.submit(_train, job.model_dump(), manifest, p) for p in plans}
         return {p.name: _saved(job, p, states[p.name].result(), root) for p in plans}
@@ -105,11 +111,12 @@ def _saved(job, plan, state, root: Path) -> str:
     return str(folder)
 
 
-def evaluate_phase(job, members: dict[str, str], eval_uri: str) -> tuple[dict, float, CpuSampler]:
-    """The aggregation's rows on a fresh local Ray of this machine's cores."""
+def evaluate_phase(
+    job, members: dict[str, str], eval_uri: str, rows
+) -> tuple[dict, float, CpuSampler]:
+    """`rows` on a fresh local Ray of this machine's cores."""
     ray.init(num_cpus=os.cpu_count(), log_to_driver=False, logging_level=logging.WARNING)
     try:
-        rows = aggregation_rows(members, STRATEGIES)
         with CpuSampler() as cpu:
             started = time.perf_counter()
             results = evaluate_rows(job, rows, members, eval_uri, echo=lambda line: None)
@@ -126,11 +133,20 @@ def main() -> None:
     parser.add_argument("--chunk-images", type=int, default=10)
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--gpu-member-ms", type=float, nargs="+", default=[75.0, 113.0])
+    parser.add_argument("--reproduction", action="store_true", help="the reproduction's rows")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         job = load_config(args.config, parse_overrides(args.set) | {"storage": {"path": tmp}})
-        members = dict(m.split("=", 1) for m in args.members) or train_members(job, root)
+        if args.reproduction:
+            plans = [plan for plan in model_plans(job) if plan.seed == 0]
+            started = time.perf_counter()
+            members = train_members(job, root, plans)
+            print(f"trained {len(plans)} models in {time.perf_counter() - started:.0f} s")
+            rows = _unique(table_rows(job))
+        else:
+            members = dict(m.split("=", 1) for m in args.members) or train_members(job, root)
+            rows = aggregation_rows(members, STRATEGIES)
         eval_uri = materialize(job, str(root / "data"), 1)["eval"]
         images = len(read_arrays(eval_uri))
         print(f"{args.config}: {len(members)} members, {images} eval images, suite "
@@ -139,19 +155,25 @@ def main() -> None:
         for label, chunk in (("before", images), ("after", args.chunk_images)):
             evaluation = job.evaluation.model_copy(update={"chunk_images": chunk})
             chunked = job.model_copy(update={"evaluation": evaluation})
-            runs[label] = evaluate_phase(chunked, members, eval_uri)
-        print("\n(a) the evaluation phase: 5 rows")
+            runs[label] = evaluate_phase(chunked, members, eval_uri, rows)
+        kinds = (
+            f"{sum(r.strategy is None for r in rows)} single-model, "
+            + f"{sum(r.strategy is not None for r in rows)} ensemble"
+        )
+        print(f"\n(a) the evaluation phase: {len(rows)} rows ({kinds})")
         print("| run | chunks per row | wall | mean CPU busy | time every core busy | "
               "PSAT trade-off |")  # fmt: skip
+        psat = next(r.key for r in rows if r.strategy == "lowest_entropy")
         print("|---|---|---|---|---|---|")
         for label, (results, wall, cpu) in runs.items():
             chunk = images if label == "before" else args.chunk_images
             print(f"| {label} | {math.ceil(images / chunk)} | {wall:.0f} s | "
                   f"{100 * cpu.mean_busy():.0f}% | {100 * cpu.all_busy():.0f}% | "
-                  f"{100 * results['lowest_entropy'].row['trade_off']:.2f}% |")  # fmt: skip
+                  f"{100 * results[psat].row['trade_off']:.2f}% |")  # fmt: skip
         results = runs["after"][0]
-        member = [r.seconds / r.samples for k, r in results.items() if k.startswith("member.")]
-        ensemble = [r.seconds / r.samples for k, r in results.items() if "." not in k]
+        single = {r.key for r in rows if r.strategy is None}
+        member = [r.seconds / r.samples for k, r in results.items() if k in single]
+        ensemble = [r.seconds / r.samples for k, r in results.items() if k not in single]
         per_member, per_ensemble = sum(member) / len(member), sum(ensemble) / len(ensemble)
         ratio = per_ensemble / per_member
         print("\n(b) task seconds per image, this machine (1 thread per task)")
