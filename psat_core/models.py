@@ -9,6 +9,9 @@ BatchNorm layers and the final fully connected layer stay ordinary parameters.
 Models are built by name, timm style: `create_model("hyper_resnet50", num_classes=10,
 embedding_dim=128)`; `list_models()` names them all.
 
+Table 5's lightweight networks (`LIGHTWEIGHT`: MobileNetV1, MobileNetV3-Small/Large, GhostNet)
+are timm's, with the stem's stride set to 1 as the ResNets' stem has it (no pretrained weights).
+
 `NoiseGenerator` is AT_mng's meta noise generator (Madaan et al. 2021), trained beside a plain
 ResNet; it is no classifier and not in the registry.
 """
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from psat_core.hypernet import UNIT, HyperNetwork, tile_units
-from psat_core.settings import ARCHS
+from psat_core.settings import ARCHS, LIGHTWEIGHT
 
 INITS = ("fan_in", "shared")  # how generated layers start (HyperResNet)
 KERNEL_NORMS = ("none", "filter")  # generated kernels as generated, or per-filter unit norm
@@ -340,6 +343,30 @@ class NoiseGenerator(nn.Module):
         return self.convs[-1](out) + z[:, :, 1:-1, 1:-1]
 
 
+class Lightweight(nn.Module):
+    """A timm network behind the same `Normalize` as the ResNets; its stem's stride is 1 (timm's
+    is 2, for 224x224 images), so 8x8 digits and 32x32 CIFAR images keep a spatial map through
+    its four downsamplings, as the CIFAR ResNets' 3x3 stride-1 stem does."""
+
+    def __init__(
+        self,
+        timm_name: str,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        mean: Sequence[float] | None = None,
+        std: Sequence[float] | None = None,
+    ):
+        import timm  # only Table 5 needs it
+
+        super().__init__()
+        self.normalize = Normalize(mean or (0.0,) * in_channels, std or (1.0,) * in_channels)
+        self.net = timm.create_model(timm_name, num_classes=num_classes, in_chans=in_channels)
+        self.net.conv_stem.stride = (1, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(self.normalize(x))
+
+
 # --- registry (timm style) ---------------------------------------------------------------------
 
 BLOCKS: dict[str, type[BasicBlock | Bottleneck]] = {"basic": BasicBlock, "bottleneck": Bottleneck}
@@ -348,6 +375,8 @@ for _arch, (_kind, _layers) in ARCHS.items():
     _block = BLOCKS[_kind]
     _MODELS[_arch] = lambda b=_block, ls=_layers, **kw: ResNet(b, ls, **kw)
     _MODELS[f"hyper_{_arch}"] = lambda b=_block, ls=_layers, **kw: HyperResNet(b, ls, **kw)
+for _name, _timm in LIGHTWEIGHT.items():
+    _MODELS[_name] = lambda t=_timm, **kw: Lightweight(t, **kw)
 
 
 def list_models() -> list[str]:
@@ -366,7 +395,9 @@ def create_model(name: str, **kwargs) -> nn.Module:
     if hyper and "embedding_dim" not in kwargs:
         raise ValueError(f"{name} needs embedding_dim (a positive integer)")
     if not hyper and ("embedding_dim" in kwargs or "reduction" in kwargs):
-        raise ValueError(f"{name} is a plain ResNet: embedding_dim/reduction apply to hyper_{name}")
+        raise ValueError(
+            f"{name} is a plain network: embedding_dim/reduction apply to hyper_ models"
+        )
     return _MODELS[name](**kwargs)
 
 

@@ -31,6 +31,13 @@ ARCHS: dict[str, tuple[str, tuple[int, ...]]] = {
     "resnet34": ("basic", (3, 4, 6, 3)),
     "resnet50": ("bottleneck", (3, 4, 6, 3)),
 }
+# Table 5's lightweight networks: psat's name -> timm's model (1.5-4.2M parameters, as the paper's)
+LIGHTWEIGHT = {
+    "mobilenet_v1": "mobilenetv1_100",
+    "mobilenet_v3_small": "mobilenetv3_small_100",
+    "mobilenet_v3_large": "mobilenetv3_large_100",
+    "ghostnet": "ghostnet_100",
+}
 
 
 def invalid(owner: str, field: str, value: object, allowed: str) -> ValueError:

@@ -6,6 +6,8 @@
     avg  mean loss over the norms (eq. 6)
     msd  multi steepest descent (eq. 7)
     mng  meta noise generation with adversarial consistency (AT_mng; Madaan et al. 2021)
+    sat  stochastic adversarial training: one norm's PGD drawn per batch (Table 5's
+         lightweight networks, as in Madaan et al. 2021)
 
 A hypernetwork member generates its conv weights once per parameter update: the attack
 iterations reuse them detached, and the training forward uses the same tensors with their graph.
@@ -45,22 +47,24 @@ TrainingInputs = Callable[[nn.Module, Tensor, Tensor], list[Tensor]]
 @dataclass(frozen=True)
 class TrainingMethod:
     """A registered training method: `build(attacks, in_channels=, device=)` returns its
-    `Method`; `multi_norm`: a Table 1 baseline trained against every norm at once."""
+    `Method`; `multi_norm`: trained against every norm at once; `table1`: one of Table 1's
+    multi-norm baselines (SAT is Table 5's)."""
 
     name: str
     build: Callable[..., Method]
     multi_norm: bool
+    table1: bool
 
 
 # name -> method, in registration order: the reproduction trains every multi-norm one (Table 1)
 METHODS: dict[str, TrainingMethod] = {}
 
 
-def register_method(name: str, multi_norm: bool = False):
+def register_method(name: str, multi_norm: bool = False, table1: bool = True):
     """Register a training method under `name` (timm's `register_model`, for methods)."""
 
     def register(build: Callable[..., Method]) -> Callable[..., Method]:
-        METHODS[name] = TrainingMethod(name, build, multi_norm)
+        METHODS[name] = TrainingMethod(name, build, multi_norm, multi_norm and table1)
         return build
 
     return register
@@ -127,6 +131,14 @@ def steepest_descent(attacks: Mapping[str, AttackConfig], **_) -> TrainingInputs
         step_sizes={norm: cfg.step_size for norm, cfg in attacks.items()},
     )
     return lambda model, x, y: [msd(model, x, y)]
+
+
+@register_method("sat", multi_norm=True, table1=False)
+def stochastic(attacks: Mapping[str, AttackConfig], **_) -> TrainingInputs:
+    """SAT: each batch against one norm's PGD, drawn uniformly (torch's global generator, seeded
+    by the training loop): one attack's cost per batch for any number of norms."""
+    pgds = list(_pgds(attacks).values())
+    return lambda model, x, y: [pgds[int(torch.randint(len(pgds), ()))].last_iterate(model, x, y)]
 
 
 ATTACK_BN = ("running", "batch")  # `crafted_on`

@@ -1,5 +1,6 @@
 """One model's training without Ray (`orchestrator.training.fit`), as each worker runs it."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ PLANS = [
     ModelPlan("linf", "at", ("linf",), 4),  # a PSAT member
     ModelPlan("at_msd", "msd", NORMS, None),
     ModelPlan("at_mng", "mng", NORMS, None),
+    ModelPlan("sat_mobilenet_v3_small", "sat", NORMS, None, "mobilenet_v3_small"),  # Table 5
 ]
 
 
@@ -122,6 +124,27 @@ def test_optimizer_groups_follow_the_config_and_resume(job, digits, tmp_path, ge
     torch.testing.assert_close(
         fit.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
     )
+
+
+def test_a_plans_seed_is_its_models_initialization_batches_and_attacks(job, digits):
+    """`reproduce.seeds`: the same plan and seed train the same weights; another seed (the
+    same `training.seed`) others, as `training.seed` + 1 would."""
+    train, _ = digits
+    nets = {}
+    for name, plan, base in (("first", PLANS[0], 0), ("again", PLANS[0], 0),
+                             ("seed 1", replace(PLANS[0], seed=1), 0),
+                             ("training.seed 1", PLANS[0], 1)):  # fmt: skip
+        seeded = parse_config(deep_merge(job.model_dump(), {"training": {"seed": base}}))
+        torch.manual_seed(plan.training_seed(seeded))  # as train_in_process and each worker
+        fit = Fit.build(seeded, plan, steps_per_epoch=1, device=torch.device("cpu"))
+        fit.train_epoch(train, epoch=0)
+        nets[name] = list(fit.net.state_dict().values())
+
+    def same(a: str, b: str) -> bool:
+        return all(torch.equal(x, y) for x, y in zip(nets[a], nets[b], strict=True))
+
+    assert same("first", "again") and same("seed 1", "training.seed 1")
+    assert not same("first", "seed 1")
 
 
 def test_the_chosen_report_is_the_best_trade_off_the_later_of_a_tie():

@@ -3,6 +3,8 @@ registry): a new baseline method is one `register_method` in psat_core.steps."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -90,5 +92,25 @@ def test_table1_trains_the_multi_norm_methods_registered():
 
 
 def test_an_unknown_method_names_the_registered_ones():
-    with pytest.raises(ValueError, match="allowed: nat, at, max, avg, msd, mng"):
+    with pytest.raises(ValueError, match="allowed: nat, at, max, avg, msd, sat, mng"):
         training_inputs("fgsm", {})
+
+
+def test_sat_trains_each_batch_against_one_norm_drawn_at_random():
+    """SAT (Table 5): one PGD per batch, its norm drawn uniformly; radii far apart tell which
+    norm's ball each example lies in."""
+    configs = attack_defaults("digits", "train")
+    radii = {"linf": 0.01, "l2": 0.3, "l1": 4.0}
+    attacks = {n: replace(configs[n], eps=radii[n]) for n in NORMS}
+    method = training_inputs("sat", attacks)
+    model = create_model("resnet10", num_classes=10, in_channels=1).eval()
+    x, y = torch.rand(8, 1, 8, 8) * 0.5 + 0.25, torch.randint(10, (8,))
+    torch.manual_seed(0)
+    drawn = []
+    for _ in range(24):
+        (example,) = method(model, x, y)
+        delta = (example - x).flatten(1)
+        linf, l2 = delta.abs().amax(1).max(), delta.norm(dim=1).max()
+        drawn.append("linf" if linf <= 0.0101 else "l2" if l2 <= 0.3001 else "l1")
+        assert delta.abs().sum(1).max() <= 4.0 + 1e-3  # inside every radius' largest ball
+    assert set(drawn) == set(NORMS), drawn

@@ -12,9 +12,10 @@ from psat_core.models import (
     create_model,
     list_models,
 )
+from psat_core.settings import LIGHTWEIGHT
 
 MODELS = list_models()  # every registered entry point, timm style
-ARCHS = [name for name in MODELS if not name.startswith("hyper_")]
+ARCHS = [name.removeprefix("hyper_") for name in MODELS if name.startswith("hyper_")]
 
 
 def build(name: str, **kwargs) -> nn.Module:
@@ -181,7 +182,7 @@ def test_pinned_weights_are_used_in_both_modes():
 def test_hyper_resnet18_overfits_one_batch():
     torch.manual_seed(0)
     model = create_model("hyper_resnet18", num_classes=10, embedding_dim=16)
-    x, y = torch.rand(16, 3, 16, 16), torch.arange(16) % 10  # 16x16: the same net, 4x faster
+    x, y = torch.rand(16, 3, 8, 8), torch.arange(16) % 10  # 8x8: the same net, 16x faster
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     losses = []
     for _ in range(40):
@@ -193,9 +194,9 @@ def test_hyper_resnet18_overfits_one_batch():
     assert losses[-1] < 0.1 * losses[0]
 
 
-def test_registry_lists_plain_and_hyper_variants():
+def test_registry_lists_plain_and_hyper_variants_and_the_lightweight_networks():
     assert ARCHS == ["resnet10", "resnet18", "resnet34", "resnet50"]
-    assert sorted(ARCHS + [f"hyper_{arch}" for arch in ARCHS]) == MODELS
+    assert sorted(ARCHS + [f"hyper_{arch}" for arch in ARCHS] + list(LIGHTWEIGHT)) == MODELS
     assert isinstance(create_model("hyper_resnet10", embedding_dim=4), HyperResNet)
 
 
@@ -211,7 +212,7 @@ def test_generated_conv_outside_its_model_is_an_error():
         ({"name": "hyper_resnet18", "embedding_dim": 0}, "embedding_dim must be a positive"),
         ({"name": "hyper_resnet18", "embedding_dim": -3}, "got -3"),
         ({"name": "hyper_resnet18"}, "needs embedding_dim"),
-        ({"name": "resnet18", "embedding_dim": 8}, "plain ResNet"),
+        ({"name": "resnet18", "embedding_dim": 8}, "plain network"),
         (
             {"name": "hyper_resnet18", "embedding_dim": 8, "widths": (64, 96, 256, 512)},
             "divisible by 64, got 64->96",
@@ -337,3 +338,28 @@ def test_a_damaged_safetensors_file_is_one_error_naming_it(tmp_path):
         path.write_bytes(damaged)
         with pytest.raises(ValueError, match=f"^{path}: not a loadable safetensors file"):
             read_safetensors(path)
+
+
+# Table 5's "# of Paras" (CIFAR-10: 10 classes, 3 channels), in millions
+TABLE5 = {"mobilenet_v1": 3.20, "mobilenet_v3_small": 1.53, "mobilenet_v3_large": 4.21,
+          "ghostnet": 3.91}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", LIGHTWEIGHT)
+def test_a_lightweight_network_is_timms_with_the_papers_size_and_a_stride_1_stem(name):
+    """Table 5's networks: timm's architecture, the paper's parameter count on CIFAR-10, and a
+    stride-1 stem (timm's is 2, for 224x224 images)."""
+    import timm
+
+    model = create_model(name, num_classes=10, in_channels=3)
+    # timm's MobileNetV1 has 3.22M: the paper's 3.20M within 1%, the others to the digit
+    assert count_parameters(model) / 1e6 == pytest.approx(TABLE5[name], rel=0.01)
+    reference = timm.create_model(LIGHTWEIGHT[name], num_classes=10, in_chans=3)
+    assert count_parameters(model) == count_parameters(reference)
+    assert model.net.conv_stem.stride == (1, 1) and reference.conv_stem.stride == (2, 2)
+    model = create_model(name, num_classes=10, in_channels=1, mean=(0.5,), std=(0.25,))
+    x = torch.rand(2, 1, 8, 8)
+    model.eval()
+    torch.testing.assert_close(model(x), model.net((x - 0.5) / 0.25))  # inputs stay in [0, 1]
+    with pytest.raises(ValueError, match="plain network"):
+        create_model(name, num_classes=10, in_channels=1, embedding_dim=8)

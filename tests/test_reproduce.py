@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -12,7 +13,8 @@ from helpers import ROOT
 
 from orchestrator.config import deep_merge, parse_config
 from orchestrator.evaluation.claims import claims_table, judged_protocols, paper_claims
-from orchestrator.reproduce import model_plans, table_rows
+from orchestrator.reproduce import model_plans, seeded, table_rows
+from psat_core.settings import LIGHTWEIGHT
 
 
 def test_every_method_gets_the_same_budget_and_architecture():
@@ -27,7 +29,14 @@ def test_every_method_gets_the_same_budget_and_architecture():
         "avg",
         "msd",
         "mng",
+        "sat",
     }
+    # Table 5: every lightweight network, SAT against every norm, one seed: no suffix
+    lightweight = {n: p for n, p in plans.items() if p.method == "sat"}
+    assert {p.arch for p in lightweight.values()} == set(LIGHTWEIGHT)
+    assert {p.norms for p in lightweight.values()} == {("linf", "l2", "l1")}
+    assert all(p.seed == 0 and p.spec(job).arch == "resnet18" for p in plans.values()
+               if p.method != "sat")  # fmt: skip
     assert (
         plans["at_max"].norms
         == plans["at_mng"].norms
@@ -46,6 +55,34 @@ def test_every_method_gets_the_same_budget_and_architecture():
     assert tables["table3"][-1].models == (*psat.models, "h16_nat")
     assert tables["table4"][0] is psat and tables["table4"][1].strategy == "average"
     assert [r.key for r in tables["figure2"]] == ["psat_z4", "psat_z16"]
+    assert [(r.key, r.label) for r in tables["table2"]] == [("psat_z4", "PSAT z=4"),
+                                                            ("psat_z16", "PSAT z=16")]  # fmt: skip
+    table5 = tables["table5"]
+    assert [(r.key, r.label) for r in table5[:2]] == [
+        ("sat_mobilenet_v1", "MobileNetV1 (SAT)"),
+        ("sat_mobilenet_v3_small", "MobileNetV3-Small (SAT)"),
+    ]
+    assert table5[-1] is psat and len(table5) == 5
+    assert all(lightweight[r.key].spec(job).arch == r.key.removeprefix("sat_") for r in table5[:-1])
+
+
+def test_every_model_is_trained_and_every_row_evaluated_once_per_seed():
+    job = parse_config({
+        "name": "r", "model": {"embedding_dim": 8},
+        "reproduce": {"embedding_dims": [8], "seeds": 3, "lightweight": ["ghostnet"]},
+    })  # fmt: skip
+    plans = model_plans(job)
+    first = [p for p in plans if p.seed == 0]
+    assert len(plans) == 3 * len(first)
+    for seed, suffix in ((1, "_s1"), (2, "_s2")):
+        again = [p for p in plans if p.seed == seed]
+        assert [p.name for p in again] == [p.name + suffix for p in first]
+        assert [replace(p, name=f.name, seed=0) for p, f in zip(again, first, strict=True)] == first
+        assert {p.training_seed(job) for p in again} == {job.training.seed + seed}
+    psat = table_rows(job)["table1"][-1]
+    assert seeded(psat, 2) == replace(psat, key="psat_z8_s2", models=("h8_linf_s2", "h8_l2_s2",
+                                                                      "h8_l1_s2"))  # fmt: skip
+    assert seeded(psat, 0) == psat
 
 
 def test_each_models_run_records_its_own_plan(tmp_path):
@@ -54,12 +91,18 @@ def test_each_models_run_records_its_own_plan(tmp_path):
 
     job = parse_config({
         "name": "r", "model": {"embedding_dim": 16}, "reproduce": {"embedding_dims": [2, 16]},
-        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "tracking": {"uri": f"sqlite:///{tmp_path / 'mlflow.db'}"}, "training": {"seed": 5},
     })  # fmt: skip
     tracker = Tracker(job)
+    seeds = job.model_copy(update={"reproduce": job.reproduce.model_copy(update={"seeds": 2})})
+    (second,) = [p for p in model_plans(seeds) if p.name == "at_max_s1"]
+    assert plan_params(tracker, second)["training.seed"] == "6"
     for plan in model_plans(job):  # Figure 2's members their own embedding dimension
         params = plan_params(tracker, plan)
         dim = "none (plain ResNet)" if plan.embedding_dim is None else str(plan.embedding_dim)
+        if plan.arch:  # Table 5's lightweight networks: their own architecture
+            dim = "none (plain network)"
+            assert params["model.arch"] == plan.arch != job.model.arch
         assert params["model.embedding_dim"] == dim
         norms = ",".join(plan.norms) or "none"
         assert (params["plan.method"], params["plan.norms"]) == (plan.method, norms)
@@ -86,7 +129,7 @@ def test_claims_are_judged_by_a_paired_bootstrap(delta, nat_avg, outcome):
     scores = {row.key: _scores() for rows in tables.values() for row in rows}
     scores["psat_z8"] = _scores(trade_off=0.4 + delta, max=0.2 + delta)
     scores["psat_z8_nat"] = _scores(avg=nat_avg)  # PSAT's avg: 0.3, halved 0.15
-    claims = [c for c in paper_claims(scores, tables) if c.table != "Table 6"]  # below
+    claims = [c for c in paper_claims(scores, tables) if c.table not in ("Table 5", "Table 6")]
     assert len(claims) == 1 + 4 + 1 + 1  # best member, max/avg/msd/mng, + H_NAT, Table 4
     assert [claim.outcome for claim in claims] == [outcome] * len(claims)
     for claim in claims:
@@ -141,7 +184,7 @@ def test_claims_are_judged_once_when_the_suite_is_the_papers():
     claims = [c for p in judged_protocols(job) for c in paper_claims(scores, tables, p)]
     header, _, *rows = claims_table(claims)
     assert header == "| Table | Claim | the paper's protocol |"
-    assert len(rows) == len(claims) == 7 + 5  # and Table 6's
+    assert len(rows) == len(claims) == 7 + 4 + 5  # and Tables 5 and 6's
 
 
 @pytest.mark.parametrize(
@@ -149,6 +192,8 @@ def test_claims_are_judged_once_when_the_suite_is_the_papers():
     [
         ({"reproduce": {"embedding_dims": [0, 8]}}, "reproduce.embedding_dims"),
         ({"reproduce": {"concurrent_trainers": 0}}, "reproduce.concurrent_trainers"),
+        ({"reproduce": {"seeds": 0}}, "reproduce.seeds"),
+        ({"reproduce": {"lightweight": ["mobilenet_v2"]}}, "reproduce.lightweight"),
         ({"evaluation": {"gate_temperature": -1}}, "evaluation.gate_temperature"),
         ({"evaluation": {"adaptve": True}}, "evaluation.adaptve"),
     ],
@@ -190,3 +235,49 @@ def test_member_parity_honours_or_refuses_every_h_only_setting(tmp_path):
         "member_parity.py: error: --h-set data.eval_size: AT and H share it (data, seeds, the "
         "evaluation, where runs go); set it for both with --set\n"
     )
+
+
+def test_a_report_over_seeds_shows_their_mean_and_spread_and_judges_over_both(agg_rows, tmp_path):
+    """`reproduce.seeds: 2`, each row's two seeds two real evaluated rows (conftest's
+    `agg_rows`): every table cell is the seeds' mean ± their standard deviation, results.json
+    keeps each seed's row, and each verdict is the two-stage bootstrap's over (seeds, images)."""
+    import json
+    import statistics
+
+    from orchestrator.evaluation.claims import judge
+    from orchestrator.evaluation.report import COLUMNS
+    from orchestrator.evaluation.reproduction import Seeded, write_report
+
+    evaluated, _, _ = agg_rows
+    job = parse_config({
+        "name": "r", "data": {"dataset": "digits"},
+        "model": {"arch": "resnet10", "embedding_dim": 8},
+        "reproduce": {"embedding_dims": [8], "seeds": 2, "lightweight": ["ghostnet"],
+                      "nat_member": False},
+    })  # fmt: skip
+    tables = table_rows(job)
+    pairs = {None: ("member.linf", "member.l2"), "lowest_entropy": ("lowest_entropy", "average"),
+             "average": ("average", "lowest_entropy")}  # fmt: skip
+    results = {row.key: Seeded([evaluated[k] for k in pairs[row.strategy]])
+               for rows in tables.values() for row in rows}  # fmt: skip
+    claims = write_report(job, tables, results, tmp_path)
+
+    table1 = (tmp_path / "table1.md").read_text().splitlines()
+    psat = next(line for line in table1 if line.startswith("| PSAT |"))
+    first, second = (evaluated[k].row for k in pairs["lowest_entropy"])
+    for c, cell in zip(COLUMNS, psat.split("|")[2:], strict=False):
+        mean, sd = (first[c] + second[c]) / 2, statistics.stdev([first[c], second[c]])
+        assert cell.strip() == f"{100 * mean:.2f}% ± {100 * sd:.2f}"
+    assert "standard deviation over seeds" in (tmp_path / "report.md").read_text()
+    payload = json.loads((tmp_path / "results.json").read_text())
+    assert payload["seeds"] == 2
+    assert payload["results"]["psat_z8_s1"]["row"] == second
+    assert payload["results"]["psat_z8"]["row"] == first
+    (lightweight,) = [c for c in claims if c.table == "Table 5" and c.protocol == "paper"]
+    ours = results["psat_z8"].examples("paper")["trade_off"]
+    assert ours.shape == (2, len(evaluated["average"].scores["paper"]["trade_off"]))
+    theirs = results["sat_ghostnet"].examples("paper")["trade_off"]
+    outcome, difference, low, high = judge(ours, theirs)
+    assert (lightweight.outcome, lightweight.low, lightweight.high) == (outcome, low, high)
+    assert lightweight.text == "PSAT's trade-off beats GhostNet (SAT)"
+    assert {f"table{i}.md" for i in range(1, 7)} <= {p.name for p in tmp_path.iterdir()}

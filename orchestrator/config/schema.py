@@ -27,6 +27,7 @@ from orchestrator.config.locations import absolute
 from psat_core.settings import (
     ARCHS,
     DATASETS,
+    LIGHTWEIGHT,
     NORMS,
     PHASES,
     SCHEDULES,
@@ -367,15 +368,21 @@ class SweepConfig(Section):
 
 
 class ReproduceConfig(Section):
-    """The reproduction job: Table 1's baselines, PSAT, Table 3's H_NAT, Figure 2's dimensions.
+    """The reproduction job: Table 1's baselines, PSAT, Table 3's H_NAT, Figure 2's dimensions,
+    Table 5's lightweight networks, each trained `seeds` times.
 
     Figure 2 trains a PSAT at every dimension of `embedding_dims` and at `model.embedding_dim`
-    (Tables 1, 3 and 4's). `concurrent_trainers` bounds how many models train at once (default:
-    as many as the cluster's CPUs, or GPUs with `resources.use_gpu`, hold).
+    (Tables 1, 3 and 4's). Table 5 trains each of `lightweight` with SAT (one norm's attack per
+    batch). `seeds`: every model is trained with `training.seed` + 0, 1, ..., seeds - 1; tables
+    show the mean over seeds, verdicts resample seeds and images. `concurrent_trainers` bounds
+    how many models train at once (default: as many as the cluster's CPUs, or GPUs with
+    `resources.use_gpu`, hold).
     """
 
     embedding_dims: list[int] = [8, 16]
     nat_member: bool = True
+    lightweight: list[str] = list(LIGHTWEIGHT)
+    seeds: int = Field(1, gt=0)
     concurrent_trainers: int | None = Field(None, gt=0)
     output: str = "./psat_reproduce"
 
@@ -384,6 +391,13 @@ class ReproduceConfig(Section):
     def _positive(cls, value: list[int]) -> list[int]:
         if not value or any(dim <= 0 for dim in value):
             raise ValueError(f"needs at least one positive dimension, got {value}")
+        return value
+
+    @field_validator("lightweight")
+    @classmethod
+    def _known_lightweight(cls, value: list[str]) -> list[str]:
+        for name in value:
+            _one_of("lightweight network", name, LIGHTWEIGHT)
         return value
 
 

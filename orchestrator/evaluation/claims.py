@@ -36,7 +36,8 @@ def judged_protocols(job: JobConfig) -> tuple[str, ...]:
 class Claim:
     """One qualitative claim of the paper, checked against this run's numbers under one of
     the :data:`PROTOCOLS`: ``difference`` (points; positive means the claim's side is ahead)
-    and its 95% interval from a paired bootstrap over the evaluation images. It holds when the
+    and its 95% interval from a paired bootstrap over the training seeds and evaluation images.
+    It holds when the
     whole interval is above zero, does not hold when it is below, else it is inconclusive."""
 
     table: str
@@ -59,8 +60,9 @@ class Claim:
 
 
 def judge(ours: torch.Tensor, theirs: torch.Tensor) -> tuple[str, float, float, float]:
-    """Whether ``ours`` beats ``theirs`` (per-image scores on the same images): the outcome,
-    the difference in points and its 95% paired-bootstrap interval."""
+    """Whether ``ours`` beats ``theirs`` (per-image scores on the same images, and seeds): the
+    outcome, the difference in points and its 95% paired-bootstrap interval (seeds resampled,
+    then images: `paired_bootstrap`)."""
     difference, low, high = (100 * v for v in paired_bootstrap(ours, theirs))
     outcome = OUTCOMES[0] if low > 0 else OUTCOMES[1] if high < 0 else OUTCOMES[2]
     return outcome, difference, low, high
@@ -72,7 +74,8 @@ def paper_claims(
     protocol: str = "full",
 ) -> list[Claim]:
     """The paper's comparisons, each judged here (scores: row key -> Table 1's columns image
-    by image under `protocol`, every row on the same images)."""
+    by image under `protocol`, ``(images,)`` or ``(seeds, images)``, every row on the same
+    images and seeds)."""
     psat = tables["table1"][-1]
     claims = []
 
@@ -107,6 +110,8 @@ def paper_claims(
         )
     average = tables["table4"][1]
     beats("Table 4", "lowest-entropy beats average inference on max", average, "max")
+    for row in tables.get("table5", [])[:-1]:  # the lightweight networks, PSAT last
+        beats("Table 5", f"PSAT's trade-off beats {row.label}", row, "trade_off")
     direct = tables["table6"][1]
     ceiling = scores[direct.key]["trade_off"]
     for row in tables["table1"]:

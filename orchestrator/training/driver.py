@@ -159,7 +159,8 @@ def _record(tracker: Tracker, parent: str, run_id: str, result: dict) -> None:
 
 def plan_params(tracker: Tracker, plan: ModelPlan) -> dict[str, str]:
     """A model's run params: the job's, with what its plan sets itself (a Figure 2 member's
-    embedding dimension, a baseline's method and norms, no embedding for a plain ResNet)."""
+    embedding dimension, a baseline's method and norms, no embedding for a plain network, a
+    lightweight network's architecture, a seed's training seed)."""
     own = {
         "model.embedding_dim": "none (plain ResNet)"
         if plan.embedding_dim is None
@@ -167,6 +168,10 @@ def plan_params(tracker: Tracker, plan: ModelPlan) -> dict[str, str]:
         "plan.method": plan.method,
         "plan.norms": ",".join(plan.norms) or "none",
     }
+    if plan.arch is not None:
+        own |= {"model.arch": plan.arch, "model.embedding_dim": "none (plain network)"}
+    if plan.seed:
+        own["training.seed"] = str(plan.training_seed(tracker.job))
     return tracker.params() | own
 
 

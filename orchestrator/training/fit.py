@@ -99,7 +99,7 @@ class Fit:
             self.method,
             batch_size=cfg.batch_size,
             steps=self.steps_per_epoch,
-            seed=cfg.seed + epoch,
+            seed=self.plan.training_seed(self.job) + epoch,
             augment=self.job.dataset.augment,
             amp=cfg.amp,
             attack_bn=cfg.attack_bn,
@@ -190,7 +190,7 @@ def train_in_process(
     """Train `plan`'s model in this process, validating every epoch as the workers do (each
     epoch's training and validation metrics go to `on_epoch`); returns the finished `Fit`
     (its `net` holds the chosen epoch's weights, `training.checkpoint`)."""
-    torch.manual_seed(job.training.seed)
+    torch.manual_seed(plan.training_seed(job))
     steps = steps_per_epoch([len(train)], 1, job.training.batch_size)
     fit = Fit.build(job, plan, steps, torch.device(device))
     reports: list[dict] = []

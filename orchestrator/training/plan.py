@@ -17,12 +17,20 @@ OBJECTIVE = "objective"  # the metric holding `ModelPlan.objective`'s value
 @dataclass(frozen=True)
 class ModelPlan:
     """One model to train: its run name, training method (eq. 5-9), the norms it trains
-    against, and its embedding dimension (None: a plain ResNet)."""
+    against, its embedding dimension (None: a plain network), its architecture (None:
+    `model.arch`; Table 5's lightweight networks name theirs) and its training seed's offset
+    from `training.seed` (the reproduction's `reproduce.seeds`)."""
 
     name: str
     method: str
     norms: tuple[str, ...]
     embedding_dim: int | None
+    arch: str | None = None
+    seed: int = 0
+
+    def training_seed(self, job: JobConfig) -> int:
+        """The seed of this model's initialization, batches and attacks."""
+        return job.training.seed + self.seed
 
     @property
     def objective(self) -> str:
@@ -33,7 +41,7 @@ class ModelPlan:
         """The checkpoint spec of this plan's model under `job`."""
         info = job.dataset
         return MemberSpec(
-            arch=job.model.arch,
+            arch=self.arch or job.model.arch,
             num_classes=info.num_classes,
             in_channels=info.in_channels,
             mean=tuple(info.mean),
@@ -58,7 +66,7 @@ def psat_members(
 
 
 # Table 1's multi-norm baselines (eq. 5-7, MNG-AC): every method registered as one
-MULTI_NORM = tuple(name for name, method in METHODS.items() if method.multi_norm)
+MULTI_NORM = tuple(name for name, method in METHODS.items() if method.table1)
 
 
 def figure_dims(job: JobConfig) -> list[int]:

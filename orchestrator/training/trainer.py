@@ -58,7 +58,7 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.set_num_threads(job.resources.torch_threads)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    torch.manual_seed(job.training.seed + rank)
+    torch.manual_seed(plan.training_seed(job) + rank)
     steps = steps_per_epoch(manifest["shard_sizes"], world, job.training.batch_size)
     device, placement = worker_device()
     prepare = partial(ray.train.torch.prepare_model, move_to_device=device)  # DDP if several

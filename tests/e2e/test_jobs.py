@@ -32,9 +32,9 @@ from orchestrator.runtime.tracking import Tracker, tracking
 from psat_core.checkpoint import ensemble_from_checkpoints
 from psat_core.data import load_dataset
 from psat_core.metrics import standard_error
-from psat_core.models import NoiseGenerator, count_parameters
+from psat_core.models import NoiseGenerator, count_parameters, create_model
 
-TABLE_FILES = ("table1", "table3", "table4", "table6")  # the reproduction's, as .md and .png
+TABLE_FILES = tuple(f"table{i}" for i in range(1, 7))  # the reproduction's, as .md and .png
 
 
 # ----------------------------------------------------- the quickstart: psat run, then psat evaluate
@@ -222,8 +222,13 @@ def test_tiny_reproduction_end_to_end(shared_ray, tiny_job, tmp_path):
         tiny_job(
             "repro",
             data={"train_size": 64, "val_size": 16, "eval_size": 8},
-            training={"epochs": 1, "members": ["linf", "l1"]},  # two norms: 10 models
-            reproduce={"embedding_dims": [4], "concurrent_trainers": 4, "output": str(out)},
+            training={"epochs": 1, "members": ["linf", "l1"]},  # two norms: 11 models
+            reproduce={
+                "embedding_dims": [4],
+                "concurrent_trainers": 4,
+                "output": str(out),
+                "lightweight": ["mobilenet_v3_small"],
+            },  # fmt: skip
         )
     )
     lines: list[str] = []
@@ -247,6 +252,8 @@ def test_tiny_reproduction_end_to_end(shared_ray, tiny_job, tmp_path):
     models = client.search_runs([run.info.experiment_id], "tags.`psat.role` = 'model'")
     params = {m.info.run_name.removeprefix("repro-"): m.data.params for m in models}
     assert len(params) == 10
+    assert params["sat_mobilenet_v3_small"]["model.arch"] == "mobilenet_v3_small"
+    assert params["sat_mobilenet_v3_small"]["plan.norms"] == "linf,l1"
     assert params["h4_l1"]["model.embedding_dim"] == "4"
     assert params["at_max"]["model.embedding_dim"] == "none (plain ResNet)"
     assert (params["at_max"]["plan.method"], params["at_l1"]["plan.norms"]) == ("max", "l1")
@@ -275,6 +282,13 @@ def test_tiny_reproduction_end_to_end(shared_ray, tiny_job, tmp_path):
     generator = count_parameters(NoiseGenerator(1))
     assert results["at_mng"]["parameters"] == payload["plain_parameters"] + generator
     assert int(table1["AT_mng"][len(COLUMNS)].replace(",", "")) == results["at_mng"]["parameters"]
+    # Table 5: the lightweight network beside PSAT, its parameters timm's
+    table5 = _cells((folder / "table5.md").read_text())
+    light = count_parameters(create_model("mobilenet_v3_small", num_classes=10, in_channels=1))
+    assert results["sat_mobilenet_v3_small"]["parameters"] == light
+    assert table5["MobileNetV3-Small (SAT)"][len(COLUMNS)] == f"{light:,}"
+    # Table 2: PSAT at each dimension with its accuracies
+    assert list(_cells((folder / "table2.md").read_text())) == ["PSAT z=4"]
     # Table 6: the two AT specialists aggregated directly, twice the plain ResNet's parameters
     table6 = _cells((folder / "table6.md").read_text())
     assert results["direct_average"]["parameters"] == 2 * payload["plain_parameters"]
