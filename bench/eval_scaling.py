@@ -4,7 +4,8 @@
     strategies) on this machine's Ray, before (one task per row: `evaluation.chunk_images` =
     the eval split) and after (chunks of `--chunk-images`), each in a fresh Ray: wall time,
     the mean CPU use and the share of time every core is busy (/proc/stat, sampled).
-(b) Per-image cost of each row kind (task seconds per image, from (a)'s chunked run), and from
+(b) Per-image cost of each row kind (task seconds per image, from (a)'s run of one task per row:
+    batches as large as the row allows, as on a GPU cluster's 256-image chunks), and from
     them a *prediction* of `cifar10.yaml`'s evaluation (aggregation: 3 member + 2 ensemble
     rows; reproduction: its table rows) on 1, 4 and 8 GPUs. The GPU per-image cost of a member
     row is an input (`--gpu-member-ms`; default: the issue's H200 measurement, 75 and 113 ms),
@@ -12,7 +13,7 @@
 
     python bench/eval_scaling.py [--config jobs/configs/quickstart.yaml]
         [--members linf=DIR l2=DIR l1=DIR]   # default: train the config's members here
-        [--chunk-images 10] [--set evaluation.suite=paper ...]
+        [--chunk-images 25 10] [--set evaluation.suite=paper ...]
     python bench/eval_scaling.py --reproduction --config jobs/configs/reproduce_digits.yaml
         --set evaluation.suite=paper --set data.eval_size=60 --set training.epochs=1 ...
         # (a) for the reproduction's rows: every model of its first seed trained here (the
@@ -130,7 +131,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="jobs/configs/quickstart.yaml")
     parser.add_argument("--members", nargs="*", default=[], help="name=DIR ...")
-    parser.add_argument("--chunk-images", type=int, default=10)
+    parser.add_argument("--chunk-images", type=int, nargs="+", default=[25])
     parser.add_argument("--set", action="append", default=[])
     parser.add_argument("--gpu-member-ms", type=float, nargs="+", default=[75.0, 113.0])
     parser.add_argument("--reproduction", action="store_true", help="the reproduction's rows")
@@ -152,7 +153,8 @@ def main() -> None:
         print(f"{args.config}: {len(members)} members, {images} eval images, suite "
               f"{job.evaluation.suite}, {os.cpu_count()} cores", flush=True)  # fmt: skip
         runs = {}
-        for label, chunk in (("before", images), ("after", args.chunk_images)):
+        chunks = {"before": images} | {f"after ({c})": c for c in args.chunk_images}
+        for label, chunk in chunks.items():
             evaluation = job.evaluation.model_copy(update={"chunk_images": chunk})
             chunked = job.model_copy(update={"evaluation": evaluation})
             runs[label] = evaluate_phase(chunked, members, eval_uri, rows)
@@ -161,16 +163,17 @@ def main() -> None:
             + f"{sum(r.strategy is not None for r in rows)} ensemble"
         )
         print(f"\n(a) the evaluation phase: {len(rows)} rows ({kinds})")
-        print("| run | chunks per row | wall | mean CPU busy | time every core busy | "
-              "PSAT trade-off |")  # fmt: skip
+        print("| run | chunks per row | wall | task seconds, summed | mean CPU busy | "
+              "time every core busy | PSAT trade-off |")  # fmt: skip
         psat = next(r.key for r in rows if r.strategy == "lowest_entropy")
-        print("|---|---|---|---|---|---|")
+        print("|---|---|---|---|---|---|---|")
         for label, (results, wall, cpu) in runs.items():
-            chunk = images if label == "before" else args.chunk_images
-            print(f"| {label} | {math.ceil(images / chunk)} | {wall:.0f} s | "
+            chunk = chunks[label]
+            cost = sum(r.seconds for r in results.values())
+            print(f"| {label} | {math.ceil(images / chunk)} | {wall:.0f} s | {cost:.0f} s | "
                   f"{100 * cpu.mean_busy():.0f}% | {100 * cpu.all_busy():.0f}% | "
                   f"{100 * results[psat].row['trade_off']:.2f}% |")  # fmt: skip
-        results = runs["after"][0]
+        results = runs["before"][0]
         single = {r.key for r in rows if r.strategy is None}
         member = [r.seconds / r.samples for k, r in results.items() if k in single]
         ensemble = [r.seconds / r.samples for k, r in results.items() if k not in single]
