@@ -192,7 +192,8 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
         tables = table_rows(job)
         rows = sorted(_unique(tables), key=lambda row: -len(row.models))  # ensembles cost most
         seeds = range(job.reproduce.seeds)
-        echo(f"evaluating {len(rows)} rows x {len(seeds)} seeds (Ray tasks): "
+        times = f"{len(seeds)} seed{'s' * (len(seeds) > 1)}"
+        echo(f"evaluating {len(rows)} rows x {times} (Ray tasks): "
              f"{', '.join(r.label for r in rows)}")  # fmt: skip
         evaluated = evaluate_rows(
             job,

@@ -37,8 +37,8 @@ class Claim:
     """One qualitative claim of the paper, checked against this run's numbers under one of
     the :data:`PROTOCOLS`: ``difference`` (points; positive means the claim's side is ahead)
     and its 95% interval from a paired bootstrap over the training seeds and evaluation images.
-    It holds when the
-    whole interval is above zero, does not hold when it is below, else it is inconclusive."""
+    It holds when the whole interval is above zero, does not hold when it is below, else it is
+    inconclusive."""
 
     table: str
     text: str
