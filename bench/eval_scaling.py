@@ -36,7 +36,7 @@ import ray
 import torch
 
 from orchestrator.config import load_config, parse_overrides
-from orchestrator.evaluation.reproduction import _unique
+from orchestrator.evaluation.reproduction import unique_rows
 from orchestrator.evaluation.rows import aggregation_rows
 from orchestrator.evaluation.tasks import evaluate_rows
 from orchestrator.reproduce import model_plans, table_rows
@@ -144,7 +144,7 @@ def main() -> None:
             started = time.perf_counter()
             members = train_members(job, root, plans)
             print(f"trained {len(plans)} models in {time.perf_counter() - started:.0f} s")
-            rows = _unique(table_rows(job))
+            rows = unique_rows(table_rows(job))
         else:
             members = dict(m.split("=", 1) for m in args.members) or train_members(job, root)
             rows = aggregation_rows(members, STRATEGIES)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -27,14 +28,13 @@ import ray
 
 from orchestrator.config import JobConfig
 from orchestrator.evaluation.claims import Claim
-from orchestrator.evaluation.report import (
-    HEADERS,
-)
-from orchestrator.evaluation.reproduction import Seeded, _unique, seed_suffix, write_report
+from orchestrator.evaluation.report import HEADERS
+from orchestrator.evaluation.reproduction import Seeded, seed_suffix, unique_rows, write_report
 from orchestrator.evaluation.rows import Row
 from orchestrator.evaluation.tasks import evaluate_rows
 from orchestrator.runtime.capacity import check_ray, one_model
 from orchestrator.runtime.ray_session import prepare_job
+from orchestrator.runtime.terminal import duration
 from orchestrator.runtime.tracking import REPRODUCE, Tracker
 from orchestrator.training.driver import train_models
 from orchestrator.training.plan import MULTI_NORM, ModelPlan, figure_dims, psat_members
@@ -127,9 +127,6 @@ def psat_names(job: JobConfig, dim: int) -> tuple[str, ...]:
     return tuple(plan.name for plan in psat_members(job, dim, prefix=f"h{dim}_"))
 
 
-# --------------------------------------------------------------------------- the paper's claims
-
-
 # --------------------------------------------------------------------------- report
 
 
@@ -139,13 +136,14 @@ def _write_and_log(
     results: dict[str, Seeded],
     tracker: Tracker,
     run_id: str,
+    wall: dict[str, float],
 ) -> tuple[Path, list[Claim]]:
     """The report into ``<reproduce.output>/<name>/`` (whole or not at all) and the run."""
     output = Path(job.reproduce.output).expanduser().resolve()
     output.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{job.name}-", dir=output))
     try:
-        claims = write_report(job, tables, results, staging)
+        claims = write_report(job, tables, results, staging, wall)
         metrics = {  # each seed's row under its own key, as results.json has them
             f"{key}{seed_suffix(seed)}.{column}": value
             for key, rows in results.items()
@@ -153,6 +151,7 @@ def _write_and_log(
             for column, value in result.row.items()
         }
         metrics |= {f"{key}.parameters": result.parameters for key, result in results.items()}
+        metrics |= {f"wall_seconds.{phase}": seconds for phase, seconds in wall.items()}
         tracker.log_metrics(run_id, metrics, step=0)
         tracker.client.log_artifacts(run_id, str(staging), artifact_path=REPRODUCE)
         final = output / job.name
@@ -187,10 +186,13 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
         kind = "GPU" if res.use_gpu else "CPU"
         concurrency = max(1, int(ray.cluster_resources().get(kind, 0) // per_trainer))
     with tracker.job_run(REPRODUCE) as run_id:  # FAILED (KILLED on Ctrl-C) if any step fails
+        start = time.monotonic()
         trained = train_models(job, plans, manifest, tracker, run_id, concurrency, echo)
+        wall = {"training": time.monotonic() - start}
+        echo(f"trained {len(plans)} models in {duration(wall['training'])}")
         checkpoints = {name: result["checkpoint"] for name, result in trained.items()}
         tables = table_rows(job)
-        rows = sorted(_unique(tables), key=lambda row: -len(row.models))  # ensembles cost most
+        rows = sorted(unique_rows(tables), key=lambda row: -len(row.models))  # ensembles first
         seeds = range(job.reproduce.seeds)
         times = f"{len(seeds)} seed{'s' * (len(seeds) > 1)}"
         echo(f"evaluating {len(rows)} rows x {times} (Ray tasks): "
@@ -202,8 +204,10 @@ def reproduce(job: JobConfig, echo: Callable[[str], None] = print) -> dict:
             manifest["eval"],
             echo,
         )
+        wall["evaluation"] = time.monotonic() - start - wall["training"]
+        echo(f"evaluated {len(rows) * len(seeds)} rows in {duration(wall['evaluation'])}")
         results = {row.key: Seeded([evaluated[seeded(row, s).key] for s in seeds]) for row in rows}
-        final, claims = _write_and_log(job, tables, results, tracker, run_id)
+        final, claims = _write_and_log(job, tables, results, tracker, run_id, wall)
     for claim in claims:
         echo(claim.line().removeprefix("- ").replace("**", ""))
     echo(f"report: {final / 'report.md'}; MLflow run {run_id}")

@@ -260,7 +260,7 @@ def test_a_report_over_seeds_shows_their_mean_and_spread_and_judges_over_both(ag
              "average": ("average", "lowest_entropy")}  # fmt: skip
     results = {row.key: Seeded([evaluated[k] for k in pairs[row.strategy]])
                for rows in tables.values() for row in rows}  # fmt: skip
-    claims = write_report(job, tables, results, tmp_path)
+    claims = write_report(job, tables, results, tmp_path, {"training": 3725.4, "evaluation": 61})
 
     table1 = (tmp_path / "table1.md").read_text().splitlines()
     psat = next(line for line in table1 if line.startswith("| PSAT |"))
@@ -268,9 +268,12 @@ def test_a_report_over_seeds_shows_their_mean_and_spread_and_judges_over_both(ag
     for c, cell in zip(COLUMNS, psat.split("|")[2:], strict=False):
         mean, sd = (first[c] + second[c]) / 2, statistics.stdev([first[c], second[c]])
         assert cell.strip() == f"{100 * mean:.2f}% ± {100 * sd:.2f}"
-    assert "standard deviation over seeds" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "standard deviation over seeds" in report
+    assert "Wall time: training 1h 02m 05s, evaluation 1m 01s." in report
     payload = json.loads((tmp_path / "results.json").read_text())
     assert payload["seeds"] == 2
+    assert payload["wall_seconds"] == {"training": 3725.4, "evaluation": 61}
     assert payload["results"]["psat_z8_s1"]["row"] == second
     assert payload["results"]["psat_z8"]["row"] == first
     (lightweight,) = [c for c in claims if c.table == "Table 5" and c.protocol == "paper"]

@@ -6,7 +6,16 @@ import io
 import logging
 import sys
 
-from orchestrator.runtime.terminal import StatusLine, prints_to_log
+from orchestrator.runtime.terminal import StatusLine, duration, prints_to_log
+
+
+def test_a_duration_reads_as_a_wall_time():
+    assert [duration(s) for s in (7.4, 125, 3600, 3723.6)] == [
+        "7s",
+        "2m 05s",
+        "1h 00m 00s",
+        "1h 02m 04s",
+    ]
 
 
 class Terminal(io.StringIO):

@@ -28,6 +28,7 @@ from orchestrator.evaluation.report import (
 )
 from orchestrator.evaluation.rows import Row
 from orchestrator.evaluation.tasks import RowResult
+from orchestrator.runtime.terminal import duration
 from orchestrator.training.plan import MULTI_NORM, figure_dims
 from psat_core.accounting import plain_parameters, saving
 
@@ -150,10 +151,14 @@ def figure2_section(
 
 
 def write_report(
-    job: JobConfig, tables: dict[str, list[Row]], results: dict[str, Seeded], out: Path
+    job: JobConfig,
+    tables: dict[str, list[Row]],
+    results: dict[str, Seeded],
+    out: Path,
+    wall: dict[str, float],
 ) -> list[Claim]:
     """Tables 1-6 (Markdown + PNG), Figure 2 (PNG), report.md and results.json in ``out``;
-    returns the paper's claims as checked here."""
+    returns the paper's claims as checked here. ``wall``: seconds per phase of the job."""
     info = job.dataset
     plain = plain_parameters(job.model.arch, info.num_classes, info.in_channels)
     accuracies = {key: result.under("full") for key, result in results.items()}
@@ -178,6 +183,8 @@ def write_report(
         "Attacks (robust points only, as in AutoAttack):",
         *attacks_described(job),
         "",
+        "Wall time: " + ", ".join(f"{phase} {duration(s)}" for phase, s in wall.items()) + ".",
+        "",
         "## The paper's claims, checked here under "
         + ("both protocols" if len(protocols) > 1 else "the paper's protocol"),
         "",
@@ -200,13 +207,14 @@ def write_report(
     lines += [
         "## Every attack",
         "",
-        *attack_breakdown({row.label: accuracies[row.key] for row in _unique(tables)}, samples),
+        *attack_breakdown({row.label: accuracies[row.key] for row in unique_rows(tables)}, samples),
     ]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     payload = {
         "job": job.name,
         "plain_parameters": plain,
         "seeds": seeds,
+        "wall_seconds": wall,
         "tables": {name: [asdict(row) for row in rows] for name, rows in tables.items()},
         # each seed's row under its own key (`reproduce.seeded`): psat_z64, psat_z64_s1, ...
         "results": {
@@ -244,7 +252,7 @@ def seed_suffix(seed: int) -> str:
     return f"_s{seed}" if seed else ""
 
 
-def _unique(tables: dict[str, list[Row]]) -> list[Row]:
+def unique_rows(tables: dict[str, list[Row]]) -> list[Row]:
     seen: dict[str, Row] = {}
     for rows in tables.values():
         for row in rows:

@@ -30,7 +30,7 @@ from orchestrator.config import JobConfig
 from orchestrator.config.locations import local_path
 from orchestrator.evaluation.rows import Row
 from orchestrator.runtime.shards import read_arrays
-from orchestrator.runtime.terminal import StatusLine
+from orchestrator.runtime.terminal import StatusLine, duration
 from psat_core.accounting import trained_parameters
 from psat_core.attacks.adaptive import member_examples
 from psat_core.attacks.suites import attack_suite, paper_view, transfer_crafters
@@ -311,11 +311,6 @@ def evaluate_row(
     return row_result(chunks, list(checkpoints)), lending if lend else None
 
 
-def _duration(seconds: float) -> str:
-    minutes, seconds = divmod(round(seconds), 60)
-    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
-
-
 class RowProgress:
     """Each row's progress as its chunks end: on a terminal one live line per row (images
     done, still robust under every attack, time left), rewritten in place; elsewhere (CI,
@@ -332,7 +327,7 @@ class RowProgress:
         if len(self.done[key]) == self.chunks:
             chunks = self.done[key]
             robust = sum(int(example_scores(c.per)["max"].sum()) for c in chunks)
-            cost = _duration(sum(c.seconds for c in chunks))
+            cost = duration(sum(c.seconds for c in chunks))
             self._print(f"[{key}] {self.images} images evaluated, {robust} robust to every "
                         f"attack; {cost} of task time")  # fmt: skip
         if self.status is not None:
@@ -347,7 +342,7 @@ class RowProgress:
                 per_chunk = sum(c.seconds for c in chunks) / len(chunks)
                 left = per_chunk * (self.chunks - len(chunks)) / max(running, 1)
                 lines.append(f"[{key}] {images}/{self.images} images, {robust} still robust, "
-                             f"~{_duration(left)} left")  # fmt: skip
+                             f"~{duration(left)} left")  # fmt: skip
         return lines
 
     def _print(self, line: str) -> None:

@@ -14,6 +14,15 @@ from typing import TextIO
 log = logging.getLogger(__name__)
 
 
+def duration(seconds: float) -> str:
+    """``seconds`` as people read a wall time: 1h 02m 03s, 2m 05s, 7s."""
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    if hours:
+        return f"{hours}h {minutes:02d}m {seconds:02d}s"
+    return f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
 class StatusLine:
     """Live lines rewritten in place on a terminal (at most once per `every` seconds), kept
     below the lines printed through it; nothing live where the output is not a terminal (CI,

@@ -19,7 +19,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from orchestrator.config import ConfigError, JobConfig, SweepRange, deep_merge
-from orchestrator.runtime.terminal import StatusLine
+from orchestrator.runtime.terminal import StatusLine, duration
 from orchestrator.runtime.tracking import TRIAL, TRIAL_TAG, Tracker, flatten
 from orchestrator.training.fit import EPOCHS_DONE
 from orchestrator.training.plan import OBJECTIVE, ModelPlan
@@ -208,11 +208,10 @@ class TrialLines(tune.Callback):
             counts[trial.status] = counts.get(trial.status, 0) + 1
         scores = [t.last_result.get(OBJECTIVE) for t in trials if t.last_result]
         best = max((s for s in scores if s is not None), default=None)
-        elapsed = int(time.monotonic() - self.started)
         self.status.show(
             f"sweep: {counts['RUNNING']} running, {counts['TERMINATED']} ended, "
             f"{counts['PENDING']} pending; best {OBJECTIVE} "
-            f"{'-' if best is None else f'{best:.3f}'}; {elapsed // 60}m {elapsed % 60:02d}s"
+            f"{'-' if best is None else f'{best:.3f}'}; {duration(time.monotonic() - self.started)}"
         )
 
     def on_experiment_end(self, trials, **info):

@@ -28,6 +28,7 @@ from orchestrator.evaluation.tasks import evaluate_row
 from orchestrator.registry.pull import load_ensemble
 from orchestrator.registry.register import CANDIDATE, CHAMPION
 from orchestrator.reproduce import table_rows
+from orchestrator.runtime.terminal import duration
 from orchestrator.runtime.tracking import Tracker, tracking
 from psat_core.checkpoint import ensemble_from_checkpoints
 from psat_core.data import load_dataset
@@ -342,4 +343,9 @@ def test_tiny_reproduction_end_to_end(shared_ray, tiny_job, tmp_path):
         "l1/foolbox.SparseL1Descent",
     ):
         assert row[name.split("/")[0]] <= row[name]
-    assert "evaluating" in "\n".join(lines)
+    # each phase's wall time: printed as it ends, in report.md, results.json and the run
+    assert re.search(r"^trained 10 models in \d+m \d\ds$", "\n".join(lines), re.M), lines
+    assert re.search(r"^evaluated 14 rows in \d+(m \d\d)?s$", "\n".join(lines), re.M), lines
+    assert set(payload["wall_seconds"]) == {"training", "evaluation"}
+    assert run.data.metrics["wall_seconds.training"] == payload["wall_seconds"]["training"]
+    assert f"training {duration(payload['wall_seconds']['training'])}" in report
