@@ -23,6 +23,26 @@ def tiny_job(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def empty_store(tmp_path_factory):
+    """An MLflow SQLite store with its schema in place, made once: a new store runs MLflow's
+    migrations, about a second in each process that opens it first."""
+    from mlflow import MlflowClient
+
+    path = tmp_path_factory.mktemp("store") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def tracking_store(tmp_path, empty_store):
+    """`tiny_job`'s tracking store (tmp_path/mlflow.db), empty, its schema made: for tests
+    whose jobs use it. Tests of what creates a store, or must not, leave it out."""
+    import shutil
+
+    shutil.copy(empty_store, tmp_path / "mlflow.db")
+
+
+@pytest.fixture(scope="session")
 def members(tmp_path_factory):
     """Three tiny trained-looking digits members, {norm: checkpoint folder}: written once per
     session (`helpers.write_member`). The same base name for every member, as Ray's checkpoint

@@ -213,6 +213,7 @@ def _cells(markdown: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("tracking_store")
 def test_tiny_reproduction_end_to_end(shared_ray, tiny_job, tmp_path):
     from orchestrator.reproduce import reproduce
     from orchestrator.runtime.ray_session import data_uri

@@ -56,6 +56,7 @@ def gpu_job(tiny_job, name: str, paced: bool = True, **resources):
     return parse_config(tiny_job(name, **budget, resources=resources))
 
 
+@pytest.mark.usefixtures("tracking_store")
 def test_members_train_on_gpus_of_their_own_and_the_third_waits_for_one(shared_ray, tiny_job):
     assert shared_ray.cluster_resources()["GPU"] == 3
     holder = GpuHolder.remote()
@@ -82,6 +83,7 @@ def test_members_train_on_gpus_of_their_own_and_the_third_waits_for_one(shared_r
     assert last["start"] > min(m["end"] for m in members.values() if m is not last), members
 
 
+@pytest.mark.usefixtures("tracking_store")
 def test_fractional_gpus_put_three_members_on_one(shared_ray, tiny_job):
     holders = [GpuHolder.remote() for _ in range(2)]
     held = {ray.get(h.gpu.remote()) for h in holders}  # one GPU left

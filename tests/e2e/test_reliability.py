@@ -119,6 +119,7 @@ def test_storage_path_that_is_a_file_is_one_line(tmp_path, tiny_job):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "not_weights"])
+@pytest.mark.usefixtures("tracking_store")
 def test_bad_checkpoints_are_one_line_and_register_nothing(tmp_path, tiny_job, sweep_of, damage):
     members = {n: write_member(tmp_path / "ckpt" / n, n, i) for i, n in enumerate(NORMS)}
     state = members["l2"] / "state.pt"
@@ -223,6 +224,7 @@ KILLED_AFTER_REGISTER = textwrap.dedent(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("tracking_store")
 def test_aggregation_killed_after_registering_is_completed_not_repeated(
     tmp_path, tiny_job, ray_address
 ):
@@ -252,6 +254,7 @@ def test_aggregation_killed_after_registering_is_completed_not_repeated(
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("tracking_store")
 def test_sigterm_marks_the_jobs_runs_killed(tmp_path, tiny_job, ray_address):
     config = job_file(tmp_path, tiny_job, training={"epochs": 50, "members": ["linf", "l1"]},
                       resources={"address": ray_address})  # fmt: skip
@@ -355,6 +358,7 @@ def test_hostile_yaml_is_one_line_fast_and_small(tmp_path, text, message):
     assert [p.name for p in tmp_path.iterdir()] == ["hostile.yaml"]
 
 
+@pytest.mark.usefixtures("tracking_store")
 def test_a_changed_config_is_refused_before_ray_starts(tmp_path, tiny_job):
     with Tracker(parse_config(tiny_job("probe"))).job_run("train"):
         pass  # the job ran before, with 2 epochs

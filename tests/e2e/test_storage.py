@@ -62,6 +62,7 @@ def until(proc: subprocess.Popen, text: str) -> list[str]:
     raise AssertionError(f"no {text!r} in: {''.join(lines)}{proc.stderr.read()[-3000:]}")
 
 
+@pytest.mark.usefixtures("tracking_store")
 def test_a_job_on_s3_resumes_after_a_crash_and_registers(tmp_path, s3):
     first = launch(tmp_path, s3, "s3job")
     until(first, "epoch 1/7")  # its progress lags up to 2 s: 7 epochs leave the crash room
@@ -89,6 +90,7 @@ def test_a_job_on_s3_resumes_after_a_crash_and_registers(tmp_path, s3):
         assert fs.get_file_info(checkpoint.removeprefix("s3://") + "/state.pt").size > 0
 
 
+@pytest.mark.usefixtures("tracking_store")
 def test_an_s3_server_gone_mid_job_ends_it_in_one_line(tmp_path, s3):
     proc = launch(tmp_path, s3, "s3gone")
     until(proc, "started from scratch")  # training, its first checkpoint on the way

@@ -21,6 +21,7 @@ from psat_core.checkpoint import load_state, read_spec
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("tracking_store")
 def test_an_interrupted_sweep_continues_and_writes_table_best_configs_plot_and_runs(
     tmp_path, tiny_job, shared_ray, ray_address
 ):

@@ -59,6 +59,7 @@ def _kill_after_epoch(ray, job, norm: str, epoch: int, seen: dict) -> None:
         time.sleep(0.2)
 
 
+@pytest.mark.usefixtures("tracking_store")
 def test_members_train_concurrently_and_an_interrupted_job_resumes(shared_ray, tiny_job):
     """One job: the three members train at once, tracked; l2's worker dies (no retries left),
     the job fails; a damaged checkpoint is then one error; relaunched under the same name, l2
