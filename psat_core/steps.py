@@ -133,12 +133,23 @@ def steepest_descent(attacks: Mapping[str, AttackConfig], **_) -> TrainingInputs
     return lambda model, x, y: [msd(model, x, y)]
 
 
+def drawn_norm(count: int, device: torch.device) -> int:
+    """One of ``count`` norms, drawn uniformly (torch's global generator, seeded by the training
+    loop); under DistributedDataParallel every rank takes rank 0's draw: one norm per global
+    batch, as on one device."""
+    choice = torch.randint(count, (1,))
+    if dist.is_available() and dist.is_initialized():
+        choice = choice.to(device)
+        dist.broadcast(choice, src=0)
+    return int(choice)
+
+
 @register_method("sat", multi_norm=True, table1=False)
 def stochastic(attacks: Mapping[str, AttackConfig], **_) -> TrainingInputs:
-    """SAT: each batch against one norm's PGD, drawn uniformly (torch's global generator, seeded
-    by the training loop): one attack's cost per batch for any number of norms."""
+    """SAT: each batch against one norm's PGD (`drawn_norm`): one attack's cost per batch for
+    any number of norms."""
     pgds = list(_pgds(attacks).values())
-    return lambda model, x, y: [pgds[int(torch.randint(len(pgds), ()))].last_iterate(model, x, y)]
+    return lambda model, x, y: [pgds[drawn_norm(len(pgds), x.device)].last_iterate(model, x, y)]
 
 
 ATTACK_BN = ("running", "batch")  # `crafted_on`
@@ -318,11 +329,7 @@ class MetaNoiseTraining:
             for tensor in self.generator.state_dict().values():
                 dist.broadcast(tensor, src=0)
             self._ranks_synced = True
-        choice = torch.randint(len(self.norms), (1,))
-        if distributed:  # one norm per global batch, as on one device
-            choice = choice.to(x.device)
-            dist.broadcast(choice, src=0)
-        pgd = self.attacks[self.norms[int(choice)]]
+        pgd = self.attacks[self.norms[drawn_norm(len(self.norms), x.device)]]
         with autocast(x.device, amp), crafted_on(net, attack_bn) as target:
             x_adv = pgd.last_iterate(target, x, y)
         model.train()

@@ -50,6 +50,19 @@ def synthetic(
     return x, y
 
 
+SAT_RADII = {"linf": 0.01, "l2": 0.3, "l1": 4.0}  # far apart: a SAT example's ball names its norm
+
+
+def sat_norm(x: torch.Tensor, example: torch.Tensor) -> str:
+    """The norm whose `SAT_RADII` ball holds every example of a SAT batch (each of the others
+    would leave its own ball: the balls are nested, ℓ∞ in ℓ2 in ℓ1 on 8x8 inputs)."""
+    delta = (example - x).flatten(1)
+    assert delta.abs().sum(1).max() <= SAT_RADII["l1"] + 1e-3  # inside the largest ball
+    if delta.abs().amax(1).max() <= SAT_RADII["linf"] + 1e-4:
+        return "linf"
+    return "l2" if delta.norm(dim=1).max() <= SAT_RADII["l2"] + 1e-4 else "l1"
+
+
 def write_member(
     directory: Path, norm: str, seed: int, arch: str = "resnet10", embedding_dim: int = 4
 ) -> Path:

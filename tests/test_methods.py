@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from helpers import SAT_RADII, sat_norm
 
 from orchestrator.training.plan import MULTI_NORM
 from psat_core.attacks import PGD
@@ -98,19 +99,12 @@ def test_an_unknown_method_names_the_registered_ones():
 
 def test_sat_trains_each_batch_against_one_norm_drawn_at_random():
     """SAT (Table 5): one PGD per batch, its norm drawn uniformly; radii far apart tell which
-    norm's ball each example lies in."""
+    norm's ball each example lies in (helpers.sat_norm)."""
     configs = attack_defaults("digits", "train")
-    radii = {"linf": 0.01, "l2": 0.3, "l1": 4.0}
-    attacks = {n: replace(configs[n], eps=radii[n]) for n in NORMS}
+    attacks = {n: replace(configs[n], eps=SAT_RADII[n]) for n in NORMS}
     method = training_inputs("sat", attacks)
     model = create_model("resnet10", num_classes=10, in_channels=1).eval()
     x, y = torch.rand(8, 1, 8, 8) * 0.5 + 0.25, torch.randint(10, (8,))
     torch.manual_seed(0)
-    drawn = []
-    for _ in range(24):
-        (example,) = method(model, x, y)
-        delta = (example - x).flatten(1)
-        linf, l2 = delta.abs().amax(1).max(), delta.norm(dim=1).max()
-        drawn.append("linf" if linf <= 0.0101 else "l2" if l2 <= 0.3001 else "l1")
-        assert delta.abs().sum(1).max() <= 4.0 + 1e-3  # inside every radius' largest ball
+    drawn = [sat_norm(x, *method(model, x, y)) for _ in range(24)]
     assert set(drawn) == set(NORMS), drawn

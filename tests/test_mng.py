@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from helpers import synthetic
+from helpers import SAT_RADII, sat_norm, synthetic
 from torch.nn.parallel import DistributedDataParallel
 
 from psat_core.accounting import plain_parameters, trained_parameters
@@ -220,21 +220,26 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
     passes = []
     model.register_forward_pre_hook(lambda module, args: passes.append(len(args[0])))
     train_step(model, x, y, optimizer, method)
+    # SAT, too, takes rank 0's draw: one norm per global batch (helpers.sat_norm names it)
+    sat = training_inputs("sat", {n: dataclasses.replace(ATTACKS[n], eps=SAT_RADII[n])
+                                  for n in NORMS})  # fmt: skip
     parameters = {
         "generator": dict(method.generator.named_parameters()),
         "classifier": dict(model.module.named_parameters()),  # BN statistics are per rank
         "wrapped passes": passes,
+        "sat norms": [sat_norm(x, *sat(model.module.eval(), x, y)) for _ in range(8)],
     }
     torch.save(parameters, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
 
-def test_ddp_ranks_train_one_generator(tmp_path):
+def test_ddp_ranks_train_one_generator_and_draw_one_norm_per_batch(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2)
     first, second = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
     # one pass per step through the wrapper, which broadcasts the BN buffers in place: a second
     # one would modify what cuDNN's BatchNorm saved for backward (a CUDA-only error)
     assert first["wrapped passes"] == second["wrapped passes"] == [8]
+    assert first["sat norms"] == second["sat norms"] and len(set(first["sat norms"])) > 1
     for part in ("generator", "classifier"):
         for name, tensor in first[part].items():
             assert torch.equal(second[part][name], tensor), (part, name)
